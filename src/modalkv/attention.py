@@ -1,0 +1,153 @@
+"""modalkv's attention function, registered with transformers' AttentionInterface and AttentionMaskInterface.
+
+Two implementations are registered: ``modalkv_sdpa`` and ``modalkv_eager``. For a layer whose cache is a modalkv
+layer the function
+
+* at prefill (empty layer): attends exactly like transformers' own ``sdpa`` / ``eager`` function over the full
+  prompt, then hands queries, keys and values to the method, which selects what the layer keeps;
+* afterwards (decode, or a further prompt chunk): attends over the layer's stored entries per KV head without
+  copying K/V for every query head (grouped queries are batched against one key matrix), masking only invalid
+  slots, and hands the attention rows to methods that need them (H2O-style scores).
+
+Any other layer (sliding window, or a model used without a modalkv cache) goes to transformers' function.
+The mask function registered beside it never skips mask creation (transformers would otherwise drop padding
+masks and truncate keys in its SDPA path when a cache holds other than the last tokens).
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
+
+BASES = ("sdpa", "eager")
+NAMES = {f"modalkv_{b}": b for b in BASES}
+
+
+def _sdpa_mask_no_skip(*args, **kwargs):
+    kwargs["allow_is_causal_skip"] = False
+    return sdpa_mask(*args, **kwargs)
+
+
+def base_attention(module, query, key, value, attention_mask, **kwargs):
+    """transformers' own attention for the base implementation of the model (sdpa or the model's eager)."""
+    impl = NAMES.get(module.config._attn_implementation, module.config._attn_implementation)
+    if impl == "eager":
+        return sys.modules[type(module).__module__].eager_attention_forward(
+            module, query, key, value, attention_mask, **kwargs
+        )
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+def modalkv_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    from .cache import active_layer
+
+    layer = active_layer(module.layer_idx)
+    if layer is None:
+        return base_attention(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+    if kwargs.get("softcap") is not None:
+        raise ValueError("modalkv does not support attention logit soft-capping (softcap) yet")
+    if scaling is None:
+        scaling = query.shape[-1] ** -0.5
+    if layer.pending is not None:  # prefill on an empty layer: exact transformers attention, then compress
+        keys, values = layer.pending
+        layer.pending = None
+        out = base_attention(module, query, keys, values, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+        real = visible_keys(attention_mask, query.shape[0], keys.shape[-2], query.device)
+        layer.compress_prefill(query, keys, values, real, scaling)
+        return out
+    return attend_stored(layer, query, attention_mask, scaling), None
+
+
+def visible_keys(mask, batch: int, n: int, device) -> torch.Tensor:
+    """Which of the n new keys are real tokens, [B, n] bool, read off the last query row of the 4-D mask."""
+    if mask is None:
+        return torch.ones(batch, n, dtype=torch.bool, device=device)
+    row = mask[:, 0, -1, -n:]
+    row = row if row.dtype == torch.bool else row == 0
+    return row.expand(batch, n).clone()
+
+
+def _block_mask(mask, q: int) -> torch.Tensor | None:
+    """[B, q, q] bool: causal + padding among the q new tokens (None when q == 1)."""
+    if q == 1:
+        return None
+    m = mask[:, 0, :, -q:] if mask is not None else None
+    if m is None:
+        m = torch.ones(q, q, dtype=torch.bool).tril()[None]
+    elif m.dtype != torch.bool:
+        m = m == 0
+    eye = torch.eye(q, dtype=torch.bool, device=m.device)[None]
+    return m | eye  # a padding query attends to itself so its (unused) output stays finite
+
+
+def attend_stored(layer, query: torch.Tensor, mask, scaling: float) -> torch.Tensor:
+    """Attention of ``query`` [B, Hq, q, d] over every head store of ``layer`` (new entries already appended).
+
+    Returns [B, q, Hq, d] as transformers' attention functions do.
+    """
+    B, Hq, q, d = query.shape
+    heads = layer.heads
+    H = len(heads)
+    G = Hq // H
+    method = layer.cache.method
+    want_probs = method.needs_decode_probs
+    block = _block_mask(mask, q)
+    if block is not None:  # the new slots of a padded multi-token chunk: mark padding invalid
+        real_new = block[:, -1, :] if block.shape[0] == B else block[:, -1, :].expand(B, q)
+        for store in heads:
+            store.valid[:, store.n - q : store.n] &= real_new
+            store.all_valid = store.all_valid and bool(real_new.all())
+    out = query.new_empty(B, q, Hq, d)
+    probs_per_head = []
+    qs = (query * scaling).view(B, H, G * q, d) if query.is_contiguous() else (query * scaling).reshape(B, H, G * q, d)
+    for h, store in enumerate(heads):
+        K, V = store.kv()
+        n = K.shape[1]
+        logits = torch.matmul(qs[:, h], K.transpose(1, 2))  # [B, G*q, n]
+        if not store.all_valid:
+            logits.masked_fill_(~store.valid[:, None, :n], float("-inf"))
+        if block is not None:
+            allowed = torch.ones(B, q, n, dtype=torch.bool, device=logits.device)
+            allowed[:, :, n - q :] = block
+            logits = logits.view(B, G, q, n).masked_fill(~allowed[:, None], float("-inf")).view(B, G * q, n)
+        probs = torch.softmax(logits, dim=-1, dtype=torch.float32).to(V.dtype)
+        out[:, :, h * G : (h + 1) * G] = torch.matmul(probs, V).view(B, G, q, d).transpose(1, 2)
+        if want_probs:
+            probs_per_head.append(probs.view(B, G, q, n))
+    if want_probs or method.decodes:
+        method.decode(layer, probs_per_head if want_probs else None)
+    return out
+
+
+def check_supported(config) -> None:
+    """Refuse attention layouts modalkv cannot serve, with a message that names the problem."""
+    if getattr(config, "attn_logit_softcapping", None):
+        raise ValueError(
+            f"{config.model_type}: attention logit soft-capping is not supported by modalkv's attention yet"
+        )
+    if getattr(config, "kv_lora_rank", None) or getattr(config, "q_lora_rank", None):
+        raise ValueError(f"{config.model_type}: multi-head latent attention (MLA) caches are not supported")
+    if getattr(config, "num_attention_heads", None) is None:
+        raise ValueError(f"{getattr(config, 'model_type', '?')}: config has no num_attention_heads; not a supported decoder")
+
+
+def install(model) -> None:
+    """Switch ``model`` to modalkv's attention (keeps its sdpa/eager flavour for unmanaged layers)."""
+    impl = model.config._attn_implementation
+    if impl in NAMES:
+        return
+    if impl not in BASES:
+        raise ValueError(
+            f"attention implementation {impl!r} is not supported by modalkv; load the model with "
+            "attn_implementation='sdpa' or 'eager'"
+        )
+    model.set_attn_implementation(f"modalkv_{impl}")
+
+
+for _name, _base in NAMES.items():
+    AttentionInterface.register(_name, modalkv_attention)
+    AttentionMaskInterface.register(_name, _sdpa_mask_no_skip if _base == "sdpa" else eager_mask)

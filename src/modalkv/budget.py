@@ -1,0 +1,85 @@
+"""Budgets: how many prompt entries each (layer, KV head) may keep.
+
+A budget is either a ratio of the prompt length in (0, 1] or an absolute number of tokens (an int >= 1),
+optionally with per-modality caps (``{"image": 0.1}`` keeps at most 10 % of the image tokens). Budgets are
+resolved per batch row against that row's real (non-padding) prompt length.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from .modality import MODALITY_IDS
+
+
+@dataclass(frozen=True)
+class Budget:
+    """A prompt budget.
+
+    Parameters
+    ----------
+    value : float | int
+        A float in (0, 1] is a ratio of the prompt length; an int >= 1 is an absolute token count per
+        (layer, KV head). ``1`` (int) means one token; ``1.0`` (float) means the whole prompt.
+    modality_caps : dict[str, float | int]
+        Optional caps per modality name (``text``, ``image``, ``video``, ``audio``): a ratio of that
+        modality's tokens or an absolute count. Applied inside the method's top-k selection.
+    """
+
+    value: float | int
+    modality_caps: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        check_budget_value(self.value, "budget")
+        for name, cap in self.modality_caps.items():
+            if name not in MODALITY_IDS:
+                raise ValueError(f"unknown modality {name!r} in modality_caps; known: {sorted(MODALITY_IDS)}")
+            check_budget_value(cap, f"modality cap for {name!r}")
+
+    @property
+    def is_ratio(self) -> bool:
+        return isinstance(self.value, float)
+
+    @property
+    def is_full(self) -> bool:
+        return self.is_ratio and self.value == 1.0 and not self.modality_caps
+
+    def tokens(self, n_real: torch.Tensor) -> torch.Tensor:
+        """Entries to keep per batch row, given each row's real prompt length ``n_real`` (LongTensor [B])."""
+        return resolve(self.value, n_real, "budget")
+
+    def caps(self, modality: torch.Tensor, real: torch.Tensor) -> dict[int, torch.Tensor]:
+        """Per-row caps {modality id: LongTensor [B]} for the capped modalities present."""
+        out = {}
+        for name, cap in self.modality_caps.items():
+            mid = MODALITY_IDS[name]
+            count = ((modality == mid) & real).sum(-1)
+            out[mid] = resolve(cap, count, f"modality cap for {name!r}", allow_larger=True)
+        return out
+
+
+def check_budget_value(value, what: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{what} must be a float ratio in (0, 1] or an int token count, got {type(value).__name__}")
+    if isinstance(value, float):
+        if math.isnan(value) or not 0.0 < value <= 1.0:
+            raise ValueError(f"{what} ratio must be in (0, 1], got {value}")
+    elif value < 1:
+        raise ValueError(f"{what} as a token count must be >= 1, got {value}")
+
+
+def resolve(value: float | int, n: torch.Tensor, what: str, allow_larger: bool = False) -> torch.Tensor:
+    """Token counts per row for a ratio or an absolute value, never more than ``n`` and at least 1 when n > 0."""
+    if isinstance(value, float):
+        k = torch.ceil(n.double() * value).long()
+    else:
+        if not allow_larger and bool((n < value).any()):
+            raise ValueError(
+                f"absolute {what} of {value} tokens is larger than the prompt ({int(n.min())} tokens); "
+                "use a smaller count or a ratio"
+            )
+        k = torch.full_like(n, value)
+    return torch.minimum(k.clamp(min=1), n)

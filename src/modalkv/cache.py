@@ -1,0 +1,454 @@
+"""The compressed KV cache: a transformers ``Cache`` whose full-attention layers keep only what a method selects.
+
+Layout
+------
+Each managed layer (a layer transformers would give a plain ``DynamicLayer``) holds one :class:`HeadStore` per
+KV head, so every (layer, KV head) keeps its own number of entries and evicted entries' bytes are released,
+not masked. A store holds, for all batch rows, slots ``[0, n)`` of:
+
+* ``keys`` / ``values`` [B, cap, d]   post-RoPE keys and values (original positions baked in),
+* ``pos`` [B, cap] int32               original token index of each entry (the cache never renumbers),
+* ``mod`` [B, cap] int8                modality id (0 text, 1 image, 2 video, 3 audio),
+* ``valid`` [B, cap] bool              False for padding slots (a row that keeps fewer entries than another),
+* ``extras`` name -> [B, cap] float32  per-entry method state (e.g. H2O's accumulated attention).
+
+Slots are unordered: a decode-time eviction moves the last slot into the freed one (O(1)), which is exact
+because attention over post-RoPE keys does not depend on slot order. ``cap - n`` slots are reserve for
+appended tokens; ``memory_report`` gives both the logical bytes (valid entries) and the allocated bytes.
+
+Sliding-window layers (Gemma-3) and any other layer kind are left exactly as transformers built them.
+
+The cache reports the true number of tokens seen (``get_seq_length``), so positions continue correctly in
+``generate`` and in hand-written loops, and a second ``generate`` on the same cache works.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+from typing import Any
+
+import torch
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
+
+from . import attention
+from .budget import Budget
+from .modality import TEXT, as_modality_ids
+
+_ACTIVE = threading.local()  # the managed layer whose update() ran last: the attention function reads it
+
+
+def active_layer(layer_idx: int) -> "CompressedLayer | None":
+    """The managed layer that ``update`` just filled for ``layer_idx`` (consumed once), else None."""
+    layer = getattr(_ACTIVE, "layer", None)
+    if layer is None or layer.layer_idx != layer_idx:
+        return None
+    _ACTIVE.layer = None
+    return layer
+
+
+class HeadStore:
+    """The kept entries of one (layer, KV head) for all batch rows (see the module docstring)."""
+
+    growth = 64  # minimum number of slots added when the store is full
+
+    def __init__(self, keys, values, pos, mod, valid, extras: dict[str, torch.Tensor], reserve: int):
+        B, k, d = keys.shape
+        cap = k + max(0, reserve)
+        self.keys = keys.new_empty(B, cap, d)
+        self.values = values.new_empty(B, cap, values.shape[-1])
+        self.pos = torch.empty(B, cap, dtype=torch.int32, device=keys.device)
+        self.mod = torch.empty(B, cap, dtype=torch.int8, device=keys.device)
+        self.valid = torch.zeros(B, cap, dtype=torch.bool, device=keys.device)
+        self.extras = {name: torch.zeros(B, cap, dtype=torch.float32, device=keys.device) for name in extras}
+        self.n = 0
+        self.all_valid = True
+        self._write(0, keys, values, pos, mod, valid, extras)
+        self.n = k
+
+    # -- storage ------------------------------------------------------------------------------------------
+    def _tensors(self) -> list[torch.Tensor]:
+        return [self.keys, self.values, self.pos, self.mod, self.valid, *self.extras.values()]
+
+    def _write(self, at, keys, values, pos, mod, valid, extras=None) -> None:
+        q = keys.shape[1]
+        self.keys[:, at : at + q] = keys
+        self.values[:, at : at + q] = values
+        self.pos[:, at : at + q] = pos
+        self.mod[:, at : at + q] = mod
+        self.valid[:, at : at + q] = valid
+        for name, t in self.extras.items():
+            t[:, at : at + q] = 0.0 if extras is None else extras[name]
+        if not bool(valid.all()):
+            self.all_valid = False
+
+    def _grow(self, needed: int) -> None:
+        cap = self.keys.shape[1]
+        new_cap = max(needed, cap + max(self.growth, cap // 8))
+        for name in ("keys", "values", "pos", "mod", "valid"):
+            old = getattr(self, name)
+            new = old.new_zeros(old.shape[0], new_cap, *old.shape[2:])
+            new[:, : self.n] = old[:, : self.n]
+            setattr(self, name, new)
+        for name, old in self.extras.items():
+            new = old.new_zeros(old.shape[0], new_cap)
+            new[:, : self.n] = old[:, : self.n]
+            self.extras[name] = new
+
+    def append(self, keys, values, pos, mod, valid) -> None:
+        """Append q entries per row: keys/values [B, q, d], pos [B, q], mod [B, q], valid [B, q]."""
+        q = keys.shape[1]
+        if self.n + q > self.keys.shape[1]:
+            self._grow(self.n + q)
+        self._write(self.n, keys, values, pos, mod, valid)
+        self.n += q
+
+    def remove(self, slot: torch.Tensor) -> None:
+        """Evict one entry per row (slot: LongTensor [B]); the last slot moves into the hole."""
+        rows = torch.arange(slot.shape[0], device=slot.device)
+        last = self.n - 1
+        for t in self._tensors():
+            t[rows, slot] = t[:, last]
+        self.n -= 1
+
+    def keep_slots(self, slots: torch.Tensor) -> None:
+        """Keep only ``slots`` (LongTensor [B, m], -1 = none) in every row, compacting in place."""
+        valid = slots >= 0
+        safe = slots.clamp(min=0)
+        m = slots.shape[1]
+        for name in ("keys", "values"):
+            t = getattr(self, name)
+            t[:, :m] = t.gather(1, safe[..., None].expand(-1, -1, t.shape[-1]))
+        for name in ("pos", "mod", "valid"):
+            t = getattr(self, name)
+            t[:, :m] = t.gather(1, safe)
+        for t in self.extras.values():
+            t[:, :m] = t.gather(1, safe)
+        self.valid[:, :m] &= valid
+        self.n = m
+        self.all_valid = bool(self.valid[:, :m].all())
+
+    def add_extra(self, name: str, init: torch.Tensor | float = 0.0) -> torch.Tensor:
+        """Attach a per-entry float32 array (method state) that moves with the entries."""
+        t = torch.zeros(self.keys.shape[:2], dtype=torch.float32, device=self.keys.device)
+        t[:, : self.n] = init
+        self.extras[name] = t
+        return t
+
+    def select_batch(self, index: torch.Tensor) -> None:
+        for name in ("keys", "values", "pos", "mod", "valid"):
+            setattr(self, name, getattr(self, name).index_select(0, index))
+        self.extras = {k: v.index_select(0, index) for k, v in self.extras.items()}
+
+    # -- reading ------------------------------------------------------------------------------------------
+    def kv(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Dense keys and values of slots [0, n): [B, n, d] each."""
+        return self.keys[:, : self.n], self.values[:, : self.n]
+
+    def count(self) -> int:
+        """Valid entries over all rows."""
+        return int(self.valid[:, : self.n].sum())
+
+    @property
+    def batch(self) -> int:
+        return self.keys.shape[0]
+
+    def dense_bytes_per_entry(self) -> int:
+        """K+V bytes of one entry in a plain (unquantised) cache."""
+        return self.payload_bytes_per_entry()
+
+    def payload_bytes_per_entry(self) -> int:
+        return (self.keys.shape[-1] * self.keys.element_size()) + (self.values.shape[-1] * self.values.element_size())
+
+    def meta_bytes_per_entry(self) -> int:
+        return 4 + 1 + 1 + 4 * len(self.extras)  # pos int32, mod int8, valid bool, float32 extras
+
+    def bytes(self) -> dict[str, int]:
+        n_valid = self.count()
+        allocated = sum(t.numel() * t.element_size() for t in self._tensors())
+        return {
+            "payload": n_valid * self.payload_bytes_per_entry(),
+            "meta": n_valid * self.meta_bytes_per_entry(),
+            "allocated": allocated,
+        }
+
+
+@dataclasses.dataclass
+class Selection:
+    """What a method keeps at prefill.
+
+    indices : LongTensor [B, H, k] or a list of H LongTensors [B, k_h] (ragged per head): prompt indices to keep,
+        -1 for an unused slot.
+    extras : name -> float32 [B, H, n] per-token method state, gathered along with the kept entries.
+    """
+
+    indices: Any
+    extras: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+
+    def head(self, h: int) -> torch.Tensor:
+        return self.indices[h] if isinstance(self.indices, (list, tuple)) else self.indices[:, h]
+
+
+class CompressedLayer(DynamicLayer):
+    """A full-attention layer whose entries live in per-KV-head :class:`HeadStore` objects."""
+
+    store_class = HeadStore
+
+    def __init__(self, cache: "KVCache", layer_idx: int, rank: int):
+        super().__init__()
+        self.cache = cache
+        self.layer_idx = layer_idx
+        self.rank = rank  # index among the managed layers
+        self.heads: list[HeadStore] | None = None
+        self.pending: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.seen = 0
+
+    # -- transformers layer contract ---------------------------------------------------------------------
+    def lazy_initialization(self, key_states, value_states) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.is_initialized = True
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        if key_states.shape[-1] != value_states.shape[-1] and self.heads is None and key_states.dim() != 4:
+            raise ValueError("modalkv supports key/value states shaped [batch, kv_heads, tokens, head_dim]")
+        q = key_states.shape[-2]
+        if self.heads is None:
+            self.pending = (key_states, value_states)  # compressed by the attention function after attending
+        else:
+            B = key_states.shape[0]
+            pos = torch.arange(self.seen, self.seen + q, device=key_states.device, dtype=torch.int32).expand(B, q)
+            mod = self.cache.modality_slice(self.seen, q, B, key_states.device)
+            valid = torch.ones(B, q, dtype=torch.bool, device=key_states.device)
+            for h, store in enumerate(self.heads):
+                store.append(key_states[:, h], value_states[:, h], pos, mod, valid)
+        self.seen += q
+        _ACTIVE.layer = self
+        return key_states, value_states
+
+    def get_seq_length(self) -> int:
+        return self.seen
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        # The mask transformers builds covers only the new tokens (causality and padding among themselves);
+        # stored entries are masked by the stores' own validity flags (transformers' 2-D padding mask cannot
+        # be indexed correctly once entries are evicted).
+        return query_length, self.seen
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self.heads = None
+        self.pending = None
+        self.seen = 0
+        self.is_initialized = False
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove:
+            raise NotImplementedError("cropping a compressed cache is not supported: evicted entries cannot return")
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self.batch_select_indices(beam_idx)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        for store in self.heads or []:
+            store.select_batch(indices.to(store.keys.device))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.heads:
+            B = self.heads[0].keys.shape[0]
+            index = torch.arange(B, device=self.heads[0].keys.device).repeat_interleave(repeats)
+            self.batch_select_indices(index)
+
+    @property
+    def keys(self):  # read-only dense view for code that inspects layer.keys (padding slots included)
+        if not self.heads:
+            return None
+        n = max(s.n for s in self.heads)
+        if any(s.n != n for s in self.heads):
+            raise RuntimeError("heads keep different numbers of entries; read layer.heads[h].kv() instead")
+        return torch.stack([s.kv()[0] for s in self.heads], 1)
+
+    @keys.setter
+    def keys(self, value):  # DynamicLayer.__init__ / reset assign it; storage lives in the head stores
+        pass
+
+    @property
+    def values(self):
+        if not self.heads:
+            return None
+        return torch.stack([s.kv()[1] for s in self.heads], 1)
+
+    @values.setter
+    def values(self, value):
+        pass
+
+    # -- compression --------------------------------------------------------------------------------------
+    def compress_prefill(self, query, keys, values, real, scaling) -> None:
+        """Ask the method which prompt entries to keep and store only those."""
+        from .methods.base import PrefillContext
+
+        cache = self.cache
+        B, H, n, _ = keys.shape
+        start = self.seen - n
+        positions = torch.arange(start, self.seen, device=keys.device)
+        modality = cache.modality_slice(start, n, B, keys.device)
+        n_real = real.sum(-1)
+        ctx = PrefillContext(
+            layer=self, query=query, keys=keys, values=values, scaling=scaling, real=real,
+            modality=modality, positions=positions, n_real=n_real,
+            budget_tokens=cache.budget.tokens(n_real), caps=cache.budget.caps(modality, real),
+        )
+        sel = cache.method.prefill(ctx)
+        heads = []
+        for h in range(H):
+            idx = sel.head(h).to(keys.device)
+            ok = idx >= 0
+            safe = idx.clamp(min=0)
+            gidx = safe[..., None]
+            k_h = keys[:, h].gather(1, gidx.expand(-1, -1, keys.shape[-1]))
+            v_h = values[:, h].gather(1, gidx.expand(-1, -1, values.shape[-1]))
+            extras = {name: t[:, h].float().gather(1, safe) for name, t in sel.extras.items()}
+            valid = ok & real.gather(1, safe)
+            heads.append(
+                self.store_class(
+                    k_h, v_h, positions[safe].to(torch.int32), modality.gather(1, safe), valid, extras,
+                    reserve=cache.reserve,
+                )
+            )
+        self.heads = heads
+        cache.method.after_prefill(self)
+
+    def budget_entries(self) -> int:
+        """Valid entries over all heads and rows."""
+        return sum(s.count() for s in self.heads or [])
+
+
+class KVCache(Cache):
+    """A transformers cache that compresses the KV cache with a modalkv method.
+
+    Parameters
+    ----------
+    model : PreTrainedModel
+        The model the cache is for. Its attention implementation is switched to modalkv's (``sdpa`` becomes
+        ``modalkv_sdpa``, ``eager`` becomes ``modalkv_eager``); layers without a modalkv cache keep behaving as
+        before.
+    method : str or Method
+        A name from :func:`modalkv.available_methods` or a method instance.
+    budget : float | int
+        Prompt budget per (layer, KV head): a ratio in (0, 1] or an absolute token count.
+    modality_caps : dict, optional
+        Per-modality caps, e.g. ``{"image": 0.1}``.
+    quantize : str or Quantizer, optional
+        Quantized storage for kept entries (``"kivi-2"``, ``"kivi-4"``, ``"kivi-8"`` or a ``KIVI`` instance);
+        composes with any eviction method.
+    reserve : int
+        Slots reserved per store after prefill for appended tokens (grows by at least 64 when full).
+    **params
+        Parameters of the method's dataclass.
+    """
+
+    def __init__(self, model, method="full", budget: float | int = 1.0, *, modality_caps: dict | None = None,
+                 quantize=None, reserve: int = 64, **params):
+        from .methods import make_method, make_quantizer
+
+        self.method = make_method(method, **params)
+        self.budget = Budget(budget, dict(modality_caps or {}))
+        self.reserve = int(reserve)
+        self.quantizer = make_quantizer(quantize)
+        config = model.config.get_text_config(decoder=True)
+        attention.check_supported(config)
+        base = DynamicCache(config=config)
+        layers, rank = [], 0
+        for i, layer in enumerate(base.layers):
+            if type(layer) is DynamicLayer:
+                managed = CompressedLayer(self, i, rank)
+                if self.quantizer is not None:
+                    managed.store_class = self.quantizer.store_class()
+                layers.append(managed)
+                rank += 1
+            else:
+                layers.append(layer)
+        if rank == 0:
+            kinds = sorted({type(layer).__name__ for layer in base.layers})
+            raise ValueError(
+                f"{type(model).__name__} has no full-attention KV layers modalkv can manage (layer kinds: {kinds})"
+            )
+        super().__init__(layers=layers)
+        self.num_managed = rank
+        self.config = config
+        self._modality: torch.Tensor | None = None
+        attention.install(model)
+        self.method.setup(self)
+
+    # -- modality -------------------------------------------------------------------------------------------
+    def set_modality(self, mm_token_type_ids) -> None:
+        """Give the cache the per-token modality ids of the prompt (``mm_token_type_ids``: [B, n])."""
+        ids = torch.as_tensor(mm_token_type_ids)
+        if ids.dim() == 1:
+            ids = ids.unsqueeze(0)
+        self._modality = as_modality_ids(ids, ids.shape[0], ids.shape[1], ids.device)
+
+    def modality_slice(self, start: int, length: int, batch: int, device) -> torch.Tensor:
+        """Modality ids [B, length] of tokens start..start+length (tokens beyond the given ids are text)."""
+        out = torch.full((batch, length), TEXT, dtype=torch.int8, device=device)
+        if self._modality is not None:
+            m = self._modality.to(device)
+            if m.shape[0] != batch:
+                raise ValueError(f"modality ids are for batch {m.shape[0]} but the input has batch {batch}")
+            stop = min(start + length, m.shape[1])
+            if stop > start:
+                out[:, : stop - start] = m[:, start:stop]
+        return out
+
+    # -- accounting -----------------------------------------------------------------------------------------
+    @property
+    def managed_layers(self) -> list[CompressedLayer]:
+        return [layer for layer in self.layers if isinstance(layer, CompressedLayer)]
+
+    def memory_report(self) -> dict[str, Any]:
+        """Bytes of the cache as stored now, against what a transformers ``DynamicCache`` would hold.
+
+        ``full_bytes``: K+V bytes of a full cache for the tokens seen (padding included, as transformers stores it).
+        ``kept_bytes``: logical bytes of the valid kept entries: K/V payload (``payload_bytes``) plus per-entry
+        metadata (``meta_bytes``: positions, modality ids, validity, method scores, quantisation scales).
+        ``allocated_bytes``: every tensor the cache holds, reserve slots and padding included.
+        ``compression_ratio`` = full_bytes / kept_bytes. Unmanaged layers (sliding windows) count in all three.
+        """
+        full = payload = meta = allocated = entries = 0
+        slots = 0
+        seen = 0
+        for layer in self.layers:
+            if isinstance(layer, CompressedLayer):
+                seen = max(seen, layer.seen)
+                for store in layer.heads or []:
+                    b = store.bytes()
+                    payload += b["payload"]
+                    meta += b["meta"]
+                    allocated += b["allocated"]
+                    entries += store.count()
+                    full += store.batch * layer.seen * store.dense_bytes_per_entry()
+                    slots += store.batch
+            elif getattr(layer, "is_initialized", False) and getattr(layer, "keys", None) is not None:
+                nbytes = layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()
+                full += nbytes
+                payload += nbytes
+                allocated += nbytes
+        kept = payload + meta
+        return {
+            "full_bytes": full,
+            "kept_bytes": kept,
+            "payload_bytes": payload,
+            "meta_bytes": meta,
+            "allocated_bytes": allocated,
+            "compression_ratio": (full / kept) if kept else float("inf"),
+            "tokens_seen": seen,
+            "tokens_kept": (entries / slots) if slots else 0.0,
+            "entries_kept": entries,
+        }
+
+    def __repr__(self) -> str:
+        return f"KVCache(method={self.method!r}, budget={self.budget.value!r}, layers={len(self.layers)})"
+

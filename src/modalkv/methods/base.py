@@ -1,0 +1,150 @@
+"""The method protocol: what a KV-cache compression method implements, and the context it is given.
+
+A method is a dataclass. Its fields are its documented parameters (checked for type on construction); its
+class variables say what it needs from the core:
+
+``prefill(ctx) -> Selection``
+    Called once per managed layer during the prompt forward, right after the layer attended over the whole
+    prompt, with the layer's queries, keys and values (post-RoPE), positions, modality ids, padding mask and
+    the per-row budget. Layers arrive in order, so a method may carry decisions from layer l to layer l+1.
+``after_prefill(layer)``
+    Called once the layer's head stores exist (attach per-entry state, record targets).
+``decode(layer, probs)``
+    Called after every later forward of a layer (decode steps) when ``decodes`` is true, with the attention
+    rows per KV head ([B, G, q, n] each) when ``needs_decode_probs`` is true. May evict through the stores.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
+
+import torch
+
+from ..cache import Selection
+from ..scoring import select_topk
+
+
+@dataclass
+class PrefillContext:
+    """Everything a method sees at prefill for one layer (shapes: B batch, Hq query heads, H KV heads, n tokens)."""
+
+    layer: Any  # CompressedLayer
+    query: torch.Tensor  # [B, Hq, n, d] post-RoPE
+    keys: torch.Tensor  # [B, H, n, d] post-RoPE
+    values: torch.Tensor  # [B, H, n, d]
+    scaling: float
+    real: torch.Tensor  # [B, n] bool, False = padding
+    modality: torch.Tensor  # [B, n] int8
+    positions: torch.Tensor  # [n] original token indices
+    n_real: torch.Tensor  # [B] real prompt length
+    budget_tokens: torch.Tensor  # [B] entries each (layer, head) may keep (the layer's average for pyramids)
+    caps: dict  # modality id -> LongTensor [B] caps
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.keys.shape[1]
+
+    @property
+    def n(self) -> int:
+        return self.keys.shape[2]
+
+    @property
+    def layer_rank(self) -> int:
+        return self.layer.rank
+
+    @property
+    def num_layers(self) -> int:
+        return self.layer.cache.num_managed
+
+
+def last_real(real: torch.Tensor, count: torch.Tensor | int) -> torch.Tensor:
+    """[B, n] bool: the last ``count`` real tokens of each row (count: int or LongTensor [B])."""
+    after = real.flip(-1).cumsum(-1).flip(-1)  # real tokens at or after each index
+    count = torch.as_tensor(count, device=real.device).view(-1, 1)
+    return real & (after <= count)
+
+
+def first_real(real: torch.Tensor, count: torch.Tensor | int) -> torch.Tensor:
+    """[B, n] bool: the first ``count`` real tokens of each row."""
+    count = torch.as_tensor(count, device=real.device).view(-1, 1)
+    return real & (real.cumsum(-1) <= count)
+
+
+def _type_ok(value, hint) -> bool:
+    origin = typing.get_origin(hint)
+    if hint is Any:
+        return True
+    if origin is Literal:
+        return value in typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(value, h) for h in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if origin is not None:
+        return isinstance(value, origin)
+    return isinstance(value, hint)
+
+
+@dataclass
+class Method:
+    """Base class: keeps every real prompt token (the full cache)."""
+
+    name: ClassVar[str] = ""
+    summary: ClassVar[str] = ""
+    needs_decode_probs: ClassVar[bool] = False  # decode() wants the attention rows
+    decodes: ClassVar[bool] = False  # decode() runs after every decode step
+
+    def __post_init__(self) -> None:
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            if not f.init:
+                continue
+            value = getattr(self, f.name)
+            if not _type_ok(value, hints[f.name]):
+                raise TypeError(
+                    f"{type(self).__name__}.{f.name} must be {_describe(hints[f.name])}, "
+                    f"got {type(value).__name__} {value!r}"
+                )
+        self.validate()
+
+    def validate(self) -> None:
+        """Range checks of the parameters (override)."""
+
+    def setup(self, cache) -> None:
+        """Called when a cache is built around this method."""
+        self.cache = cache
+
+    def prefill(self, ctx: PrefillContext) -> Selection:
+        scores = torch.zeros(ctx.real.shape[0], ctx.num_kv_heads, ctx.n, device=ctx.keys.device)
+        return Selection(select_topk(scores, ctx.n_real, ctx.real))
+
+    def after_prefill(self, layer) -> None:
+        pass
+
+    def decode(self, layer, probs) -> None:
+        pass
+
+
+def _describe(hint) -> str:
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(hint))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(h) for h in typing.get_args(hint))
+    return getattr(hint, "__name__", str(hint))
+
+
+def check_range(cls_name: str, name: str, value, low=None, high=None, low_open=False) -> None:
+    """Raise a ValueError naming the parameter when value is out of range."""
+    bad = (low is not None and (value <= low if low_open else value < low)) or (high is not None and value > high)
+    if bad:
+        lo = "(" if low_open else "["
+        raise ValueError(f"{cls_name}.{name} must be in {lo}{low}, {high}], got {value}")
