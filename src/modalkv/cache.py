@@ -108,7 +108,7 @@ class HeadStore:
         rows = torch.arange(slot.shape[0], device=slot.device)
         last = self.n - 1
         for t in self._tensors():
-            t[rows, slot] = t[:, last]
+            t[rows, slot] = t[:, last].clone()
         self.n -= 1
 
     def keep_slots(self, slots: torch.Tensor) -> None:
@@ -305,7 +305,12 @@ class CompressedLayer(DynamicLayer):
         heads = []
         for h in range(H):
             idx = sel.head(h).to(keys.device)
+            if idx.shape[-1] > n:
+                raise ValueError(f"{cache.method.name}: selected {idx.shape[-1]} entries from a {n}-token prompt")
             ok = idx >= 0
+            width = int(ok.sum(-1).max()) if idx.numel() else 0
+            if width < idx.shape[-1]:  # unused trailing columns (this head keeps fewer): free them
+                idx, ok = idx[:, :width], ok[:, :width]
             safe = idx.clamp(min=0)
             gidx = safe[..., None]
             k_h = keys[:, h].gather(1, gidx.expand(-1, -1, keys.shape[-1]))

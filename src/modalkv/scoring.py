@@ -89,6 +89,26 @@ def check_finite(scores: torch.Tensor, method: str) -> None:
         raise FloatingPointError(f"{method}: eviction scores contain NaN (check the model's dtype and inputs)")
 
 
+def apply_caps(scores: torch.Tensor, modality, caps) -> torch.Tensor:
+    """Set to -inf the scores of entries beyond a modality's cap (per row and head, best-scored kept).
+
+    scores [B, H, n]; modality [B, n]; caps {modality id: LongTensor [B]}.
+    """
+    if not caps:
+        return scores
+    B, H, n = scores.shape
+    s = scores
+    for mid, cap in caps.items():
+        is_m = (modality == mid)[:, None, :].expand(B, H, n)
+        ranked = torch.where(is_m, s, torch.full_like(s, float("-inf")))
+        order = ranked.argsort(dim=-1, descending=True, stable=True)
+        rank = torch.empty_like(order)
+        rank.scatter_(-1, order, torch.arange(n, device=s.device).expand(B, H, n).contiguous())
+        over = is_m & (rank >= cap.view(B, 1, 1))
+        s = s.masked_fill(over, float("-inf"))
+    return s
+
+
 def select_topk(
     scores: torch.Tensor,
     k: torch.Tensor,
@@ -106,23 +126,33 @@ def select_topk(
     """
     B, H, n = scores.shape
     s = scores.float().masked_fill(~real[:, None, :], float("-inf"))
-    if caps:
-        for mid, cap in caps.items():
-            is_m = (modality == mid)[:, None, :].expand(B, H, n)
-            ranked = torch.where(is_m, s, torch.full_like(s, float("-inf")))
-            order = ranked.argsort(dim=-1, descending=True, stable=True)
-            rank = torch.empty_like(order)
-            rank.scatter_(-1, order, torch.arange(n, device=s.device).expand(B, H, n))
-            over = is_m & (rank >= cap.view(B, 1, 1))
-            s = s.masked_fill(over, float("-inf"))
+    s = apply_caps(s, modality, caps)
     if force is not None:
         f = force if force.dim() == 3 else force[:, None, :]
         s = s.masked_fill(f & real[:, None, :], float("inf"))
     k = k.view(B, -1).expand(B, H) if k.dim() == 1 or k.shape[1] == 1 else k
-    kmax = int(k.max())
+    kmax = int(k.max()) if k.numel() else 0
     # a stable descending sort breaks ties by position (earlier first), on every device
     idx = s.argsort(dim=-1, descending=True, stable=True)[..., :kmax]
     ok = (torch.arange(kmax, device=s.device)[None, None, :] < k[..., None]) & (s.gather(-1, idx) > float("-inf"))
+    return mask_to_sorted(idx, ok, n)
+
+
+def mask_to_sorted(idx: torch.Tensor, ok: torch.Tensor, n: int) -> torch.Tensor:
+    """Sort kept indices ascending, put the unused ones (ok False) last as -1."""
     idx = torch.where(ok, idx, torch.full_like(idx, n))  # n sorts after every real index
     idx = idx.sort(dim=-1).values
     return torch.where(idx == n, torch.full_like(idx, -1), idx)
+
+
+def largest_remainder(weights: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
+    """Integer shares of ``total`` (LongTensor [B]) proportional to ``weights`` [B, m] that sum exactly to total."""
+    w = weights.double().clamp(min=0)
+    w = w / w.sum(-1, keepdim=True).clamp(min=1e-300)
+    exact = w * total.double()[:, None]
+    base = exact.floor().long()
+    short = total - base.sum(-1)
+    frac = exact - base
+    order = frac.argsort(dim=-1, descending=True, stable=True)
+    bonus = (torch.arange(w.shape[-1], device=w.device)[None, :] < short[:, None]).long()
+    return base + torch.zeros_like(base).scatter(-1, order, bonus)

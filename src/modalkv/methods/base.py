@@ -25,7 +25,7 @@ from typing import Any, ClassVar, Literal
 import torch
 
 from ..cache import Selection
-from ..scoring import select_topk
+from ..scoring import check_finite, select_topk
 
 
 @dataclass
@@ -125,6 +125,11 @@ class Method:
     def prefill(self, ctx: PrefillContext) -> Selection:
         scores = torch.zeros(ctx.real.shape[0], ctx.num_kv_heads, ctx.n, device=ctx.keys.device)
         return Selection(select_topk(scores, ctx.n_real, ctx.real))
+
+    def top(self, ctx: PrefillContext, scores: torch.Tensor, k: torch.Tensor, force=None) -> torch.Tensor:
+        """Top-k of per-KV-head scores [B, H, n] under the context's padding mask and modality caps."""
+        check_finite(scores, self.name or type(self).__name__)
+        return select_topk(scores, k, ctx.real, force=force, modality=ctx.modality, caps=ctx.caps)
 
     def after_prefill(self, layer) -> None:
         pass

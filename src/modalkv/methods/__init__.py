@@ -1,0 +1,72 @@
+"""The method registry: one module per method, each a dataclass (see :mod:`modalkv.methods.base`)."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+from .adakv import AdaKV
+from .base import Method, PrefillContext
+from .full import Full
+from .h2o import H2O
+from .pyramidkv import PyramidKV
+from .snapkv import SnapKV
+from .streaming import StreamingLLM
+
+REGISTRY: dict[str, type[Method]] = {
+    cls.name: cls for cls in (Full, StreamingLLM, H2O, SnapKV, PyramidKV, AdaKV)
+}
+
+
+def register(cls: type[Method]) -> type[Method]:
+    """Add a method class to the registry (usable as a decorator)."""
+    if not cls.name:
+        raise ValueError(f"{cls.__name__} needs a non-empty class attribute 'name'")
+    REGISTRY[cls.name] = cls
+    return cls
+
+
+def available_methods() -> dict[str, str]:
+    """Method name -> one-line summary."""
+    return {name: cls.summary for name, cls in REGISTRY.items()}
+
+
+def make_method(method, **params) -> Method:
+    """A method instance from a registry name (with parameters) or a copy of an instance."""
+    if isinstance(method, Method):
+        if params:
+            raise TypeError("pass method parameters either in the method instance or as keywords, not both")
+        return copy.deepcopy(method)
+    if not isinstance(method, str):
+        raise TypeError(f"method must be a name or a Method instance, got {type(method).__name__}")
+    cls = REGISTRY.get(method.lower())
+    if cls is None:
+        raise ValueError(f"unknown method {method!r}; available: {', '.join(REGISTRY)}")
+    fields = {f.name for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(params) - fields)
+    if unknown:
+        raise TypeError(
+            f"{cls.__name__} has no parameter(s) {', '.join(unknown)}; its parameters: {', '.join(sorted(fields)) or 'none'}"
+        )
+    return cls(**params)
+
+
+def make_quantizer(spec):
+    """None, ``"kivi-2"`` / ``"kivi-4"`` / ``"kivi-8"``, or a :class:`~modalkv.methods.kivi.KIVI` instance."""
+    if spec is None:
+        return None
+    from .kivi import KIVI
+
+    if isinstance(spec, KIVI):
+        return copy.deepcopy(spec)
+    if isinstance(spec, str):
+        name, _, bits = spec.lower().partition("-")
+        if name == "kivi" and bits.isdigit():
+            return KIVI(bits=int(bits))
+    raise ValueError(f"unknown quantizer {spec!r}; use 'kivi-2', 'kivi-4', 'kivi-8' or a KIVI instance")
+
+
+__all__ = [
+    "REGISTRY", "Method", "PrefillContext", "available_methods", "make_method", "make_quantizer", "register",
+    "Full", "StreamingLLM", "H2O", "SnapKV", "PyramidKV", "AdaKV",
+]

@@ -1,0 +1,67 @@
+"""StreamingLLM: attention sinks plus a recent window."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .base import Method, PrefillContext, check_range, first_real, last_real
+from ..cache import Selection
+
+
+@dataclass
+class StreamingLLM(Method):
+    """Keep the first ``n_sink`` tokens and the most recent ones, at prefill and after every decode step.
+
+    Paper: Xiao et al., "Efficient Streaming Language Models with Attention Sinks", ICLR 2024 (arXiv 2309.17453).
+    The budget ``B`` per (layer, KV head) is ``n_sink`` sinks plus ``B - n_sink`` recent tokens.
+
+    Parameters
+    ----------
+    n_sink : int
+        Number of initial tokens always kept (paper: 4).
+    evict_during_decode : bool
+        CHOICE (the paper streams, so yes by default): after each decode step evict the oldest non-sink entry so
+        each store stays at its prefill size. Eviction happens after the step attended, so the newest token
+        always sees the whole window.
+
+    Notes
+    -----
+    CHOICE: original positions are kept (no rolling re-rotation of RoPE inside the cache); the paper re-numbers
+    positions to stay inside the training range, which matters only beyond the model's context length.
+    """
+
+    n_sink: int = 4
+    evict_during_decode: bool = True
+
+    name = "streamingllm"
+    summary = "Attention sinks + most recent tokens (Xiao et al., 2024)"
+
+    @property
+    def decodes(self) -> bool:  # type: ignore[override]
+        return self.evict_during_decode
+
+    def validate(self) -> None:
+        check_range(type(self).__name__, "n_sink", self.n_sink, 0)
+
+    def prefill(self, ctx: PrefillContext) -> Selection:
+        k = ctx.budget_tokens
+        sinks = first_real(ctx.real, torch.minimum(k, torch.full_like(k, self.n_sink)))
+        recent = last_real(ctx.real, (k - sinks.sum(-1)).clamp(min=0))
+        keep = sinks | recent
+        scores = keep.float()[:, None, :].expand(-1, ctx.num_kv_heads, -1)
+        return Selection(self.top(ctx, scores, k, force=keep))
+
+    def after_prefill(self, layer) -> None:
+        layer.targets = [s.n for s in layer.heads]
+
+    def decode(self, layer, probs) -> None:
+        for store, target in zip(layer.heads, layer.targets):
+            while store.n > target:
+                valid = store.valid[:, : store.n]
+                pos = store.pos[:, : store.n].float().masked_fill(~valid, float("inf"))
+                # sinks: the n_sink smallest valid positions; evict the oldest valid non-sink (invalid slots first)
+                rank = pos.argsort(dim=-1, stable=True).argsort(dim=-1)
+                score = pos.masked_fill(rank < self.n_sink, float("inf")).masked_fill(~valid, float("-inf"))
+                store.remove(score.argmin(-1))
