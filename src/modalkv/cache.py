@@ -457,3 +457,15 @@ class KVCache(Cache):
     def __repr__(self) -> str:
         return f"KVCache(method={self.method!r}, budget={self.budget.value!r}, layers={len(self.layers)})"
 
+
+
+def cache_kwargs(model, cache) -> dict[str, Any]:
+    """``{"cache": cache}`` on transformers versions whose models take ``cache=``, else ``{"past_key_values": cache}``.
+
+    transformers 5.2x renamed ``past_key_values`` to ``cache`` (the old name warns); 5.5 only knows the old one.
+    Works for both ``model(...)`` and ``model.generate(...)``.
+    """
+    import inspect
+
+    params = inspect.signature(type(model).forward).parameters
+    return {"cache": cache} if "cache" in params else {"past_key_values": cache}
