@@ -1,0 +1,172 @@
+"""Command-line interface: ``modalkv methods`` and ``modalkv generate``."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Optional
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="modalkv: KV-cache compression that frees memory.")
+console = Console(width=max(120, Console().width))
+
+DEFAULT_PROMPT = (
+    "The museum opened in 1887 and its first curator, Ada Lindqvist, catalogued 4,310 objects. "
+    "Question: who was the museum's first curator, and how many objects did she catalogue?"
+)
+
+
+def _parse_budget(text: str) -> float | int:
+    """'0.25' -> 0.25 (ratio), '512' -> 512 (tokens)."""
+    try:
+        return int(text) if text.strip().lstrip("+").isdigit() else float(text)
+    except ValueError:
+        raise typer.BadParameter(f"budget must be a ratio in (0, 1] or a token count, got {text!r}") from None
+
+
+def _parse_params(items: list[str]) -> dict:
+    """KEY=VALUE pairs, values parsed as JSON when possible (so window=8 is an int, pooling=avg a string)."""
+    params = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise typer.BadParameter(f"method parameter {item!r} must look like KEY=VALUE")
+        try:
+            params[key] = json.loads(value)
+        except json.JSONDecodeError:
+            params[key] = value
+    return params
+
+
+@app.command()
+def methods() -> None:
+    """List the available methods (and quantizers) with one line each."""
+    from .methods import REGISTRY
+
+    table = Table(show_header=True, header_style="bold")
+    table.add_column("method")
+    table.add_column("parameters")
+    table.add_column("what it does")
+    for name, cls in REGISTRY.items():
+        params = ", ".join(f"{f.name}={f.default!r}" for f in dataclasses.fields(cls) if f.init)
+        table.add_row(name, params, cls.summary)
+    console.print(table)
+    console.print("Quantized storage (composes with any method, --quantize): kivi-2, kivi-4, kivi-8")
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1024 or unit == "GB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return str(n)
+
+
+@app.command()
+def generate(
+    model: str = typer.Option("smollm2-135m", help="Registry name (smollm2-135m, gemma3-270m) or a local folder."),
+    method: str = typer.Option("snapkv", help="Compression method (see `modalkv methods`)."),
+    budget: str = typer.Option("0.25", help="Ratio of the prompt in (0, 1] or an absolute token count."),
+    prompt: Optional[str] = typer.Option(None, help="Prompt text."),
+    prompt_file: Optional[Path] = typer.Option(None, exists=True, dir_okay=False, help="Read the prompt from a file."),
+    max_new_tokens: int = typer.Option(48, min=1, help="Tokens to generate."),
+    compare_full: bool = typer.Option(False, "--compare-full", help="Also run the full cache and compare."),
+    quantize: Optional[str] = typer.Option(None, help="Quantized storage: kivi-2, kivi-4 or kivi-8."),
+    param: list[str] = typer.Option([], "--param", "-p", help="Method parameter KEY=VALUE (repeatable)."),
+    threads: int = typer.Option(0, help="Pin torch to this many threads (0: torch's default)."),
+    chat: bool = typer.Option(True, help="Wrap the prompt in the model's chat template."),
+) -> None:
+    """Generate with a compressed cache; print the answer and a memory/speed table."""
+    import torch
+    from transformers import DynamicCache
+
+    from .cache import KVCache
+    from .measure import cache_bytes, greedy_generate, peak_rss_bytes, pin_threads
+    from .models import load_model
+
+    if prompt is not None and prompt_file is not None:
+        raise typer.BadParameter("give either --prompt or --prompt-file, not both")
+    expected = None
+    if prompt_file is not None:
+        text = prompt_file.read_text()
+    elif prompt is not None:
+        text = prompt
+    else:  # the demo: ~2.2k tokens of real Wikipedia summaries and a question about one of them
+        from .data import demo_prompt
+
+        try:
+            text, expected = demo_prompt()
+        except ImportError as err:
+            console.print(f"[yellow]{err}; using a short built-in prompt[/yellow]")
+            text = DEFAULT_PROMPT
+    n_threads = pin_threads(threads or None)
+    budget_value = _parse_budget(budget)
+    params = _parse_params(param)
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    with console.status(f"loading {model}"):
+        lm, tok = load_model(model)
+    cache = KVCache(lm, method, budget_value, quantize=quantize, **params)  # validates before the long prefill
+    if chat and getattr(tok, "chat_template", None):
+        text = tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
+    enc = tok(text, return_tensors="pt", add_special_tokens=not chat)
+    eos = [t for t in {tok.eos_token_id, getattr(lm.generation_config, "eos_token_id", None)} if t is not None]
+    eos = [e for x in eos for e in (x if isinstance(x, (list, tuple)) else [x])]
+
+    rows = []
+    runs = [(f"{method} @ {budget}" + (f" + {quantize}" if quantize else ""), cache)]
+    if compare_full:
+        runs.append(("full (transformers DynamicCache)", DynamicCache(config=lm.config.get_text_config(decoder=True))))
+    answers = {}
+    for label, c in runs:
+        with console.status(f"generating with {label}"):
+            res = greedy_generate(lm, enc["input_ids"], enc["attention_mask"], c, max_new_tokens, eos)
+        mem = cache_bytes(c)
+        answers[label] = res.tokens[0]
+        rows.append((label, mem, res))
+
+    console.print(f"[bold]model[/bold] {model}  [bold]prompt[/bold] {enc['input_ids'].shape[1]} tokens  "
+                  f"[bold]threads[/bold] {n_threads}")
+    console.print("[bold]answer:[/bold] " + tok.decode(answers[runs[0][0]], skip_special_tokens=True).strip())
+    if expected is not None:
+        console.print(f"[dim](demo question; the text says {expected})[/dim]")
+    if compare_full:
+        full_answer = answers[runs[1][0]]
+        console.print("[bold]full cache answer:[/bold] " + tok.decode(full_answer, skip_special_tokens=True).strip())
+
+    table = Table(show_header=True, header_style="bold")
+    for col in ("cache", "KV bytes full", "KV bytes kept", "compression", "allocated", "prefill s", "decode ms/token"):
+        table.add_column(col, justify="right" if col != "cache" else "left")
+    base = rows[-1][2].decode_ms if compare_full else None
+    for label, mem, res in rows:
+        speed = f"{res.decode_ms:.1f}"
+        if base and label != rows[-1][0] and res.step_ms:
+            speed += f" ({base / res.decode_ms:.2f}x)"
+        table.add_row(label, _fmt_bytes(mem["full_bytes"]), _fmt_bytes(mem["kept_bytes"]),
+                      f"{mem['compression_ratio']:.2f}x", _fmt_bytes(mem["allocated_bytes"]),
+                      f"{res.prefill_s:.2f}", speed)
+    console.print(table)
+    if compare_full:
+        same = answers[runs[0][0]] == answers[runs[1][0]]
+        console.print(f"answers agree with the full cache: [bold]{'yes' if same else 'no'}[/bold]")
+    console.print(f"process peak RSS: {_fmt_bytes(peak_rss_bytes())}; decode ms/token is the median step time "
+                  f"(first token excluded); speed-up in brackets is full / compressed in this run.")
+    del torch
+
+
+def main() -> None:  # pragma: no cover
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
