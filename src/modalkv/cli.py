@@ -29,7 +29,7 @@ def _parse_budget(text: str) -> float | int:
     try:
         return int(text) if text.strip().lstrip("+").isdigit() else float(text)
     except ValueError:
-        raise typer.BadParameter(f"budget must be a ratio in (0, 1] or a token count, got {text!r}") from None
+        raise ValueError(f"budget must be a ratio in (0, 1] or a token count, got {text!r}") from None
 
 
 def _parse_params(items: list[str]) -> dict:
@@ -38,7 +38,7 @@ def _parse_params(items: list[str]) -> dict:
     for item in items:
         key, sep, value = item.partition("=")
         if not sep:
-            raise typer.BadParameter(f"method parameter {item!r} must look like KEY=VALUE")
+            raise ValueError(f"method parameter {item!r} must look like KEY=VALUE")
         try:
             params[key] = json.loads(value)
         except json.JSONDecodeError:
@@ -85,6 +85,15 @@ def generate(
     chat: bool = typer.Option(True, help="Wrap the prompt in the model's chat template."),
 ) -> None:
     """Generate with a compressed cache; print the answer and a memory/speed table."""
+    try:
+        _generate(model, method, budget, prompt, prompt_file, max_new_tokens, compare_full, quantize, param, threads, chat)
+    except (ValueError, TypeError, ImportError, FloatingPointError) as err:
+        console.print(f"[bold red]error:[/bold red] {err}")
+        raise typer.Exit(2) from None
+
+
+def _generate(model, method, budget, prompt, prompt_file, max_new_tokens, compare_full, quantize, param, threads,
+              chat) -> None:
     import torch
     from transformers import DynamicCache
 
@@ -93,7 +102,7 @@ def generate(
     from .models import load_model
 
     if prompt is not None and prompt_file is not None:
-        raise typer.BadParameter("give either --prompt or --prompt-file, not both")
+        raise ValueError("give either --prompt or --prompt-file, not both")
     expected = None
     if prompt_file is not None:
         text = prompt_file.read_text()

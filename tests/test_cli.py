@@ -1,0 +1,55 @@
+"""The command line: listing, clear errors, and a real generation with the memory/speed table."""
+
+import pytest
+from typer.testing import CliRunner
+
+from modalkv.cli import app
+from modalkv.methods import REGISTRY
+
+runner = CliRunner()
+
+
+def test_methods_lists_every_method():
+    result = runner.invoke(app, ["methods"], terminal_width=200)
+    assert result.exit_code == 0
+    for name in REGISTRY:
+        assert name in result.output
+    assert "kivi-2" in result.output
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--method", "nosuch"], "unknown method 'nosuch'"),
+        (["--budget", "1.5"], r"ratio must be in \(0, 1\]"),
+        (["--budget", "0"], "token count must be >= 1"),
+        (["--budget", "abc"], "budget must be a ratio"),
+        (["--model", "no-such-model"], "no-such-model"),
+        (["--param", "window=x8"], "window must be int"),
+        (["--param", "window"], "KEY=VALUE"),
+    ],
+)
+def test_generate_bad_input_names_the_problem(args, message):
+    result = runner.invoke(app, ["generate", "--prompt", "hi", *args], terminal_width=200)
+    assert result.exit_code == 2, result.output
+    assert "error" in result.output
+    import re
+
+    assert re.search(message, result.output.replace("\n", " ")), result.output
+
+
+@pytest.mark.real
+def test_generate_prints_answer_and_table():
+    result = runner.invoke(
+        app,
+        ["generate", "--method", "snapkv", "--budget", "0.5", "--param", "window=8", "--prompt",
+         "The capital of France is Paris. The capital of Italy is Rome. What is the capital of Italy?",
+         "--max-new-tokens", "6", "--compare-full", "--threads", "1"],
+        terminal_width=200,
+    )
+    assert result.exit_code == 0, result.output
+    out = result.output
+    assert "answer:" in out and "full cache answer:" in out
+    for col in ("KV bytes full", "KV bytes kept", "compression", "prefill s", "decode ms/token"):
+        assert col in out
+    assert "answers agree with the full cache:" in out
