@@ -51,6 +51,16 @@ class Budget:
         """Entries to keep per batch row, given each row's real prompt length ``n_real`` (LongTensor [B])."""
         return resolve(self.value, n_real, "budget")
 
+    def decode_target(self, prefill_kept: int, seen: int) -> int:
+        """Entries a decode-time evicting method keeps after ``seen`` tokens, given it kept ``prefill_kept``.
+
+        CHOICE: a ratio budget stays a ratio of everything seen (``ceil(ratio * seen)``, never below the prefill
+        size), so budget 1.0 never evicts; an absolute budget stays fixed at the prefill size (a streaming cache).
+        """
+        if self.is_ratio:
+            return max(prefill_kept, math.ceil(self.value * seen - 1e-9))
+        return prefill_kept
+
     def caps(self, modality: torch.Tensor, real: torch.Tensor) -> dict[int, torch.Tensor]:
         """Per-row caps {modality id: LongTensor [B]} for the capped modalities present."""
         out = {}

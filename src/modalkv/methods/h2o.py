@@ -21,7 +21,7 @@ class H2O(Method):
     NeurIPS 2023 (arXiv 2306.14048). Score of an entry: its accumulated attention, the column sum of the causal
     attention over every prompt query and then every decode query. The budget ``B`` splits into ``B_rec`` recent
     tokens and ``B - B_rec`` heavy hitters; after each decode step the non-recent entry with the smallest score
-    is evicted, so each (layer, KV head) stays at its prefill size.
+    is evicted, so each (layer, KV head) stays within its budget.
 
     Parameters
     ----------
@@ -31,7 +31,9 @@ class H2O(Method):
         CHOICE (the paper predates grouped-query attention): how the query heads of one KV group combine their
         scores.
     evict_during_decode : bool
-        CHOICE (default true, as the paper): keep evicting one entry per decode step.
+        CHOICE (default true, as the paper): keep evicting while decoding, down to the budget: an absolute budget
+        stays fixed (one eviction per step, the paper's setting); a ratio budget stays that ratio of all tokens
+        seen (budget 1.0 never evicts).
 
     Notes
     -----
@@ -70,8 +72,9 @@ class H2O(Method):
             p = probs[h]  # [B, G, q, n]
             col = p.amax(1) if self.gqa_reduce == "max" else p.mean(1)
             store.extras["acc"][:, : store.n] += col.sum(1).float()
-            recent = layer.recent[h]
-            while store.n > layer.targets[h]:
+            target = layer.cache.budget.decode_target(layer.targets[h], layer.seen)
+            recent = max(layer.recent[h], math.ceil(target * self.recent_ratio))
+            while store.n > target:
                 valid = store.valid[:, : store.n]
                 pos = store.pos[:, : store.n]
                 newest = pos.masked_fill(~valid, -1).amax(-1, keepdim=True)

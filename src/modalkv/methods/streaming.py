@@ -22,9 +22,10 @@ class StreamingLLM(Method):
     n_sink : int
         Number of initial tokens always kept (paper: 4).
     evict_during_decode : bool
-        CHOICE (the paper streams, so yes by default): after each decode step evict the oldest non-sink entry so
-        each store stays at its prefill size. Eviction happens after the step attended, so the newest token
-        always sees the whole window.
+        CHOICE (the paper streams, so yes by default): after each decode step evict the oldest non-sink entries
+        down to the budget: an absolute budget stays fixed (the paper's streaming cache); a ratio budget stays that
+        ratio of all tokens seen (so budget 1.0 never evicts). Eviction happens after the step attended, so the
+        newest token always sees the whole window.
 
     Notes
     -----
@@ -57,7 +58,9 @@ class StreamingLLM(Method):
         layer.targets = [s.n for s in layer.heads]
 
     def decode(self, layer, probs) -> None:
-        for store, target in zip(layer.heads, layer.targets):
+        budget = layer.cache.budget
+        for store, kept in zip(layer.heads, layer.targets):
+            target = budget.decode_target(kept, layer.seen)
             while store.n > target:
                 valid = store.valid[:, : store.n]
                 pos = store.pos[:, : store.n].float().masked_fill(~valid, float("inf"))
