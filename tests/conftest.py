@@ -16,7 +16,7 @@ from transformers import (
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 import modalkv.attention as mattn
-from modalkv import KVCache, cache_kwargs
+from modalkv import cache_kwargs
 
 warnings.filterwarnings("ignore", category=FutureWarning)
 torch.set_num_threads(1)

@@ -51,14 +51,14 @@ class Budget:
         """Entries to keep per batch row, given each row's real prompt length ``n_real`` (LongTensor [B])."""
         return resolve(self.value, n_real, "budget")
 
-    def decode_target(self, prefill_kept: int, seen: int) -> int:
-        """Entries a decode-time evicting method keeps after ``seen`` tokens, given it kept ``prefill_kept``.
+    def decode_targets(self, prefill_kept: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
+        """Entries per row a decode-time evicting method keeps after ``seen`` real tokens ([B] each).
 
         CHOICE: a ratio budget stays a ratio of everything seen (``ceil(ratio * seen)``, never below the prefill
         size), so budget 1.0 never evicts; an absolute budget stays fixed at the prefill size (a streaming cache).
         """
         if self.is_ratio:
-            return max(prefill_kept, math.ceil(self.value * seen - 1e-9))
+            return torch.maximum(prefill_kept, torch.ceil(seen.double() * self.value - 1e-9).long())
         return prefill_kept
 
     def caps(self, modality: torch.Tensor, real: torch.Tensor) -> dict[int, torch.Tensor]:

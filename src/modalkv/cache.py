@@ -111,6 +111,33 @@ class HeadStore:
             t[rows, slot] = t[:, last].clone()
         self.n -= 1
 
+    def evict_lowest(self, score: torch.Tensor, count: torch.Tensor) -> None:
+        """Evict, per row b, the ``count[b]`` valid entries with the lowest ``score`` [B, n] (inf = protected).
+
+        Evicted slots are first marked invalid (rows may evict different numbers), then removed swap-with-last
+        while every row has a hole, so the store shrinks as far as the batch allows (for batch 1, fully).
+        """
+        m = int(count.max()) if count.numel() else 0
+        if m > 0:
+            valid = self.valid[:, : self.n]
+            s = score.float().masked_fill(~valid, float("inf"))
+            victims = s.topk(m, dim=-1, largest=False, sorted=True).indices  # [B, m]
+            use = torch.arange(m, device=s.device)[None, :] < count[:, None]
+            rows = torch.arange(self.batch, device=s.device)[:, None].expand_as(victims)
+            self.valid[rows[use], victims[use]] = False
+            self.all_valid = False
+        self.compact()
+
+    def compact(self) -> None:
+        """Remove invalid slots (swap-with-last) while every row has one."""
+        while self.n > 0:
+            invalid = ~self.valid[:, : self.n]
+            if not bool(invalid.any(-1).all()):
+                break
+            self.remove(invalid.float().argmax(-1))  # the first hole of each row
+        if self.n and bool(self.valid[:, : self.n].all()):
+            self.all_valid = True
+
     def keep_slots(self, slots: torch.Tensor) -> None:
         """Keep only ``slots`` (LongTensor [B, m], -1 = none) in every row, compacting in place."""
         valid = slots >= 0
@@ -324,7 +351,15 @@ class CompressedLayer(DynamicLayer):
                 )
             )
         self.heads = heads
+        self.prompt_len = n
+        self.prompt_real = n_real.to(keys.device)
+        self.prefill_kept = [store.valid[:, : store.n].sum(-1) for store in heads]
         cache.method.after_prefill(self)
+
+    def decode_targets(self, h: int) -> torch.Tensor:
+        """Per-row number of valid entries a decode-time evicting method may keep in head ``h`` now ([B])."""
+        generated = self.seen - self.prompt_len
+        return self.cache.budget.decode_targets(self.prefill_kept[h], self.prompt_real + generated)
 
     def budget_entries(self) -> int:
         """Valid entries over all heads and rows."""

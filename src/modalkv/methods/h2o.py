@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -63,21 +62,18 @@ class H2O(Method):
         recent = last_real(ctx.real, torch.ceil(k.double() * self.recent_ratio).long())
         return Selection(self.top(ctx, acc, k, force=recent), extras={"acc": acc})
 
-    def after_prefill(self, layer) -> None:
-        layer.targets = [s.n for s in layer.heads]
-        layer.recent = [math.ceil(t * self.recent_ratio) for t in layer.targets]
-
     def decode(self, layer, probs) -> None:
         for h, store in enumerate(layer.heads):
             p = probs[h]  # [B, G, q, n]
             col = p.amax(1) if self.gqa_reduce == "max" else p.mean(1)
             store.extras["acc"][:, : store.n] += col.sum(1).float()
-            target = layer.cache.budget.decode_target(layer.targets[h], layer.seen)
-            recent = max(layer.recent[h], math.ceil(target * self.recent_ratio))
-            while store.n > target:
-                valid = store.valid[:, : store.n]
-                pos = store.pos[:, : store.n]
-                newest = pos.masked_fill(~valid, -1).amax(-1, keepdim=True)
-                is_recent = pos > newest - recent
-                score = store.extras["acc"][:, : store.n].masked_fill(is_recent, float("inf"))
-                store.remove(score.masked_fill(~valid, float("-inf")).argmin(-1))
+            target = layer.decode_targets(h)
+            valid = store.valid[:, : store.n]
+            over = (valid.sum(-1) - target).clamp(min=0)
+            if not bool(over.any()):
+                continue
+            recent = torch.ceil(target.double() * self.recent_ratio).long()[:, None]
+            pos = store.pos[:, : store.n]
+            newest = pos.masked_fill(~valid, -1).amax(-1, keepdim=True)
+            is_recent = pos > newest - recent
+            store.evict_lowest(store.extras["acc"][:, : store.n].masked_fill(is_recent, float("inf")), over)

@@ -54,17 +54,13 @@ class StreamingLLM(Method):
         scores = keep.float()[:, None, :].expand(-1, ctx.num_kv_heads, -1)
         return Selection(self.top(ctx, scores, k, force=keep))
 
-    def after_prefill(self, layer) -> None:
-        layer.targets = [s.n for s in layer.heads]
-
     def decode(self, layer, probs) -> None:
-        budget = layer.cache.budget
-        for store, kept in zip(layer.heads, layer.targets):
-            target = budget.decode_target(kept, layer.seen)
-            while store.n > target:
-                valid = store.valid[:, : store.n]
-                pos = store.pos[:, : store.n].float().masked_fill(~valid, float("inf"))
-                # sinks: the n_sink smallest valid positions; evict the oldest valid non-sink (invalid slots first)
-                rank = pos.argsort(dim=-1, stable=True).argsort(dim=-1)
-                score = pos.masked_fill(rank < self.n_sink, float("inf")).masked_fill(~valid, float("-inf"))
-                store.remove(score.argmin(-1))
+        for h, store in enumerate(layer.heads):
+            valid = store.valid[:, : store.n]
+            over = (valid.sum(-1) - layer.decode_targets(h)).clamp(min=0)
+            if not bool(over.any()):
+                continue
+            pos = store.pos[:, : store.n].float().masked_fill(~valid, float("inf"))
+            # sinks: the n_sink smallest valid positions; evict the oldest valid non-sinks
+            rank = pos.argsort(dim=-1, stable=True).argsort(dim=-1)
+            store.evict_lowest(pos.masked_fill(rank < self.n_sink, float("inf")), over)
