@@ -24,8 +24,10 @@ def _probs(query: torch.Tensor, keys: torch.Tensor, scaling: float, rows: torch.
     visible = (cols[None, :] <= rows[:, None])[None, None] & real[:, None, None, :]
     logits = logits.masked_fill(~visible, float("-inf"))
     probs = torch.softmax(logits, dim=-1)
-    # rows that see nothing (a padding query before any real token) give NaN; they carry no information
-    probs = torch.nan_to_num(probs, nan=0.0)
+    # rows that see nothing (a padding query before any real token) carry no information: zero them. NaN coming
+    # from the data itself is left in place so that check_finite refuses it.
+    blind = ~visible.any(-1, keepdim=True)  # [B, 1, r, 1]
+    probs = probs.masked_fill(blind, 0.0)
     query_real = real[:, rows]  # [B, r]
     return probs * query_real[:, None, :, None]
 

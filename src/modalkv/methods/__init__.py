@@ -55,14 +55,14 @@ def make_quantizer(spec):
     """None, ``"kivi-2"`` / ``"kivi-4"`` / ``"kivi-8"``, or a :class:`~modalkv.methods.kivi.KIVI` instance."""
     if spec is None:
         return None
-    from .kivi import KIVI
-
-    if isinstance(spec, KIVI):
-        return copy.deepcopy(spec)
     if isinstance(spec, str):
         name, _, bits = spec.lower().partition("-")
         if name == "kivi" and bits.isdigit():
+            from .kivi import KIVI
+
             return KIVI(bits=int(bits))
+    elif type(spec).__name__ == "KIVI":
+        return copy.deepcopy(spec)
     raise ValueError(f"unknown quantizer {spec!r}; use 'kivi-2', 'kivi-4', 'kivi-8' or a KIVI instance")
 
 
