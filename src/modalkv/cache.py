@@ -281,12 +281,16 @@ class CompressedLayer(DynamicLayer):
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         for store in self.heads or []:
-            store.select_batch(indices.to(store.keys.device))
+            store.select_batch(indices.to(store.pos.device))
+        if self.heads:
+            index = indices.to(self.prompt_real.device)
+            self.prompt_real = self.prompt_real.index_select(0, index)
+            self.prefill_kept = [k.index_select(0, index) for k in self.prefill_kept]
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         if self.heads:
-            B = self.heads[0].keys.shape[0]
-            index = torch.arange(B, device=self.heads[0].keys.device).repeat_interleave(repeats)
+            B = self.heads[0].batch
+            index = torch.arange(B, device=self.heads[0].pos.device).repeat_interleave(repeats)
             self.batch_select_indices(index)
 
     @property

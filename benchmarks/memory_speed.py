@@ -1,0 +1,225 @@
+"""KV memory, peak RSS and decode speed of each method against the full cache, beside the bandwidth floor.
+
+Every (method, prompt length, batch) runs in its own subprocess so that peak RSS is that configuration's.
+Within one run every configuration uses the same prompt, thread count and machine, and the ratios are taken
+against transformers' own DynamicCache and modalkv's ``full`` measured in the same run.
+
+    python benchmarks/memory_speed.py                       # the published sweep (about 25 minutes)
+    python benchmarks/memory_speed.py --lengths 2048 --batches 1 --methods dynamic full snapkv  # quick
+
+Decode ms/token: a hand-written greedy loop, one forward per token; the median step time over ``--new-tokens``
+steps (the first token comes from prefill), repeated ``--repeats`` times on the same cache, median of the
+repeats. Batch B > 1: the prompt is prefilled once and the cache is replicated B times
+(``batch_repeat_interleave``), so every row holds a full-length context without B long prefills.
+
+Bandwidth floor: (weight bytes + KV bytes stored) / bandwidth, the bandwidth measured on this machine by
+summing a 1 GiB float32 tensor with the same thread count (median of 7). A decode step reads every weight and
+every stored K/V entry once, so it cannot be faster than that.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def measure_bandwidth(threads: int, gib: float = 1.0, repeats: int = 7) -> float:
+    import torch
+
+    torch.set_num_threads(threads)
+    x = torch.empty(int(gib * 2**30 // 4), dtype=torch.float32).uniform_()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        x.sum()
+        times.append(time.perf_counter() - t0)
+    return x.numel() * 4 / statistics.median(times)
+
+
+def build_prompt(tok, length: int):
+    """Exactly ``length`` tokens of real text (Wikipedia summaries, deterministic order) ending in a question."""
+    import torch
+
+    from modalkv.data import wiki_summaries
+
+    texts = wiki_summaries()
+    question = tok("\n\nQuestion: summarise the text above in one sentence.\nAnswer:", add_special_tokens=False).input_ids
+    ids: list[int] = []
+    for title in sorted(texts):
+        ids += tok(texts[title] + "\n\n", add_special_tokens=False).input_ids
+        if len(ids) >= length:
+            break
+    ids = (ids[: length - len(question)] + question)[-length:]
+    return torch.tensor([ids])
+
+
+def worker(args) -> dict:
+    import resource
+
+    import psutil
+    import torch
+    from transformers import DynamicCache
+    from transformers.utils import logging as hf_logging
+
+    from modalkv import KVCache
+    from modalkv.measure import cache_bytes, greedy_generate
+    from modalkv.models import load_model, model_info
+
+    hf_logging.disable_progress_bar()
+    torch.set_num_threads(args.prefill_threads)
+    model, tok = load_model(args.model)
+    info = model_info(model)
+    ids = build_prompt(tok, args.length)
+    if args.method == "dynamic":
+        cache = DynamicCache(config=model.config)
+    else:
+        cache = KVCache(model, args.method, args.budget if args.method != "full" else 1.0)
+    rss_loaded = psutil.Process().memory_info().rss
+    t0 = time.perf_counter()
+    res = greedy_generate(model, ids, None, cache, 1)
+    prefill_s = time.perf_counter() - t0
+    if args.batch > 1:
+        cache.batch_repeat_interleave(args.batch)
+    gc.collect()
+    rss_after_prefill = psutil.Process().memory_info().rss
+    mem = cache_bytes(cache)
+    torch.set_num_threads(args.threads)
+    # decode: hand-written greedy loop on the prefilled cache
+    from modalkv.cache import cache_kwargs
+
+    kw = cache_kwargs(model, cache)
+    nxt = torch.tensor([[res.tokens[0][0] if res.tokens[0] else 0]] * args.batch)
+    pos = args.length
+    medians = []
+    with torch.no_grad():
+        for _ in range(args.repeats):
+            steps = []
+            for _ in range(args.new_tokens):
+                t0 = time.perf_counter()
+                out = model(input_ids=nxt, position_ids=torch.full((args.batch, 1), pos), **kw)
+                nxt = out.logits[:, -1:].argmax(-1)
+                steps.append((time.perf_counter() - t0) * 1e3)
+                pos += 1
+            medians.append(statistics.median(steps[1:]))
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    stored = cache_bytes(cache)
+    return {
+        "method": args.method, "budget": 1.0 if args.method in ("dynamic", "full") else args.budget,
+        "length": args.length, "batch": args.batch, "threads": args.threads,
+        "prefill_s": prefill_s, "decode_ms": statistics.median(medians), "decode_ms_repeats": medians,
+        "kv_full_bytes": mem["full_bytes"], "kv_kept_bytes": mem["kept_bytes"],
+        "kv_payload_bytes": mem["payload_bytes"], "kv_allocated_bytes": mem["allocated_bytes"],
+        "kv_read_bytes_at_end": stored["payload_bytes"],
+        "weight_bytes": info["weight_bytes"], "rss_loaded": rss_loaded, "rss_after_prefill": rss_after_prefill,
+        "peak_rss": peak,
+    }
+
+
+def run_sweep(args) -> None:
+    import pandas as pd
+    import torch
+
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    bw = measure_bandwidth(args.threads)
+    print(f"bandwidth ({args.threads} thread(s), 1 GiB sum): {bw / 1e9:.1f} GB/s", flush=True)
+    rows = []
+    env = dict(os.environ, OMP_NUM_THREADS=str(max(args.threads, args.prefill_threads)))
+    t_start = time.time()
+    # a 32-token context with the plain cache: the step time of the weights alone (and per-step overhead), the
+    # part of every decode step that no KV method can change
+    configs = [(32, B, "dynamic") for B in args.batches]
+    configs += [(L, B, m) for L in args.lengths for B in args.batches for m in args.methods]
+    for i, (L, B, m) in enumerate(configs):
+        cmd = [sys.executable, __file__, "--worker", "--model", args.model, "--method", m, "--length", str(L),
+               "--batch", str(B), "--budget", str(args.budget), "--threads", str(args.threads),
+               "--prefill-threads", str(args.prefill_threads), "--repeats", str(args.repeats),
+               "--new-tokens", str(args.new_tokens)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        if proc.returncode != 0:
+            print(proc.stderr[-3000:], file=sys.stderr)
+            raise SystemExit(f"worker failed: {m} L={L} B={B}")
+        row = json.loads(proc.stdout.strip().splitlines()[-1])
+        row["floor_ms"] = (row["weight_bytes"] + row["kv_read_bytes_at_end"]) / bw * 1e3
+        rows.append(row)
+        print(f"[{i + 1}/{len(configs)} {time.time() - t_start:.0f}s] {m:12s} L={L:5d} B={B} "
+              f"prefill {row['prefill_s']:.1f}s decode {row['decode_ms']:.1f} ms (floor {row['floor_ms']:.1f}) "
+              f"KV {row['kv_kept_bytes'] / 2**20:.1f}/{row['kv_full_bytes'] / 2**20:.1f} MiB "
+              f"peak RSS {row['peak_rss'] / 2**30:.2f} GiB", flush=True)
+    df = pd.DataFrame(rows)
+    for ref in ("dynamic", "full"):
+        base = df[df.method == ref].set_index(["length", "batch"])["decode_ms"]
+        df[f"speedup_vs_{ref}"] = [base.get((L, B), float("nan")) / d for L, B, d in
+                                   zip(df.length, df.batch, df.decode_ms)]
+    df["floor_ratio"] = df.decode_ms / df.floor_ms
+    df["bandwidth_GBps"] = bw / 1e9
+    df.to_csv(out.with_suffix(".csv"), index=False)
+    write_markdown(df, out, bw, args, torch.__version__)
+    print(f"wrote {out} and {out.with_suffix('.csv')}")
+
+
+def write_markdown(df, out: Path, bw: float, args, torch_version: str) -> None:
+    import transformers
+
+    mib = 2**20
+    lines = [
+        "# Memory and decode speed on SmolLM2-135M (CPU)", "",
+        f"Generated by `python benchmarks/memory_speed.py {' '.join(sys.argv[1:])}` on "
+        f"{time.strftime('%Y-%m-%d')}: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+        f"torch {torch_version}, transformers {transformers.__version__}, fp32. Decode pinned to {args.threads} "
+        f"thread(s); prefill used {args.prefill_threads}. Budget {args.budget} for the compressing methods. "
+        f"Decode ms/token: median step over {args.new_tokens} steps, median of {args.repeats} repeats, "
+        "each configuration in its own process.", "",
+        f"Measured bandwidth (sum of a 1 GiB fp32 tensor, {args.threads} thread(s), median of 7): "
+        f"**{bw / 1e9:.1f} GB/s**. Floor = (weight bytes + stored KV bytes) / bandwidth.", "",
+        "`dynamic` is transformers' own DynamicCache with its SDPA attention; `full` is modalkv's layout keeping "
+        "everything; ratios (x) are decode speed-ups against them measured in the same run.", "",
+        "| length | batch | method | KV kept MiB | KV full MiB | peak RSS GiB | RSS after prefill GiB | prefill s | "
+        "decode ms/token | vs dynamic | vs full | floor ms | time / floor |",
+        "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in df.itertuples():
+        lines.append(
+            f"| {r.length} | {r.batch} | {r.method} | {r.kv_kept_bytes / mib:.1f} | {r.kv_full_bytes / mib:.1f} | "
+            f"{r.peak_rss / 2**30:.2f} | {r.rss_after_prefill / 2**30:.2f} | {r.prefill_s:.1f} | "
+            f"{r.decode_ms:.1f} | {r.speedup_vs_dynamic:.2f}x | {r.speedup_vs_full:.2f}x | {r.floor_ms:.1f} | "
+            f"{r.floor_ratio:.2f} |"
+        )
+    out.write_text("\n".join(lines) + "\n")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--methods", nargs="+", default=["dynamic", "full", "snapkv", "adakv", "streamingllm", "h2o"])
+    p.add_argument("--method", default="full")
+    p.add_argument("--lengths", nargs="+", type=int, default=[2048, 4096, 8192])
+    p.add_argument("--length", type=int, default=2048)
+    p.add_argument("--batches", nargs="+", type=int, default=[1, 8])
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--budget", type=float, default=0.25)
+    p.add_argument("--threads", type=int, default=1, help="decode threads (pinned)")
+    p.add_argument("--prefill-threads", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--new-tokens", type=int, default=24)
+    p.add_argument("--out", default=str(ROOT / "docs/results/memory_speed.md"))
+    args = p.parse_args()
+    if args.worker:
+        print(json.dumps(worker(args)))
+    else:
+        run_sweep(args)
+
+
+if __name__ == "__main__":
+    main()
