@@ -118,6 +118,9 @@ class HeadStore:
         while every row has a hole, so the store shrinks as far as the batch allows (for batch 1, fully).
         """
         m = int(count.max()) if count.numel() else 0
+        if m == 1 and self.all_valid and bool((count == 1).all()):  # the common decode step: one per row, no holes
+            self.remove(score.argmin(-1))
+            return
         if m > 0:
             valid = self.valid[:, : self.n]
             s = score.float().masked_fill(~valid, float("inf"))

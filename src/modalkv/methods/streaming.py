@@ -61,6 +61,9 @@ class StreamingLLM(Method):
             if not bool(over.any()):
                 continue
             pos = store.pos[:, : store.n].float().masked_fill(~valid, float("inf"))
-            # sinks: the n_sink smallest valid positions; evict the oldest valid non-sinks
-            rank = pos.argsort(dim=-1, stable=True).argsort(dim=-1)
-            store.evict_lowest(pos.masked_fill(rank < self.n_sink, float("inf")), over)
+            # sinks: the n_sink smallest valid positions (positions are unique); evict the oldest valid non-sinks
+            if self.n_sink:
+                k = min(self.n_sink, pos.shape[-1])
+                last_sink = pos.kthvalue(k, dim=-1, keepdim=True).values
+                pos = pos.masked_fill(pos <= last_sink, float("inf"))
+            store.evict_lowest(pos, over)
