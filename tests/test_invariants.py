@@ -239,3 +239,14 @@ def test_pyramid_budgets_sum_and_decrease(avg, layers, extra):
     assert int(b.sum()) == avg * layers
     assert bool((b <= limit).all()) and bool((b >= 0).all())
     assert bool((b[:-1] >= b[1:]).all())
+
+
+def test_growth_beyond_reserve_is_exact():
+    model = tiny_llama()
+    ids = prompt(40)
+    ref, fed = run_steps(model, ids, None, DynamicCache(config=model.config), 70)
+    cache = KVCache(model, "full", 1.0, reserve=0)
+    got, _ = run_steps(model, ids, None, cache, 70, feed=fed)
+    assert max(float((g - r).abs().max()) for g, r in zip(got, ref)) < 1e-5
+    store = cache.layers[0].heads[0]
+    assert store.n == 110 and store.pos.shape[1] >= 110

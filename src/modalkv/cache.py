@@ -82,18 +82,21 @@ class HeadStore:
         if not bool(valid.all()):
             self.all_valid = False
 
+    slot_arrays = ("keys", "values", "pos", "mod", "valid")  # per-slot tensors besides the extras
+
     def _grow(self, needed: int) -> None:
-        cap = self.keys.shape[1]
+        """Reallocate every per-slot tensor with room for at least ``needed`` slots (keeping slots [0, n))."""
+        cap = self.pos.shape[1]
         new_cap = max(needed, cap + max(self.growth, cap // 8))
-        for name in ("keys", "values", "pos", "mod", "valid"):
-            old = getattr(self, name)
+
+        def grown(old):
             new = old.new_zeros(old.shape[0], new_cap, *old.shape[2:])
             new[:, : self.n] = old[:, : self.n]
-            setattr(self, name, new)
-        for name, old in self.extras.items():
-            new = old.new_zeros(old.shape[0], new_cap)
-            new[:, : self.n] = old[:, : self.n]
-            self.extras[name] = new
+            return new
+
+        for name in self.slot_arrays:
+            setattr(self, name, grown(getattr(self, name)))
+        self.extras = {name: grown(old) for name, old in self.extras.items()}
 
     def append(self, keys, values, pos, mod, valid) -> None:
         """Append q entries per row: keys/values [B, q, d], pos [B, q], mod [B, q], valid [B, q]."""

@@ -120,6 +120,7 @@ class QuantizedHeadStore(HeadStore):
     """
 
     kivi: KIVI = KIVI()
+    slot_arrays = ("pos", "mod", "valid")  # keys and values live in the codes and the residual buffers
 
     def __init__(self, keys, values, pos, mod, valid, extras, reserve: int):
         B, k, d = keys.shape
@@ -208,23 +209,10 @@ class QuantizedHeadStore(HeadStore):
     def _meta_tensors(self) -> list[torch.Tensor]:
         return [self.pos, self.mod, self.valid, *self.extras.values()]
 
-    def _grow_meta(self, needed: int) -> None:
-        cap = self.pos.shape[1]
-        new_cap = max(needed, cap + max(self.growth, cap // 8))
-        for name in ("pos", "mod", "valid"):
-            old = getattr(self, name)
-            new = old.new_zeros(old.shape[0], new_cap)
-            new[:, : self.n] = old[:, : self.n]
-            setattr(self, name, new)
-        for name, old in self.extras.items():
-            new = old.new_zeros(old.shape[0], new_cap)
-            new[:, : self.n] = old[:, : self.n]
-            self.extras[name] = new
-
     def append(self, keys, values, pos, mod, valid) -> None:
         B, q = keys.shape[:2]
         if self.n + q > self.pos.shape[1]:
-            self._grow_meta(self.n + q)
+            self._grow(self.n + q)
         self.pos[:, self.n : self.n + q] = pos
         self.mod[:, self.n : self.n + q] = mod
         self.valid[:, self.n : self.n + q] = valid
