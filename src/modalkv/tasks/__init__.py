@@ -1,5 +1,10 @@
-"""Evaluation tasks generated offline from a seed (text now; multimodal tasks join with the VLM)."""
+"""Evaluation tasks generated offline from a seed (text now; multimodal tasks join with the VLM).
 
+``get_task(name)`` returns a task; ``TASKS`` lists them. See :mod:`modalkv.tasks.base` for the interface.
+"""
+
+from . import ruler  # noqa: F401  (registers the RULER-style tasks)
+from .base import TASKS, Sample, Task, get_task, register_task
 from .needle import NeedleSample, make_needle, score_contains
 
-__all__ = ["NeedleSample", "make_needle", "score_contains"]
+__all__ = ["TASKS", "Sample", "Task", "get_task", "register_task", "NeedleSample", "make_needle", "score_contains"]
