@@ -173,6 +173,71 @@ def _generate(model, method, budget, prompt, prompt_file, max_new_tokens, compar
     del torch
 
 
+@app.command()
+def bench(
+    config: Optional[Path] = typer.Option(None, exists=True, dir_okay=False, help="TOML file holding a sweep."),
+    models: Optional[list[str]] = typer.Option(None, "--models", help="Models (repeatable)."),
+    methods: Optional[list[str]] = typer.Option(None, "--methods", help="Methods besides the full cache."),
+    budgets: Optional[list[float]] = typer.Option(None, "--budgets", help="Budgets (ratios)."),
+    tasks: Optional[list[str]] = typer.Option(None, "--tasks", help="Tasks (see modalkv.tasks; plus 'fidelity')."),
+    lengths: Optional[list[int]] = typer.Option(None, "--lengths", help="Prompt lengths in tokens."),
+    samples: Optional[int] = typer.Option(None, help="Seeds per (task, length)."),
+    threads: Optional[int] = typer.Option(None, help="Pinned torch threads."),
+    out: Optional[str] = typer.Option(None, help="Results CSV (appended; finished cells are skipped)."),
+    executor: Optional[str] = typer.Option(None, help="local (default) or ray."),
+    quantize: Optional[str] = typer.Option(None, help="Quantized storage for every method: kivi-2/4/8."),
+) -> None:
+    """Run a benchmark sweep: accuracy, KV memory and decode speed per cell, resumable."""
+    from .bench import BenchConfig, run_bench
+
+    overrides = dict(models=models or None, methods=methods or None, budgets=budgets or None,
+                     tasks=tasks or None, lengths=lengths or None, samples=samples, threads=threads, out=out,
+                     executor=executor, quantize=quantize)
+    try:
+        cfg = BenchConfig.from_file(config, **overrides) if config else BenchConfig(
+            **{k: v for k, v in overrides.items() if v is not None})
+        _check_bench(cfg)
+    except (ValueError, TypeError) as err:
+        console.print(f"[bold red]error:[/bold red] {err}")
+        raise typer.Exit(2) from None
+    path = run_bench(cfg)
+    console.print(f"results: {path} (sidecar {path.with_suffix('.json')}); make tables and plots with "
+                  f"`modalkv report {path}`")
+
+
+def _check_bench(cfg) -> None:
+    from .budget import check_budget_value
+    from .methods import REGISTRY
+    from .models import MODEL_REGISTRY
+    from .tasks import TASKS
+
+    for m in cfg.methods:
+        if m not in REGISTRY:
+            raise ValueError(f"unknown method {m!r}; available: {', '.join(REGISTRY)}")
+    for t in cfg.tasks:
+        if t not in TASKS and t != "fidelity":
+            raise ValueError(f"unknown task {t!r}; available: {', '.join(sorted(TASKS))}, fidelity")
+    for b in cfg.budgets:
+        check_budget_value(float(b), "budget")
+    for m in cfg.models:
+        if m not in MODEL_REGISTRY and not Path(m).is_dir():
+            raise ValueError(f"unknown model {m!r}; known: {', '.join(MODEL_REGISTRY)} or a local folder")
+    if cfg.executor not in ("local", "ray"):
+        raise ValueError(f"unknown executor {cfg.executor!r}; use 'local' or 'ray'")
+
+
+@app.command()
+def report(
+    results: Path = typer.Argument(..., exists=True, dir_okay=False, help="Results CSV from `modalkv bench`."),
+    out_dir: Optional[Path] = typer.Option(None, help="Where to write the report (default: beside the results)."),
+) -> None:
+    """Write Markdown tables and PNG plots from a results file."""
+    from .bench import write_report
+
+    md = write_report(results, out_dir)
+    console.print(f"wrote {md}")
+
+
 def main() -> None:  # pragma: no cover
     app()
 

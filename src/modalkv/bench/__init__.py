@@ -1,0 +1,6 @@
+"""Benchmark harness: ``modalkv bench`` (run cells) and ``modalkv report`` (tables and plots)."""
+
+from .report import write_report
+from .runner import BenchConfig, add_ratios, run_bench
+
+__all__ = ["BenchConfig", "run_bench", "add_ratios", "write_report"]

@@ -1,0 +1,302 @@
+"""The benchmark runner: accuracy, memory and speed of every method on the same prompts, in one run.
+
+A *cell* is (model, method, budget, task, length, seed). For one (model, task, length, seed) the prompt is prefilled
+once (:mod:`modalkv.replay`: the prefill is exact, so every method's cache can be built from it) and each method and
+budget then builds its cache and decodes greedily, timed step by step. The full cache is always one of the cells, so
+every ratio is against the full cache on the same input in the same run.
+
+Columns of a result row: the cell's keys; ``score`` (task metric in [0, 1]); ``output``; ``kv_full_bytes``,
+``kv_kept_bytes`` (payload + metadata), ``kv_allocated_bytes``, ``compression``; ``prefill_s`` (the shared forward
+plus this method's compression); ``compress_s``; ``decode_ms`` (median step, first token excluded) and
+``tokens_per_s``; ``rss_bytes`` (process RSS once the cell's cache is built) and ``peak_rss_bytes`` (process peak so
+far); for the fidelity task ``kl`` and ``top1`` (mean KL(full || method) and top-1 agreement over a teacher-forced
+continuation). Ratios to the full cache are added by :func:`add_ratios`.
+"""
+
+from __future__ import annotations
+
+import gc
+import itertools
+import json
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+KEYS = ["library", "model", "task", "length", "seed", "method", "budget"]
+COLUMNS = KEYS + [
+    "prompt_tokens", "score", "kl", "top1", "output", "kv_full_bytes", "kv_kept_bytes", "kv_allocated_bytes",
+    "compression", "prefill_s", "compress_s", "decode_ms", "tokens_per_s", "decode_steps", "rss_bytes",
+    "peak_rss_bytes",
+]
+
+
+@dataclass
+class BenchConfig:
+    models: list[str] = field(default_factory=lambda: ["smollm2-135m"])
+    methods: list[str] = field(default_factory=lambda: ["streamingllm", "h2o", "snapkv", "pyramidkv", "adakv"])
+    budgets: list[float] = field(default_factory=lambda: [0.1, 0.25, 0.5])
+    tasks: list[str] = field(default_factory=lambda: ["niah_single", "niah_multikey", "vt", "fidelity"])
+    lengths: list[int] = field(default_factory=lambda: [2048])
+    samples: int = 3
+    threads: int = 1
+    seed0: int = 0
+    out: str = "results/bench.csv"
+    executor: str = "local"
+    quantize: str | None = None
+
+    @classmethod
+    def from_file(cls, path: str | Path, **overrides) -> "BenchConfig":
+        import tomllib
+
+        data = tomllib.loads(Path(path).read_text())
+        data = data.get("bench", data)
+        unknown = set(data) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"unknown setting(s) in {path}: {', '.join(sorted(unknown))}")
+        data.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**data)
+
+    def groups(self):
+        """(model, task, length, seed) groups, each sharing one prefill."""
+        for model, task, length, s in itertools.product(self.models, self.tasks, self.lengths, range(self.samples)):
+            yield model, task, length, self.seed0 + s
+
+    def cells(self, model, task, length, seed):
+        yield dict(library="modalkv", model=model, task=task, length=length, seed=seed, method="full", budget=1.0)
+        for method, budget in itertools.product(self.methods, self.budgets):
+            yield dict(library="modalkv", model=model, task=task, length=length, seed=seed, method=method,
+                       budget=float(budget))
+
+
+def cell_key(row: dict) -> tuple:
+    return tuple(str(row[k]) if k != "budget" else f"{float(row[k]):g}" for k in KEYS)
+
+
+def done_keys(path: Path) -> set:
+    if not path.exists():
+        return set()
+    import pandas as pd
+
+    df = pd.read_csv(path)
+    return {cell_key(r) for r in df.to_dict("records")}
+
+
+def append_rows(path: Path, rows: list[dict]) -> None:
+    import pandas as pd
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    df = pd.DataFrame(rows).reindex(columns=COLUMNS)  # one schema for every task (and for kvpress rows)
+    df.to_csv(path, mode="a", header=not path.exists(), index=False)
+
+
+def environment() -> dict:
+    import transformers
+
+    import modalkv
+
+    return {
+        "modalkv": modalkv.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
+        "python": platform.python_version(), "machine": platform.machine(), "processor": platform.processor(),
+        "cpu_count": __import__("os").cpu_count(), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+
+
+def write_sidecar(path: Path, config: BenchConfig) -> None:
+    side = path.with_suffix(".json")
+    side.parent.mkdir(parents=True, exist_ok=True)
+    runs = json.loads(side.read_text())["runs"] if side.exists() else []
+    runs.append({"config": asdict(config), "environment": environment()})
+    side.write_text(json.dumps({"runs": runs}, indent=2))
+
+
+class ModelRunner:
+    """Runs all cells of one model (holds the weights once; a Ray actor wraps one of these)."""
+
+    def __init__(self, model_name: str, threads: int):
+        from transformers.utils import logging as hf_logging
+
+        from ..measure import pin_threads
+        from ..models import load_model
+
+        hf_logging.disable_progress_bar()
+        pin_threads(threads)
+        self.name = model_name
+        self.model, self.tok = load_model(model_name)
+
+    def chat_ids(self, text: str) -> torch.Tensor:
+        tok = self.tok
+        if getattr(tok, "chat_template", None):
+            text = tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                           add_generation_prompt=True)
+        return tok(text, return_tensors="pt", add_special_tokens=False).input_ids
+
+    def run_group(self, cells: list[dict], quantize=None) -> list[dict]:
+        task_name = cells[0]["task"]
+        if task_name == "fidelity":
+            return self._fidelity(cells, quantize)
+        from ..tasks import get_task
+
+        task = get_task(task_name)
+        sample = task.make(self.tok, cells[0]["length"], cells[0]["seed"])
+        ids = self.chat_ids(sample.prompt)
+        rows = []
+        cap, forward_s = self._capture(ids)
+        for cell in cells:
+            cache, compress_s = self._build(cap, cell, quantize)
+            tokens, step_ms = self._greedy(cache, cap.logits[0, -1], ids.shape[1], sample.max_new_tokens)
+            output = self.tok.decode(tokens, skip_special_tokens=True)
+            rows.append(self._row(cell, cache, forward_s, compress_s, step_ms, ids.shape[1],
+                                  score=task.score(output, sample), output=output.strip()))
+            del cache
+        return rows
+
+    # -- pieces ---------------------------------------------------------------------------------------------
+    def _capture(self, ids):
+        from ..replay import capture_prefill
+
+        gc.collect()
+        t0 = time.perf_counter()
+        cap = capture_prefill(self.model, ids)
+        return cap, time.perf_counter() - t0
+
+    def _build(self, cap, cell, quantize):
+        t0 = time.perf_counter()
+        cache = cap.build_cache(self.model, cell["method"], _budget(cell["budget"]), quantize=quantize)
+        return cache, time.perf_counter() - t0
+
+    @torch.no_grad()
+    def _greedy(self, cache, first_logits, start: int, max_new: int):
+        from ..cache import cache_kwargs
+
+        eos = self.tok.eos_token_id
+        kw = cache_kwargs(self.model, cache)
+        tokens, step_ms = [], []
+        nxt = first_logits.argmax(-1).view(1, 1)
+        for i in range(max_new):
+            if int(nxt) == eos:
+                break
+            tokens.append(int(nxt))
+            if i == max_new - 1:
+                break
+            t0 = time.perf_counter()
+            out = self.model(input_ids=nxt, position_ids=torch.tensor([[start + i]]), **kw)
+            nxt = out.logits[:, -1].argmax(-1).view(1, 1)
+            step_ms.append((time.perf_counter() - t0) * 1e3)
+        return tokens, step_ms
+
+    def _row(self, cell, cache, forward_s, compress_s, step_ms, n_prompt, **extra) -> dict:
+        import psutil
+
+        from ..measure import peak_rss_bytes
+
+        mem = cache.memory_report()
+        decode_ms = statistics.median(step_ms[1:]) if len(step_ms) > 1 else (step_ms[0] if step_ms else float("nan"))
+        return {
+            **cell, "prompt_tokens": n_prompt, **extra,
+            "kv_full_bytes": mem["full_bytes"], "kv_kept_bytes": mem["kept_bytes"],
+            "kv_allocated_bytes": mem["allocated_bytes"], "compression": mem["compression_ratio"],
+            "prefill_s": forward_s + compress_s, "compress_s": compress_s, "decode_ms": decode_ms,
+            "tokens_per_s": 1e3 / decode_ms if decode_ms == decode_ms else float("nan"),
+            "decode_steps": len(step_ms), "rss_bytes": psutil.Process().memory_info().rss,
+            "peak_rss_bytes": peak_rss_bytes(),
+        }
+
+    @torch.no_grad()
+    def _fidelity(self, cells, quantize, continuation: int = 48) -> list[dict]:
+        """KL(full || method) and top-1 agreement over a teacher-forced continuation of real text."""
+        from ..cache import cache_kwargs
+        from ..data import wiki_summaries
+
+        length, seed = cells[0]["length"], cells[0]["seed"]
+        texts = wiki_summaries()
+        titles = sorted(texts)
+        import random
+
+        random.Random(f"fidelity-{seed}").shuffle(titles)
+        ids: list[int] = []
+        for t in titles:
+            ids += self.tok(texts[t] + "\n\n", add_special_tokens=False).input_ids
+            if len(ids) >= length + continuation:
+                break
+        prompt = torch.tensor([ids[:length]])
+        cont = ids[length: length + continuation]
+        cap, forward_s = self._capture(prompt)
+        reference = None
+        rows = []
+        for cell in cells:  # the full cache comes first
+            cache, compress_s = self._build(cap, cell, quantize)
+            logps, step_ms = [torch.log_softmax(cap.logits[0, -1].float(), -1)], []
+            kw = cache_kwargs(self.model, cache)
+            for i, t in enumerate(cont[:-1]):
+                t0 = time.perf_counter()
+                out = self.model(input_ids=torch.tensor([[t]]), position_ids=torch.tensor([[length + i]]), **kw)
+                step_ms.append((time.perf_counter() - t0) * 1e3)
+                logps.append(torch.log_softmax(out.logits[0, -1].float(), -1))
+            logp = torch.stack(logps)
+            if reference is None:
+                reference = logp
+            kl = (reference.exp() * (reference - logp)).sum(-1)
+            top1 = (reference.argmax(-1) == logp.argmax(-1)).float()
+            rows.append(self._row(cell, cache, forward_s, compress_s, step_ms, length,
+                                  score=float(top1.mean()), kl=float(kl.mean()), top1=float(top1.mean()),
+                                  output=""))
+            del cache
+        return rows
+
+
+def _budget(b: float):
+    return 1.0 if float(b) == 1.0 else float(b)
+
+
+def add_ratios(df):
+    """Decode speed-up and memory ratio of every row against the full cache of the same group and library."""
+    group = ["library", "model", "task", "length", "seed"]
+    full = df[df.method == "full"].set_index(group)[["decode_ms", "kv_kept_bytes", "score"]]
+    full.columns = ["full_decode_ms", "full_kv_kept_bytes", "full_score"]
+    df = df.drop(columns=[c for c in full.columns if c in df.columns]).join(full, on=group)
+    df["speedup_vs_full"] = df.full_decode_ms / df.decode_ms
+    df["kv_ratio_vs_full"] = df.kv_kept_bytes / df.full_kv_kept_bytes
+    return df
+
+
+def run_bench(config: BenchConfig, progress: bool = True) -> Path:
+    """Run every cell not already in ``config.out``; returns the results path."""
+    out = Path(config.out)
+    done = done_keys(out)
+    todo = []
+    for group in config.groups():
+        cells = [c for c in config.cells(*group) if cell_key(c) not in done]
+        if cells and cells[0]["method"] != "full":  # ratios need the full cache of the same run
+            cells = [next(config.cells(*group))] + cells
+        if cells:
+            todo.append(cells)
+    write_sidecar(out, config)
+    if not todo:
+        return out
+    if config.executor == "ray":
+        from .ray_executor import run_with_ray
+
+        run_with_ray(config, todo, out, progress)
+        return out
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    runners: dict[str, ModelRunner] = {}
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TimeElapsedColumn(), TimeRemainingColumn(), disable=not progress) as bar:
+        job = bar.add_task("cells", total=sum(len(c) for c in todo))
+        for cells in todo:
+            model = cells[0]["model"]
+            if model not in runners:
+                runners.clear()
+                runners[model] = ModelRunner(model, config.threads)
+            bar.update(job, description=f"{model} {cells[0]['task']} L={cells[0]['length']} seed={cells[0]['seed']}")
+            rows = runners[model].run_group(cells, config.quantize)
+            rows = [r for r in rows if cell_key(r) not in done]
+            append_rows(out, rows)
+            done |= {cell_key(r) for r in rows}
+            bar.update(job, advance=len(cells))
+    return out
