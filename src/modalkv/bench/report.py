@@ -18,6 +18,12 @@ def _table(df, index, columns, values, fmt) -> list[str]:
     return lines
 
 
+def _slug(model: str) -> str:
+    import re
+
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(model).name) or "model"
+
+
 def pareto(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
     """Points not dominated (fewer bytes and higher accuracy), sorted by bytes."""
     front, best = [], float("-inf")
@@ -80,7 +86,7 @@ def write_report(results: str | Path, out_dir: str | Path | None = None) -> Path
             ax.axhline(full, color="k", ls="--", label="full cache")
             ax.set(xlabel="budget (share of the prompt kept)", ylabel="score (mean over tasks)", title=model)
             ax.legend(fontsize=7)
-            plots.append(_save(fig, out / f"{stem}_{model}_accuracy_vs_budget.png"))
+            plots.append(_save(fig, out / f"{stem}_{_slug(model)}_accuracy_vs_budget.png"))
             fig, ax = plt.subplots(figsize=(6, 4))
             pts = acc.groupby(["label", "budget"]).agg(kv=("kv_kept_bytes", "mean"), score=("score", "mean"))
             for label, g in pts.groupby(level=0):
@@ -89,7 +95,7 @@ def write_report(results: str | Path, out_dir: str | Path | None = None) -> Path
             ax.plot([p[0] for p in front], [p[1] for p in front], "k-", lw=1, label="Pareto front")
             ax.set(xlabel="KV bytes kept (MiB)", ylabel="score", title=f"{model}: accuracy vs memory")
             ax.legend(fontsize=7)
-            plots.append(_save(fig, out / f"{stem}_{model}_pareto.png"))
+            plots.append(_save(fig, out / f"{stem}_{_slug(model)}_pareto.png"))
         fig, ax = plt.subplots(figsize=(6, 4))
         for label, g in d.groupby("label"):
             s = g.groupby("length").speedup_vs_full.median()
@@ -97,7 +103,7 @@ def write_report(results: str | Path, out_dir: str | Path | None = None) -> Path
         ax.axhline(1.0, color="k", ls="--")
         ax.set(xlabel="context length (tokens)", ylabel="decode speed-up vs full", title=model)
         ax.legend(fontsize=7)
-        plots.append(_save(fig, out / f"{stem}_{model}_speedup_vs_length.png"))
+        plots.append(_save(fig, out / f"{stem}_{_slug(model)}_speedup_vs_length.png"))
         fid = d[d.task == "fidelity"]
         if len(fid):
             fig, ax = plt.subplots(figsize=(6, 4))
@@ -106,7 +112,7 @@ def write_report(results: str | Path, out_dir: str | Path | None = None) -> Path
                 ax.plot(s.index, s.values, marker="o", label=label)
             ax.set(xlabel="budget", ylabel="KL(full || method), nats", yscale="log", title=f"{model}: fidelity")
             ax.legend(fontsize=7)
-            plots.append(_save(fig, out / f"{stem}_{model}_fidelity.png"))
+            plots.append(_save(fig, out / f"{stem}_{_slug(model)}_fidelity.png"))
     lines += ["## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots]
     md = out / f"{stem}_report.md"
     md.write_text("\n".join(lines) + "\n")

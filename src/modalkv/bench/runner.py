@@ -271,7 +271,7 @@ def run_bench(config: BenchConfig, progress: bool = True) -> Path:
     for group in config.groups():
         cells = [c for c in config.cells(*group) if cell_key(c) not in done]
         if cells and cells[0]["method"] != "full":  # ratios need the full cache of the same run
-            cells = [next(config.cells(*group))] + cells
+            cells = [dict(next(config.cells(*group)), _skip=True)] + cells  # reference only, not written again
         if cells:
             todo.append(cells)
     write_sidecar(out, config)
@@ -295,8 +295,6 @@ def run_bench(config: BenchConfig, progress: bool = True) -> Path:
                 runners[model] = ModelRunner(model, config.threads)
             bar.update(job, description=f"{model} {cells[0]['task']} L={cells[0]['length']} seed={cells[0]['seed']}")
             rows = runners[model].run_group(cells, config.quantize)
-            rows = [r for r in rows if cell_key(r) not in done]
-            append_rows(out, rows)
-            done |= {cell_key(r) for r in rows}
+            append_rows(out, [r for r in rows if not r.get("_skip")])
             bar.update(job, advance=len(cells))
     return out

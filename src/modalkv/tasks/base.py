@@ -28,7 +28,7 @@ class Sample:
     context: str
     question: str
     answers: list[str]
-    max_new_tokens: int = 16
+    max_new_tokens: int = 24
     meta: dict = field(default_factory=dict)
 
     @property

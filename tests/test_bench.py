@@ -1,0 +1,84 @@
+"""The benchmark harness: rows per cell, resumption, the report, and the Ray executor giving the same results."""
+
+import pandas as pd
+import pytest
+import torch
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+from modalkv.bench import BenchConfig, run_bench, write_report
+from modalkv.bench.report import pareto
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    """A tiny random Llama with SmolLM2's tokenizer, saved as a local transformers folder."""
+    from modalkv.models import ensure_converted
+
+    tok = AutoTokenizer.from_pretrained(str(ensure_converted("smollm2-135m")))
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                      tie_word_embeddings=True)
+    folder = tmp_path_factory.mktemp("tiny")
+    LlamaForCausalLM(cfg).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return str(folder)
+
+
+def config(folder, out, **kw):
+    base = dict(models=[folder], methods=["snapkv", "h2o"], budgets=[0.5], tasks=["niah_single", "fidelity"],
+                lengths=[300], samples=1, threads=1, out=str(out))
+    base.update(kw)
+    return BenchConfig(**base)
+
+
+def test_rows_resume_and_report(tiny_folder, tmp_path):
+    out = tmp_path / "r.csv"
+    run_bench(config(tiny_folder, out), progress=False)
+    df = pd.read_csv(out)
+    assert len(df) == 2 * 3  # 2 tasks x (full + 2 methods)
+    assert set(df.method) == {"full", "snapkv", "h2o"}
+    full = df[df.method == "full"]
+    assert (full.kv_kept_bytes > df[df.method != "full"].groupby("task").kv_kept_bytes.max().min()).all()
+    fid = df[df.task == "fidelity"].set_index("method")
+    assert fid.loc["full", "kl"] == 0 and fid.loc["full", "top1"] == 1
+    assert (fid.loc[["snapkv", "h2o"], "kl"] > 0).all()
+    assert (df.decode_ms > 0).all() and (df.prefill_s > 0).all()
+    # re-running skips finished cells; a new budget adds only its cells
+    run_bench(config(tiny_folder, out), progress=False)
+    assert len(pd.read_csv(out)) == 6
+    run_bench(config(tiny_folder, out, budgets=[0.5, 0.25]), progress=False)
+    df2 = pd.read_csv(out)
+    assert len(df2) == 10 and (df2.method == "full").sum() == 2
+    assert (tmp_path / "r.json").exists()
+    md = write_report(out)
+    text = md.read_text()
+    assert "fidelity: KL" in text and "decode speed-up" in text
+    kl = df2[(df2.task == "fidelity") & (df2.method == "snapkv") & (df2.budget == 0.25)].kl.iloc[0]
+    assert f"{kl:.4f}" in text  # the report's numbers are the results file's
+    assert len(list(tmp_path.glob("r_*.png"))) == 4
+
+
+def test_ray_executor_matches_local(tiny_folder, tmp_path):
+    pytest.importorskip("ray")
+    local, remote = tmp_path / "local.csv", tmp_path / "ray.csv"
+    run_bench(config(tiny_folder, local, tasks=["niah_single"]), progress=False)
+    run_bench(config(tiny_folder, remote, tasks=["niah_single"], executor="ray"), progress=False)
+    cols = ["method", "budget", "score", "output", "kv_kept_bytes"]
+    a = pd.read_csv(local)[cols].sort_values(["method", "budget"]).reset_index(drop=True)
+    b = pd.read_csv(remote)[cols].sort_values(["method", "budget"]).reset_index(drop=True)
+    pd.testing.assert_frame_equal(a, b)
+
+
+def test_config_file_and_errors(tmp_path):
+    f = tmp_path / "sweep.toml"
+    f.write_text('[bench]\nmethods = ["snapkv"]\nbudgets = [0.1, 0.5]\nlengths = [1024]\n')
+    cfg = BenchConfig.from_file(f, samples=2)
+    assert cfg.methods == ["snapkv"] and cfg.budgets == [0.1, 0.5] and cfg.samples == 2
+    f.write_text('[bench]\nmetods = ["snapkv"]\n')
+    with pytest.raises(ValueError, match="unknown setting"):
+        BenchConfig.from_file(f)
+
+
+def test_pareto_front():
+    assert pareto([(1, 0.5), (2, 0.4), (3, 0.9), (0.5, 0.1)]) == [(0.5, 0.1), (1, 0.5), (3, 0.9)]
