@@ -55,11 +55,39 @@ def modalkv_attention(module, query, key, value, attention_mask, scaling=None, d
     if layer.pending is not None:  # prefill on an empty layer: exact transformers attention, then compress
         keys, values = layer.pending
         layer.pending = None
-        out = base_attention(module, query, keys, values, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
         real = visible_keys(attention_mask, query.shape[0], keys.shape[-2], query.device)
+        mask = attention_mask
+        if (
+            NAMES.get(module.config._attn_implementation) == "sdpa"
+            and query.shape[-2] == keys.shape[-2]
+            and bool(real.all())
+            and _is_plain_causal(attention_mask)
+        ):
+            # a whole unpadded prompt on an empty full-attention layer: the mask is plain causal, so let SDPA use
+            # its causal kernel (no n x n mask or attention matrix in memory)
+            mask = None
+        out = base_attention(module, query, keys, values, mask, scaling=scaling, dropout=dropout, **kwargs)
         layer.compress_prefill(query, keys, values, real, scaling)
         return out
     return attend_stored(layer, query, attention_mask, scaling), None
+
+
+_CAUSAL_CHECK: dict = {}
+
+
+def _is_plain_causal(mask) -> bool:
+    """Is this [B, 1, n, n] mask exactly the causal mask? (Cached per mask tensor: all layers share one mask.)"""
+    if mask is None:
+        return True
+    if mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[-1] != mask.shape[-2]:
+        return False
+    key = (mask.data_ptr(), tuple(mask.shape), mask._version)
+    if key not in _CAUSAL_CHECK:
+        n = mask.shape[-1]
+        causal = torch.ones(n, n, dtype=torch.bool, device=mask.device).tril()
+        _CAUSAL_CHECK.clear()
+        _CAUSAL_CHECK[key] = bool((mask == causal).all())
+    return _CAUSAL_CHECK[key]
 
 
 def visible_keys(mask, batch: int, n: int, device) -> torch.Tensor:
