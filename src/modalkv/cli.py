@@ -228,13 +228,14 @@ def _check_bench(cfg) -> None:
 
 @app.command()
 def report(
-    results: Path = typer.Argument(..., exists=True, dir_okay=False, help="Results CSV from `modalkv bench`."),
+    results: list[Path] = typer.Argument(..., exists=True, dir_okay=False,
+                                         help="Results CSV(s) from `modalkv bench` (and kvpress's side-by-side run)."),
     out_dir: Optional[Path] = typer.Option(None, help="Where to write the report (default: beside the results)."),
 ) -> None:
-    """Write Markdown tables and PNG plots from a results file."""
+    """Write Markdown tables and PNG plots from one or more results files (shown together)."""
     from .bench import write_report
 
-    md = write_report(results, out_dir)
+    md = write_report(results[0], out_dir, extra=results[1:])
     console.print(f"wrote {md}")
 
 

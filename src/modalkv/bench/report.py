@@ -34,8 +34,11 @@ def pareto(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
     return front
 
 
-def write_report(results: str | Path, out_dir: str | Path | None = None) -> Path:
-    """Write ``report.md`` and plots next to the results (or into ``out_dir``); returns the Markdown path."""
+def write_report(results: str | Path, out_dir: str | Path | None = None, extra: list | None = None) -> Path:
+    """Write ``<stem>_report.md`` and plots next to the results (or into ``out_dir``); returns the Markdown path.
+
+    ``extra``: more results files (e.g. kvpress rows from its own environment) shown in the same tables and plots.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -45,12 +48,13 @@ def write_report(results: str | Path, out_dir: str | Path | None = None) -> Path
     from .runner import add_ratios
 
     results = Path(results)
-    df = add_ratios(pd.read_csv(results))
+    df = add_ratios(pd.concat([pd.read_csv(results), *[pd.read_csv(x) for x in (extra or [])]], ignore_index=True))
     out = Path(out_dir) if out_dir else results.parent
     out.mkdir(parents=True, exist_ok=True)
     stem = results.stem
     df["label"] = df.library + ":" + df.method
-    lines = [f"# Benchmark report: `{results.name}`", "",
+    names = ", ".join(f"`{Path(x).name}`" for x in [results, *(extra or [])])
+    lines = [f"# Benchmark report: {names}", "",
              f"{len(df)} cells; models {', '.join(sorted(df.model.unique()))}; tasks {', '.join(sorted(df.task.unique()))}; "
              f"lengths {', '.join(str(x) for x in sorted(df.length.unique()))}; "
              f"{df.seed.nunique()} seed(s). Scores are means over seeds; ratios are against the full cache of the same "
