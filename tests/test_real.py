@@ -9,7 +9,8 @@ from modalkv.methods import REGISTRY
 
 pytestmark = pytest.mark.real
 
-SEEDS = [0, 1, 2]
+# needles the full cache retrieves (it finds 15 of the first 20; docs/results/needle.md lists them)
+SEEDS = [0, 2, 4]
 
 
 @pytest.fixture(scope="module")
