@@ -18,7 +18,6 @@ A key-norm scorer (kvpress's KnormPress: keep the lowest-norm keys) runs as an e
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import time
