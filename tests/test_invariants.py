@@ -250,3 +250,15 @@ def test_growth_beyond_reserve_is_exact():
     assert max(float((g - r).abs().max()) for g, r in zip(got, ref)) < 1e-5
     store = cache.layers[0].heads[0]
     assert store.n == 110 and store.pos.shape[1] >= 110
+
+
+def test_causal_fast_path_only_for_plain_causal_masks():
+    from modalkv.attention import _is_plain_causal
+
+    m = torch.ones(1, 1, 6, 6, dtype=torch.bool).tril()
+    assert _is_plain_causal(m) and _is_plain_causal(m)
+    other = m.clone()
+    other[0, 0, 1, 4] = True  # e.g. a bidirectional image block: must not take the causal kernel
+    assert not _is_plain_causal(other)
+    m[0, 0, 0, 5] = True  # the same tensor changed in place is checked again
+    assert not _is_plain_causal(m)

@@ -17,6 +17,7 @@ masks and truncate keys in its SDPA path when a cache holds other than the last 
 from __future__ import annotations
 
 import sys
+import weakref
 
 import torch
 from transformers import AttentionInterface
@@ -76,18 +77,18 @@ _CAUSAL_CHECK: dict = {}
 
 
 def _is_plain_causal(mask) -> bool:
-    """Is this [B, 1, n, n] mask exactly the causal mask? (Cached per mask tensor: all layers share one mask.)"""
+    """Is this [B, 1, n, n] mask exactly the causal mask? (Remembered for the mask object itself, through a weak
+    reference, since all layers of one forward share one mask; a new mask is always checked again.)"""
     if mask is None:
         return True
     if mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[-1] != mask.shape[-2]:
         return False
-    key = (mask.data_ptr(), tuple(mask.shape), mask._version)
-    if key not in _CAUSAL_CHECK:
+    ref = _CAUSAL_CHECK.get("mask")
+    if ref is None or ref() is not mask or _CAUSAL_CHECK.get("version") != mask._version:
         n = mask.shape[-1]
         causal = torch.ones(n, n, dtype=torch.bool, device=mask.device).tril()
-        _CAUSAL_CHECK.clear()
-        _CAUSAL_CHECK[key] = bool((mask == causal).all())
-    return _CAUSAL_CHECK[key]
+        _CAUSAL_CHECK.update(mask=weakref.ref(mask), version=mask._version, result=bool((mask == causal).all()))
+    return _CAUSAL_CHECK["result"]
 
 
 def visible_keys(mask, batch: int, n: int, device) -> torch.Tensor:
