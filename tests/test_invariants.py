@@ -262,3 +262,39 @@ def test_causal_fast_path_only_for_plain_causal_masks():
     assert not _is_plain_causal(other)
     m[0, 0, 0, 5] = True  # the same tensor changed in place is checked again
     assert not _is_plain_causal(m)
+
+
+def test_accumulated_scores_causal_chunks_and_memo():
+    """Chunked causal column sums equal the dense computation; a second call on the same tensors is memoised
+    and returns an independent copy (callers may modify it)."""
+    from modalkv import scoring
+
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(1, 4, 37, 8, generator=g), torch.randn(1, 2, 37, 8, generator=g)
+    real = torch.ones(1, 37, dtype=torch.bool)
+    real[0, :3] = False
+    logits = (q.view(1, 2, 2 * 37, 8) @ k.transpose(-1, -2)).view(1, 4, 37, 37) * 0.3
+    mask = torch.ones(37, 37, dtype=torch.bool).tril() & real[0][None, :]
+    p = torch.softmax(logits.masked_fill(~mask, float("-inf")), -1).nan_to_num(0.0) * real[0][None, None, :, None]
+    a = scoring.accumulated_scores(q, k, 0.3, real, chunk=5)
+    torch.testing.assert_close(a, p.sum(2), atol=1e-5, rtol=1e-5)
+    a.zero_()
+    torch.testing.assert_close(scoring.accumulated_scores(q, k, 0.3, real, chunk=5), p.sum(2), atol=1e-5, rtol=1e-5)
+    k2 = k.clone()
+    k2[:, :, 5] *= 3.0  # one key changes (a constant shift of all keys would not change the softmax)
+    assert not torch.allclose(scoring.accumulated_scores(q, k2, 0.3, real, chunk=5), p.sum(2), atol=1e-3)
+
+
+def test_peak_rss_window_restarts():
+    """After reset_peak_rss the window's peak forgets an earlier, larger allocation (Linux)."""
+    import sys
+
+    from modalkv.measure import reset_peak_rss, window_peak_rss_bytes
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("VmHWM reset is Linux-only")
+    big = torch.ones(400 * 2**20 // 4)  # 400 MiB, touched
+    before = window_peak_rss_bytes()
+    del big
+    assert reset_peak_rss()
+    assert window_peak_rss_bytes() < before - 300 * 2**20

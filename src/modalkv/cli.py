@@ -207,13 +207,14 @@ def bench(
 
 def _check_bench(cfg) -> None:
     from .budget import check_budget_value
-    from .methods import REGISTRY
+    from .methods import QUANTIZERS, REGISTRY
     from .models import MODEL_REGISTRY
     from .tasks import TASKS
 
     for m in cfg.methods:
-        if m not in REGISTRY:
-            raise ValueError(f"unknown method {m!r}; available: {', '.join(REGISTRY)}")
+        if m not in REGISTRY and m not in QUANTIZERS:
+            raise ValueError(f"unknown method {m!r}; available: {', '.join(REGISTRY)} "
+                             f"(or quantized full storage: {', '.join(QUANTIZERS)})")
     for t in cfg.tasks:
         if t not in TASKS and t != "fidelity":
             raise ValueError(f"unknown task {t!r}; available: {', '.join(sorted(TASKS))}, fidelity")

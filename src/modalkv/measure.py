@@ -33,6 +33,29 @@ def peak_rss_bytes() -> int:
     return peak if sys.platform == "darwin" else peak * 1024
 
 
+def reset_peak_rss() -> bool:
+    """Restart the peak-RSS count of this process (Linux: ``5`` into ``/proc/self/clear_refs``), so that
+    :func:`window_peak_rss_bytes` measures one phase alone. Returns False where the kernel does not allow it."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def window_peak_rss_bytes() -> int:
+    """Peak RSS since the last :func:`reset_peak_rss` (Linux ``VmHWM``); elsewhere the process peak."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return peak_rss_bytes()
+
+
 def cache_bytes(cache) -> dict:
     """``memory_report()`` of a modalkv cache, or the same fields for a transformers cache (nothing evicted)."""
     if isinstance(cache, KVCache):

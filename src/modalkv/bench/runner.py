@@ -30,7 +30,7 @@ KEYS = ["library", "model", "task", "length", "seed", "method", "budget"]
 COLUMNS = KEYS + [
     "prompt_tokens", "score", "kl", "top1", "output", "kv_full_bytes", "kv_kept_bytes", "kv_allocated_bytes",
     "compression", "prefill_s", "compress_s", "decode_ms", "tokens_per_s", "decode_steps", "rss_bytes",
-    "peak_rss_bytes",
+    "peak_rss_bytes", "cell_peak_rss_bytes",
 ]
 
 
@@ -67,7 +67,12 @@ class BenchConfig:
 
     def cells(self, model, task, length, seed):
         yield dict(library="modalkv", model=model, task=task, length=length, seed=seed, method="full", budget=1.0)
-        for method, budget in itertools.product(self.methods, self.budgets):
+        for method in self.methods:
+            if method.startswith("kivi-"):  # quantized storage of every token: one cell, budget 1.0 (keeps all)
+                yield dict(library="modalkv", model=model, task=task, length=length, seed=seed, method=method,
+                           budget=1.0)
+        for method, budget in itertools.product([m for m in self.methods if not m.startswith("kivi-")],
+                                                self.budgets):
             yield dict(library="modalkv", model=model, task=task, length=length, seed=seed, method=method,
                        budget=float(budget))
 
@@ -89,6 +94,12 @@ def append_rows(path: Path, rows: list[dict]) -> None:
     import pandas as pd
 
     path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists() and path.stat().st_size:
+        with open(path) as f:
+            header = f.readline().strip().split(",")
+        if header != COLUMNS:
+            raise ValueError(f"{path} was written with other columns ({len(header)} vs {len(COLUMNS)} now, by an "
+                             f"older modalkv); write to a new results file")
     df = pd.DataFrame(rows).reindex(columns=COLUMNS)  # one schema for every task (and for kvpress rows)
     df.to_csv(path, mode="a", header=not path.exists(), index=False)
 
@@ -164,8 +175,15 @@ class ModelRunner:
         return cap, time.perf_counter() - t0
 
     def _build(self, cap, cell, quantize):
+        method = cell["method"]
+        if method.startswith("kivi-"):  # KIVI as a baseline of its own: the full cache in quantized storage
+            method, quantize = "full", method
+        from ..measure import reset_peak_rss
+
+        gc.collect()
+        reset_peak_rss()  # the cell's peak RSS: building its cache and decoding (the shared prefill is resident)
         t0 = time.perf_counter()
-        cache = cap.build_cache(self.model, cell["method"], _budget(cell["budget"]), quantize=quantize)
+        cache = cap.build_cache(self.model, method, _budget(cell["budget"]), quantize=quantize)
         return cache, time.perf_counter() - t0
 
     @torch.no_grad()
@@ -191,7 +209,7 @@ class ModelRunner:
     def _row(self, cell, cache, forward_s, compress_s, step_ms, n_prompt, **extra) -> dict:
         import psutil
 
-        from ..measure import peak_rss_bytes
+        from ..measure import peak_rss_bytes, window_peak_rss_bytes
 
         mem = cache.memory_report()
         decode_ms = statistics.median(step_ms[1:]) if len(step_ms) > 1 else (step_ms[0] if step_ms else float("nan"))
@@ -202,7 +220,7 @@ class ModelRunner:
             "prefill_s": forward_s + compress_s, "compress_s": compress_s, "decode_ms": decode_ms,
             "tokens_per_s": 1e3 / decode_ms if decode_ms == decode_ms else float("nan"),
             "decode_steps": len(step_ms), "rss_bytes": psutil.Process().memory_info().rss,
-            "peak_rss_bytes": peak_rss_bytes(),
+            "peak_rss_bytes": peak_rss_bytes(), "cell_peak_rss_bytes": window_peak_rss_bytes(),
         }
 
     @torch.no_grad()

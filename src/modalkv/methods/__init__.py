@@ -51,6 +51,9 @@ def make_method(method, **params) -> Method:
     return cls(**params)
 
 
+QUANTIZERS = ("kivi-2", "kivi-4", "kivi-8")
+
+
 def make_quantizer(spec):
     """None, ``"kivi-2"`` / ``"kivi-4"`` / ``"kivi-8"``, or a :class:`~modalkv.methods.kivi.KIVI` instance."""
     if spec is None:
@@ -67,6 +70,6 @@ def make_quantizer(spec):
 
 
 __all__ = [
-    "REGISTRY", "Method", "PrefillContext", "available_methods", "make_method", "make_quantizer", "register",
+    "QUANTIZERS", "REGISTRY", "Method", "PrefillContext", "available_methods", "make_method", "make_quantizer", "register",
     "Full", "StreamingLLM", "H2O", "SnapKV", "PyramidKV", "AdaKV",
 ]

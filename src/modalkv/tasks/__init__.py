@@ -3,7 +3,7 @@
 ``get_task(name)`` returns a task; ``TASKS`` lists them. See :mod:`modalkv.tasks.base` for the interface.
 """
 
-from . import ruler  # noqa: F401  (registers the RULER-style tasks)
+from . import docqa, ruler  # noqa: F401  (register the tasks)
 from .base import TASKS, Sample, Task, get_task, register_task
 from .needle import NeedleSample, make_needle, score_contains
 
