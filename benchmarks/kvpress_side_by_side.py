@@ -17,6 +17,7 @@ teacher-forced as in modalkv's runner.
 from __future__ import annotations
 
 import argparse
+import gc
 import statistics
 import time
 from pathlib import Path
@@ -45,6 +46,28 @@ def make_press(name: str, budget: float):
     if name == "expected_attention":
         return kp.ExpectedAttentionPress(compression_ratio=ratio)
     raise ValueError(f"unknown press {name!r}; known: {', '.join(PRESSES)}")
+
+
+def reset_peak_rss() -> None:
+    """Linux: restart the process's peak-RSS count (same as modalkv.measure, inlined: that module needs
+    transformers 5.5, this environment has kvpress's pin)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def rss_fields() -> dict:
+    fields = {}
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(("VmHWM:", "VmRSS:")):
+                    fields[line.split(":")[0]] = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return dict(rss_bytes=fields.get("VmRSS"), cell_peak_rss_bytes=fields.get("VmHWM"))
 
 
 def cache_bytes(cache) -> int:
@@ -171,12 +194,22 @@ def main() -> None:
                     impl = "eager" if method == "h2o" else "sdpa"
                     model = get_model(impl)
                     press = None if method == "full" else make_press(method, budget)
-                    if teacher is not None:  # fidelity: the first logits come from the prompt's last position
-                        r = run_cell(model, tok, press, context_ids[:, :-1], context_ids[:, -1:], 0,
-                                     teacher=teacher[:-1])
-                    else:
-                        r = run_cell(model, tok, press, context_ids, tail_ids, sample.max_new_tokens)
+                    gc.collect()
+                    reset_peak_rss()
+                    try:
+                        if teacher is not None:  # fidelity: the first logits come from the prompt's last position
+                            r = run_cell(model, tok, press, context_ids[:, :-1], context_ids[:, -1:], 0,
+                                         teacher=teacher[:-1])
+                        else:
+                            r = run_cell(model, tok, press, context_ids, tail_ids, sample.max_new_tokens)
+                    except Exception as err:  # a press that crashes is reported as such, not dropped silently
+                        msg = f"ERROR {type(err).__name__}: {str(err).splitlines()[0][:200]}"
+                        print(f"{task_name} L={length} seed={seed} {method}@{budget:g}: {msg}", flush=True)
+                        rows.append(dict(base, method=method, budget=budget, prompt_tokens=context_ids.shape[1],
+                                         output=msg))
+                        continue
                     row = dict(base, method=method, budget=budget, prompt_tokens=context_ids.shape[1],
+                               **rss_fields(),
                                kv_full_bytes=None, kv_kept_bytes=r["kept"], kv_allocated_bytes=r["kept"],
                                prefill_s=r["prefill_s"],
                                decode_ms=statistics.median(r["step_ms"][1:]) if len(r["step_ms"]) > 1 else None,
@@ -197,10 +230,10 @@ def main() -> None:
                 full_bytes = rows[0]["kv_kept_bytes"]
                 for row in rows:
                     row["kv_full_bytes"] = full_bytes
-                    row["compression"] = full_bytes / row["kv_kept_bytes"] if row["kv_kept_bytes"] else None
+                    row["compression"] = full_bytes / row["kv_kept_bytes"] if row.get("kv_kept_bytes") else None
                 append_rows(out, [r for r in rows if cell_key(r) not in done])
                 print(f"{task_name} L={length} seed={seed}: " + ", ".join(
-                    f"{r['method']}@{r['budget']:g}={r['score']:.2f}" for r in rows), flush=True)
+                    f"{r['method']}@{r['budget']:g}={r.get('score', float('nan')):.2f}" for r in rows), flush=True)
 
 
 if __name__ == "__main__":

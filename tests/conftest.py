@@ -48,10 +48,11 @@ def tiny_gemma3(impl: str = "sdpa", seed: int = 0) -> Gemma3ForCausalLM:
 
 
 def clone_model(model, impl: str):
-    """The same weights under another attention implementation."""
+    """The same weights under another attention implementation (a VLM's language model only)."""
     other = type(model)(model.config.__class__.from_dict(model.config.to_dict())).eval()
     other.load_state_dict(model.state_dict())
-    other.config._attn_implementation = impl
+    text = getattr(other.config, "text_config", None)
+    (text if text is not None else other.config)._attn_implementation = impl
     return other
 
 
@@ -104,11 +105,14 @@ class Recorder:
 
 
 @torch.no_grad()
-def run_steps(model, ids, mask, cache, steps: int, feed: list[torch.Tensor] | None = None):
+def run_steps(model, ids, mask, cache, steps: int, feed: list[torch.Tensor] | None = None, extra=None):
     """Prefill then ``steps`` single-token steps (greedy, or teacher-forced by ``feed``). Returns logits per step
-    ([B, V] each, the prefill's last position first) and the fed tokens."""
+    ([B, V] each, the prefill's last position first) and the fed tokens. ``extra``: more prefill inputs (pixels);
+    with ``extra`` the model computes its own positions (M-RoPE)."""
     mask = mask if mask is not None else torch.ones_like(ids)
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    if extra is not None:
+        return _run_steps_vlm(model, ids, mask, cache, steps, feed, extra)
     out = model(input_ids=ids, attention_mask=mask, position_ids=pos, **cache_kwargs(model, cache))
     logits = [out.logits[:, -1].float()]
     tokens = []
@@ -119,6 +123,18 @@ def run_steps(model, ids, mask, cache, steps: int, feed: list[torch.Tensor] | No
         mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], -1)
         last = last + 1
         out = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=last, **cache_kwargs(model, cache))
+        logits.append(out.logits[:, -1].float())
+    return logits, tokens
+
+
+def _run_steps_vlm(model, ids, mask, cache, steps, feed, extra):
+    out = model(input_ids=ids, attention_mask=mask, **extra, **cache_kwargs(model, cache))
+    logits, tokens = [out.logits[:, -1].float()], []
+    for t in range(steps):
+        nxt = feed[t] if feed is not None else logits[-1].argmax(-1)
+        tokens.append(nxt)
+        # no attention mask while decoding (unpadded prompts): Qwen2-VL turns a full-length mask into positions
+        out = model(input_ids=nxt[:, None], **cache_kwargs(model, cache))
         logits.append(out.logits[:, -1].float())
     return logits, tokens
 
@@ -163,7 +179,7 @@ AttentionMaskInterface.register("masked_ref", _mask_no_skip)
 
 
 @torch.no_grad()
-def masked_reference(model, ids, mask, records, feed):
+def masked_reference(model, ids, mask, records, feed, extra=None):
     """Logits of the full cache with, at step t, only the positions ``records[t-1]`` visible per (layer, head)."""
     from transformers import DynamicCache
 
@@ -172,6 +188,17 @@ def masked_reference(model, ids, mask, records, feed):
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
     cache = DynamicCache(config=ref.config)
     _REF.update(step=0, records=records)
+    if extra is not None:
+        try:
+            out = ref(input_ids=ids, attention_mask=mask, **extra, **cache_kwargs(ref, cache))
+            logits = [out.logits[:, -1].float()]
+            for t, nxt in enumerate(feed):
+                _REF["step"] = t + 1
+                out = ref(input_ids=nxt[:, None], **cache_kwargs(ref, cache))
+                logits.append(out.logits[:, -1].float())
+        finally:
+            _REF.update(step=0, records=None)
+        return logits
     try:
         out = ref(input_ids=ids, attention_mask=mask, position_ids=pos, **cache_kwargs(ref, cache))
         logits = [out.logits[:, -1].float()]

@@ -98,3 +98,25 @@ def test_kivi_cell_peak_rss_and_schema_guard(tiny_folder, tmp_path):
     old.write_text("library,model,task\n")
     with pytest.raises(ValueError, match="written with other columns"):
         run_bench(config(tiny_folder, old, methods=["snapkv"], tasks=["niah_single"]), progress=False)
+
+
+def test_report_summary_and_failed_cells(tmp_path):
+    """The summary row of a method is computed from the results file (score, Δ, KV share, speed-up), and a cell
+    that crashed (kvpress rows) is listed, not hidden."""
+    from modalkv.bench.runner import COLUMNS
+
+    rows = []
+    for seed, (fs, ms) in enumerate([(1.0, 0.0), (1.0, 1.0)]):
+        base = dict(library="modalkv", model="m", task="niah_single", length=1000, seed=seed, prompt_tokens=1000,
+                    kv_full_bytes=1000, cell_peak_rss_bytes=2**30, output="x")
+        rows.append(dict(base, method="full", budget=1.0, score=fs, kv_kept_bytes=1000, decode_ms=100.0))
+        rows.append(dict(base, method="snapkv", budget=0.25, score=ms, kv_kept_bytes=260, decode_ms=50.0))
+    rows.append(dict(library="kvpress", model="m", task="niah_single", length=1000, seed=0, method="full", budget=1.0,
+                     score=1.0, kv_kept_bytes=1000, decode_ms=90.0))
+    rows.append(dict(library="kvpress", model="m", task="niah_single", length=1000, seed=0, method="pyramidkv",
+                     budget=0.25, output="ERROR RuntimeError: size mismatch"))
+    path = tmp_path / "r.csv"
+    pd.DataFrame(rows).reindex(columns=COLUMNS).to_csv(path, index=False)
+    text = write_report(path).read_text()
+    assert "| modalkv | snapkv | 0.25 | 0.500 | -0.500 |  | 0.260 | 2.00x | 2.00x | 1.00 |" in text
+    assert "## Cells that failed" in text and "| kvpress | m | pyramidkv | 0.25 | niah_single | 1000 | 0 | ERROR" in text

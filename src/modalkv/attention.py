@@ -46,7 +46,7 @@ def base_attention(module, query, key, value, attention_mask, **kwargs):
 def modalkv_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     from .cache import active_layer
 
-    layer = active_layer(module.layer_idx)
+    layer = active_layer(getattr(module, "layer_idx", None))
     if layer is None:
         return base_attention(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
     if kwargs.get("softcap") is not None:
@@ -165,8 +165,11 @@ def check_supported(config) -> None:
 
 
 def install(model) -> None:
-    """Switch ``model`` to modalkv's attention (keeps its sdpa/eager flavour for unmanaged layers)."""
-    impl = model.config._attn_implementation
+    """Switch ``model``'s language model to modalkv's attention (keeps its sdpa/eager flavour for unmanaged
+    layers). In a vision-language model only the text config changes; the vision tower keeps its attention."""
+    text = getattr(model.config, "text_config", None)
+    cfg = text if text is not None else model.config
+    impl = cfg._attn_implementation
     if impl in NAMES:
         return
     if impl not in BASES:
@@ -174,7 +177,7 @@ def install(model) -> None:
             f"attention implementation {impl!r} is not supported by modalkv; load the model with "
             "attn_implementation='sdpa' or 'eager'"
         )
-    model.set_attn_implementation(f"modalkv_{impl}")
+    model.set_attn_implementation({"text_config": f"modalkv_{impl}"} if text is not None else f"modalkv_{impl}")
 
 
 for _name, _base in NAMES.items():

@@ -34,6 +34,41 @@ def pareto(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
     return front
 
 
+def summary_table(d) -> list[str]:
+    """One row per (library, method, budget): the three numbers a user chooses by, over all tasks and lengths."""
+    import pandas as pd
+
+    acc = d[d.task != "fidelity"]
+    fid = d[d.task == "fidelity"]
+    g = d.groupby(["library", "method", "budget"])
+    t = pd.DataFrame({
+        "score": acc.groupby(["library", "method", "budget"]).score.mean(),
+        "score_vs_full": (acc.score - acc.full_score).groupby([acc.library, acc.method, acc.budget]).mean(),
+        "kl": fid.groupby(["library", "method", "budget"]).kl.mean() if len(fid) else float("nan"),
+        "kv": g.kv_ratio_vs_full.mean(),
+        "speedup": g.speedup_vs_full.median(),
+        "speedup_long": d[d.length == d.length.max()].groupby(["library", "method", "budget"]).speedup_vs_full.median(),
+        "peak": g.cell_peak_rss_bytes.median() / 2**30 if "cell_peak_rss_bytes" in d else float("nan"),
+    })
+    longest = int(d.length.max())
+    lines = ["### Summary: accuracy, memory and speed together", "",
+             "Score: mean over the generation tasks, lengths and seeds (Δ: minus the full cache on the same prompts). "
+             "KL: fidelity task. KV: bytes kept / full cache. Speed-up: median decode ms/token of the full cache / "
+             f"the method's, same run, same prompt (all lengths; and at {longest} tokens). Peak RSS: median of the "
+             "per-cell process peak (build + decode, the prompt's captured prefill included).", "",
+             f"| library | method | budget | score | Δ vs full | KL | KV kept | speed-up | speed-up @{longest} | "
+             "peak RSS GiB |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+
+    def f(v, spec):
+        return format(v, spec) if v == v else ""
+
+    for (lib, method, budget), r in t.iterrows():
+        lines.append(f"| {lib} | {method} | {budget:g} | {f(r.score, '.3f')} | {f(r.score_vs_full, '+.3f')} | "
+                     f"{f(r.kl, '.4f')} | {f(r.kv, '.3f')} | {f(r.speedup, '.2f')}x | {f(r.speedup_long, '.2f')}x | "
+                     f"{f(r.peak, '.2f')} |")
+    return lines
+
+
 def write_report(results: str | Path, out_dir: str | Path | None = None, extra: list | None = None) -> Path:
     """Write ``<stem>_report.md`` and plots next to the results (or into ``out_dir``); returns the Markdown path.
 
@@ -63,6 +98,7 @@ def write_report(results: str | Path, out_dir: str | Path | None = None, extra: 
     for model in sorted(df.model.unique()):
         d = df[df.model == model]
         lines += [f"## {model}", ""]
+        lines += summary_table(d) + [""]
         for task in tasks:
             lines += [f"### {task}: score by budget", ""]
             lines += _table(d[d.task == task], ["label", "length"], "budget", "score", lambda v: f"{v:.2f}") + [""]
@@ -82,30 +118,41 @@ def write_report(results: str | Path, out_dir: str | Path | None = None, extra: 
         d = df[(df.model == model) & (df.method != "full")]
         acc = d[d.task != "fidelity"]
         if len(acc):
-            fig, ax = plt.subplots(figsize=(6, 4))
-            for label, g in acc.groupby("label"):
-                s = g.groupby("budget").score.mean()
-                ax.plot(s.index, s.values, marker="o", label=label)
-            full = df[(df.model == model) & (df.method == "full") & (df.task != "fidelity")].score.mean()
-            ax.axhline(full, color="k", ls="--", label="full cache")
-            ax.set(xlabel="budget (share of the prompt kept)", ylabel="score (mean over tasks)", title=model)
-            ax.legend(fontsize=7)
+            acc_tasks = sorted(acc.task.unique())
+            cols = min(3, len(acc_tasks))
+            rows_n = -(-len(acc_tasks) // cols)
+            fig, axes = plt.subplots(rows_n, cols, figsize=(4.2 * cols, 3.2 * rows_n), squeeze=False)
+            for ax, task in zip(axes.flat, acc_tasks):
+                t = acc[(acc.task == task) & ~acc.method.str.startswith("kivi")]
+                for label, g in t.groupby("label"):
+                    s = g.groupby("budget").score.mean()
+                    ax.plot(s.index, s.values, marker="o", label=label)
+                full = df[(df.model == model) & (df.method == "full") & (df.task == task)].score.mean()
+                ax.axhline(full, color="k", ls="--", label="full cache")
+                ax.set(xlabel="budget", ylabel="score", title=task, ylim=(-0.05, 1.05))
+            for ax in list(axes.flat)[len(acc_tasks):]:
+                ax.axis("off")
+            axes.flat[0].legend(fontsize=6)
+            fig.suptitle(f"{model}: accuracy vs budget (mean over lengths and seeds)")
             plots.append(_save(fig, out / f"{stem}_{_slug(model)}_accuracy_vs_budget.png"))
             fig, ax = plt.subplots(figsize=(6, 4))
-            pts = acc.groupby(["label", "budget"]).agg(kv=("kv_kept_bytes", "mean"), score=("score", "mean"))
+            pts = acc.groupby(["label", "budget"]).agg(kv=("kv_ratio_vs_full", "mean"), score=("score", "mean"))
             for label, g in pts.groupby(level=0):
-                ax.scatter(g.kv / 2**20, g.score, label=label)
-            front = pareto(list(zip(pts.kv / 2**20, pts.score)))
+                ax.scatter(g.kv, g.score, label=label)
+            front = pareto(list(zip(pts.kv, pts.score)))
             ax.plot([p[0] for p in front], [p[1] for p in front], "k-", lw=1, label="Pareto front")
-            ax.set(xlabel="KV bytes kept (MiB)", ylabel="score", title=f"{model}: accuracy vs memory")
+            ax.set(xlabel="KV bytes kept / full cache (metadata counted)", ylabel="score (mean over tasks)",
+                   title=f"{model}: accuracy vs memory")
             ax.legend(fontsize=7)
             plots.append(_save(fig, out / f"{stem}_{_slug(model)}_pareto.png"))
         fig, ax = plt.subplots(figsize=(6, 4))
-        for label, g in d.groupby("label"):
+        at = 0.25 if (d.budget == 0.25).any() else d.budget.min()
+        for label, g in d[(d.budget == at) | d.method.str.startswith("kivi")].groupby("label"):
             s = g.groupby("length").speedup_vs_full.median()
             ax.plot(s.index, s.values, marker="o", label=label)
         ax.axhline(1.0, color="k", ls="--")
-        ax.set(xlabel="context length (tokens)", ylabel="decode speed-up vs full", title=model)
+        ax.set(xlabel="context length (tokens)", ylabel="decode speed-up vs full (median)",
+               title=f"{model}: budget {at:g} (KIVI: all tokens, quantized)")
         ax.legend(fontsize=7)
         plots.append(_save(fig, out / f"{stem}_{_slug(model)}_speedup_vs_length.png"))
         fid = d[d.task == "fidelity"]
@@ -117,6 +164,14 @@ def write_report(results: str | Path, out_dir: str | Path | None = None, extra: 
             ax.set(xlabel="budget", ylabel="KL(full || method), nats", yscale="log", title=f"{model}: fidelity")
             ax.legend(fontsize=7)
             plots.append(_save(fig, out / f"{stem}_{_slug(model)}_fidelity.png"))
+    failed = df[df.output.astype(str).str.startswith("ERROR")] if "output" in df else df.iloc[:0]
+    if len(failed):
+        lines += ["## Cells that failed", "",
+                  "| library | model | method | budget | task | length | seed | error |", "|---|---|---|---:|---|---:|---:|---|"]
+        for r in failed.itertuples():
+            lines.append(f"| {r.library} | {r.model} | {r.method} | {r.budget:g} | {r.task} | {r.length} | {r.seed} | "
+                         f"{r.output} |")
+        lines.append("")
     lines += ["## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots]
     md = out / f"{stem}_report.md"
     md.write_text("\n".join(lines) + "\n")
