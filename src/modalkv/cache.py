@@ -213,10 +213,14 @@ class Selection:
     indices : LongTensor [B, H, k] or a list of H LongTensors [B, k_h] (ragged per head): prompt indices to keep,
         -1 for an unused slot.
     extras : name -> float32 [B, H, n] per-token method state, gathered along with the kept entries.
+    keys, values : optional [B, H, n, d] replacing the prompt's keys/values before the kept ones are gathered
+        (methods that merge evicted entries into kept ones, e.g. LOOK-M).
     """
 
     indices: Any
     extras: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+    keys: Any = None
+    values: Any = None
 
     def head(self, h: int) -> torch.Tensor:
         return self.indices[h] if isinstance(self.indices, (list, tuple)) else self.indices[:, h]
@@ -339,6 +343,8 @@ class CompressedLayer(DynamicLayer):
             budget_tokens=cache.budget.tokens(n_real), caps=cache.budget.caps(modality, real),
         )
         sel = cache.method.prefill(ctx)
+        if sel.keys is not None:
+            keys, values = sel.keys, sel.values
         heads = []
         for h in range(H):
             idx = sel.head(h).to(keys.device)

@@ -9,12 +9,13 @@ from .adakv import AdaKV
 from .base import Method, PrefillContext
 from .full import Full
 from .h2o import H2O
+from .lookm import LookM
 from .pyramidkv import PyramidKV
 from .snapkv import SnapKV
 from .streaming import StreamingLLM
 
 REGISTRY: dict[str, type[Method]] = {
-    cls.name: cls for cls in (Full, StreamingLLM, H2O, SnapKV, PyramidKV, AdaKV)
+    cls.name: cls for cls in (Full, StreamingLLM, H2O, SnapKV, PyramidKV, AdaKV, LookM)
 }
 
 
@@ -71,5 +72,5 @@ def make_quantizer(spec):
 
 __all__ = [
     "QUANTIZERS", "REGISTRY", "Method", "PrefillContext", "available_methods", "make_method", "make_quantizer", "register",
-    "Full", "StreamingLLM", "H2O", "SnapKV", "PyramidKV", "AdaKV",
+    "Full", "StreamingLLM", "H2O", "SnapKV", "PyramidKV", "AdaKV", "LookM",
 ]
