@@ -119,4 +119,6 @@ def test_report_summary_and_failed_cells(tmp_path):
     pd.DataFrame(rows).reindex(columns=COLUMNS).to_csv(path, index=False)
     text = write_report(path).read_text()
     assert "| modalkv | snapkv | 0.25 | 0.500 | -0.500 |  | 0.260 | 2.00x | 2.00x | 1.00 |" in text
+    assert "### Libraries side by side (only the 1 prompts every library ran: niah_single; lengths 1000)" in text
+    assert "| full | 1 | 1.000 |  | 1.000 | 90.0 | 1.00x | 1.000 |  | 1.000 | 100.0 | 1.00x |" in text
     assert "## Cells that failed" in text and "| kvpress | m | pyramidkv | 0.25 | niah_single | 1000 | 0 | ERROR" in text

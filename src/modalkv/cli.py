@@ -234,11 +234,12 @@ def report(
     results: list[Path] = typer.Argument(..., exists=True, dir_okay=False,
                                          help="Results CSV(s) from `modalkv bench` (and kvpress's side-by-side run)."),
     out_dir: Optional[Path] = typer.Option(None, help="Where to write the report (default: beside the results)."),
+    name: Optional[str] = typer.Option(None, help="Base name of the report files (default: the first results file's)."),
 ) -> None:
     """Write Markdown tables and PNG plots from one or more results files (shown together)."""
     from .bench import write_report
 
-    md = write_report(results[0], out_dir, extra=results[1:])
+    md = write_report(results[0], out_dir, extra=results[1:], name=name)
     console.print(f"wrote {md}")
 
 

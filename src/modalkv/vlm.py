@@ -170,15 +170,21 @@ def train_vision(model, processor, minutes: float, batch: int = 64, lr: float = 
     return step
 
 
+def prompt_ids(tok, question: str, tokens_per_image: int) -> list[int]:
+    """Token ids of :func:`prompt_text` with each image placeholder expanded (what the processor does)."""
+    image_id = tok.convert_tokens_to_ids(IMAGE_TOKEN)
+    out: list[int] = []
+    for t in tok(prompt_text(question), add_special_tokens=False).input_ids:
+        out += [t] * tokens_per_image if t == image_id else [t]
+    return out
+
+
 def _batch(processor, questions, answers, tokens_per_image: int):
     """Right-padded input ids, labels (the answer and the end of turn only) and attention mask."""
     tok = processor.tokenizer
-    image_id = tok.convert_tokens_to_ids(IMAGE_TOKEN)
     rows, labels = [], []
     for q, a in zip(questions, answers):
-        prompt = []
-        for t in tok(prompt_text(q), add_special_tokens=False).input_ids:
-            prompt += [t] * tokens_per_image if t == image_id else [t]
+        prompt = prompt_ids(tok, q, tokens_per_image)
         target = tok(a + "<|im_end|>", add_special_tokens=False).input_ids
         rows.append(prompt + target)
         labels.append([-100] * len(prompt) + target)
@@ -263,12 +269,7 @@ def evaluate(model, processor, n: int | None = None, batch: int = 32, seed: int 
     hits = {"color": [], "shape": [], "yes/no": []}
     for s in range(0, len(idx), batch):
         chunk = idx[s: s + batch]
-        rows = []
-        for i in chunk:
-            r = []
-            for t in tok(prompt_text(q[i]), add_special_tokens=False).input_ids:
-                r += [t] * spec_tokens if t == tok.convert_tokens_to_ids(IMAGE_TOKEN) else [t]
-            rows.append(r)
+        rows = [prompt_ids(tok, q[i], spec_tokens) for i in chunk]
         width = max(map(len, rows))
         ids = torch.zeros(len(rows), width, dtype=torch.long)
         mask = torch.zeros(len(rows), width, dtype=torch.long)

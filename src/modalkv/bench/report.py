@@ -48,28 +48,67 @@ def summary_table(d) -> list[str]:
         "kv": g.kv_ratio_vs_full.mean(),
         "speedup": g.speedup_vs_full.median(),
         "speedup_long": d[d.length == d.length.max()].groupby(["library", "method", "budget"]).speedup_vs_full.median(),
-        "peak": g.cell_peak_rss_bytes.median() / 2**30 if "cell_peak_rss_bytes" in d else float("nan"),
+        "peak": (d[d.length == d.length.max()].groupby(["library", "method", "budget"]).cell_peak_rss_bytes.median()
+                 / 2**30 if "cell_peak_rss_bytes" in d else float("nan")),
     })
     longest = int(d.length.max())
     lines = ["### Summary: accuracy, memory and speed together", "",
              "Score: mean over the generation tasks, lengths and seeds (Δ: minus the full cache on the same prompts). "
              "KL: fidelity task. KV: bytes kept / full cache. Speed-up: median decode ms/token of the full cache / "
-             f"the method's, same run, same prompt (all lengths; and at {longest} tokens). Peak RSS: median of the "
-             "per-cell process peak (build + decode, the prompt's captured prefill included).", "",
+             f"the method's, same run, same prompt (all lengths; and at {longest} tokens). Peak RSS: median per-cell "
+             f"process peak at {longest} tokens (building the cache + decoding; the prompt's captured prefill, shared "
+             "by all cells, is resident and included).", "",
              f"| library | method | budget | score | Δ vs full | KL | KV kept | speed-up | speed-up @{longest} | "
-             "peak RSS GiB |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-
-    def f(v, spec):
-        return format(v, spec) if v == v else ""
+             f"peak RSS @{longest} GiB |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
 
     for (lib, method, budget), r in t.iterrows():
-        lines.append(f"| {lib} | {method} | {budget:g} | {f(r.score, '.3f')} | {f(r.score_vs_full, '+.3f')} | "
-                     f"{f(r.kl, '.4f')} | {f(r.kv, '.3f')} | {f(r.speedup, '.2f')}x | {f(r.speedup_long, '.2f')}x | "
-                     f"{f(r.peak, '.2f')} |")
+        lines.append(f"| {lib} | {method} | {budget:g} | {_f(r.score, '.3f')} | {_f(r.score_vs_full, '+.3f')} | "
+                     f"{_f(r.kl, '.4f')} | {_f(r.kv, '.3f')} | {_f(r.speedup, '.2f', 'x')} | "
+                     f"{_f(r.speedup_long, '.2f', 'x')} | {_f(r.peak, '.2f')} |")
     return lines
 
 
-def write_report(results: str | Path, out_dir: str | Path | None = None, extra: list | None = None) -> Path:
+def _f(v, spec, unit=""):
+    return format(v, spec) + unit if v == v else ""
+
+
+def libraries_table(d) -> list[str]:
+    """modalkv beside other libraries on exactly the prompts (task, length, seed) that every library ran."""
+    libs = sorted(d.library.unique())
+    if len(libs) < 2:
+        return []
+    key = ["task", "length", "seed"]
+    common = set.intersection(*[set(map(tuple, d[d.library == lib][key].drop_duplicates().values)) for lib in libs])
+    c = d[[tuple(x) in common for x in d[key].values]]
+    if c.empty:
+        return []
+    shared = sorted(set.intersection(*[set(c[c.library == lib].method) for lib in libs]))
+    tasks = ", ".join(sorted(c.task.unique()))
+    lines = [f"### Libraries side by side (only the {len(common)} prompts every library ran: {tasks}; lengths "
+             f"{', '.join(str(x) for x in sorted(c.length.unique()))})", "",
+             "Speed-up is against each library's own full cache in its own run (modalkv's compact store; "
+             "transformers' DynamicCache for kvpress). Decode ms/token comes from each library's own run, whose "
+             "thread count and machine load may differ: compare ratios across libraries, not milliseconds.", "",
+             "| method | budget | " + " | ".join(f"{lib} score | {lib} KL | {lib} KV kept | {lib} decode ms | "
+                                              f"{lib} speed-up" for lib in libs) + " |",
+             "|---|---:|" + "---:|" * (5 * len(libs))]
+    acc, fid = c[c.task != "fidelity"], c[c.task == "fidelity"]
+    for method in shared:
+        for budget in sorted(c[c.method == method].budget.unique()):
+            cells = []
+            for lib in libs:
+                sel = (c.library == lib) & (c.method == method) & (c.budget == budget)
+                a = acc[sel[acc.index]] if len(acc) else acc
+                fsel = fid[sel[fid.index]] if len(fid) else fid
+                cells += [_f(a.score.mean(), ".3f"), _f(fsel.kl.mean(), ".4f"),
+                          _f(c[sel].kv_ratio_vs_full.mean(), ".3f"), _f(c[sel].decode_ms.median(), ".1f"),
+                          _f(c[sel].speedup_vs_full.median(), ".2f", "x")]
+            lines.append(f"| {method} | {budget:g} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def write_report(results: str | Path, out_dir: str | Path | None = None, extra: list | None = None,
+                 name: str | None = None) -> Path:
     """Write ``<stem>_report.md`` and plots next to the results (or into ``out_dir``); returns the Markdown path.
 
     ``extra``: more results files (e.g. kvpress rows from its own environment) shown in the same tables and plots.
@@ -86,7 +125,7 @@ def write_report(results: str | Path, out_dir: str | Path | None = None, extra: 
     df = add_ratios(pd.concat([pd.read_csv(results), *[pd.read_csv(x) for x in (extra or [])]], ignore_index=True))
     out = Path(out_dir) if out_dir else results.parent
     out.mkdir(parents=True, exist_ok=True)
-    stem = results.stem
+    stem = name or results.stem
     df["label"] = df.library + ":" + df.method
     names = ", ".join(f"`{Path(x).name}`" for x in [results, *(extra or [])])
     lines = [f"# Benchmark report: {names}", "",
@@ -99,6 +138,9 @@ def write_report(results: str | Path, out_dir: str | Path | None = None, extra: 
         d = df[df.model == model]
         lines += [f"## {model}", ""]
         lines += summary_table(d) + [""]
+        side = libraries_table(d)
+        if side:
+            lines += side + [""]
         for task in tasks:
             lines += [f"### {task}: score by budget", ""]
             lines += _table(d[d.task == task], ["label", "length"], "budget", "score", lambda v: f"{v:.2f}") + [""]
