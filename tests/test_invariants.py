@@ -283,6 +283,10 @@ def test_accumulated_scores_causal_chunks_and_memo():
     k2 = k.clone()
     k2[:, :, 5] *= 3.0  # one key changes (a constant shift of all keys would not change the softmax)
     assert not torch.allclose(scoring.accumulated_scores(q, k2, 0.3, real, chunk=5), p.sum(2), atol=1e-3)
+    assert id(q) in scoring._ACC_MEMO
+    key = id(q)
+    del q
+    assert key not in scoring._ACC_MEMO  # the memo does not outlive the query tensor
 
 
 def test_peak_rss_window_restarts():

@@ -74,6 +74,7 @@ def accumulated_scores(query, keys, scaling: float, real, chunk: int = DEFAULT_C
         rows = torch.arange(s, e, device=query.device)
         out[..., :e] += _probs(query[:, :, :e], keys[:, :, :e], scaling, rows, real[:, :e]).sum(2)
     _ACC_MEMO[id(query)] = (tuple(weakref.ref(t) for t in tensors), stamp, out)
+    weakref.finalize(query, _ACC_MEMO.pop, id(query), None)  # the entry dies with its query (no stale scores)
     while len(_ACC_MEMO) > _ACC_MEMO_SIZE:
         _ACC_MEMO.popitem(last=False)
     return out.clone()
