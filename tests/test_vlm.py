@@ -62,6 +62,18 @@ def test_lora_merge_and_save_load_round_trip(built, tmp_path):
     assert (before - loaded.model.language_model.embed_tokens.weight.sum()).abs().max() > 0  # not trivial
 
 
+def test_one_training_step_moves_only_the_trained_parts():
+    torch.manual_seed(0)
+    spec = vlm.VLMSpec(vision_hidden=48, vision_layers=1, vision_heads=2, lora_rank=4, lora_alpha=8)
+    model, processor = vlm.build(spec)
+    frozen = model.model.language_model.layers[0].mlp.up_proj.weight.clone()
+    proj = model.model.multi_modal_projector.linear_1.weight.clone()
+    assert vlm.train_vqa(model, processor, spec, minutes=5, batch=2, max_steps=1) == 1
+    assert torch.equal(model.model.language_model.layers[0].mlp.up_proj.base_layer.weight, frozen)
+    assert not torch.equal(model.model.multi_modal_projector.linear_1.weight, proj)
+    assert any(p.abs().sum() > 0 for n, p in model.named_parameters() if "lora_B" in n)
+
+
 def test_tokens_per_image_and_errors(built, tmp_path):
     spec, model, processor = built
     vlm.save(model, spec, {}, tmp_path)

@@ -256,6 +256,7 @@ def train_vlm(
     vision_minutes: float = typer.Option(5.0, help="Stage 1: vision tower on shape/colour labels."),
     vqa_minutes: float = typer.Option(45.0, help="Stage 2: projector + LoRA through the frozen SmolLM2."),
     batch: int = typer.Option(16, help="Stage 2 batch size."),
+    bf16: bool = typer.Option(True, help="bfloat16 autocast in stage 2 (fp32 weights)."),
     eval_n: int = typer.Option(1000, help="easy-VQA test questions to score at the end (0: all 9,673)."),
     threads: int = typer.Option(2, help="Pinned torch threads."),
     seed: int = typer.Option(0),
@@ -272,9 +273,9 @@ def train_vlm(
     log: list[str] = []
     t0 = time.time()
     s1 = vlm.train_vision(model, processor, vision_minutes, seed=seed, log=log)
-    s2 = vlm.train_vqa(model, processor, spec, vqa_minutes, batch=batch, seed=seed, log=log)
+    s2 = vlm.train_vqa(model, processor, spec, vqa_minutes, batch=batch, seed=seed, log=log, bf16=bf16)
     train_s = time.time() - t0
-    folder = vlm.save(model, spec, {"vision_steps": s1, "vqa_steps": s2, "batch": batch, "seed": seed,
+    folder = vlm.save(model, spec, {"vision_steps": s1, "vqa_steps": s2, "batch": batch, "seed": seed, "bf16": bf16,
                                     "train_seconds": round(train_s), "log_tail": log[-5:]},
                       out or vlm.ASSET_DIR)
     model, processor = vlm.load_vlm(folder=folder)

@@ -224,8 +224,11 @@ def merge_lora(model) -> int:
 
 
 def train_vqa(model, processor, spec: VLMSpec, minutes: float, batch: int = 16, lr: float = 3e-4,
-              vision_lr: float = 5e-5, seed: int = 0, log=None) -> int:
-    """Stage 2: projector + LoRA (+ vision tower at ``vision_lr``) through the frozen LM, loss on the answers."""
+              vision_lr: float = 5e-5, seed: int = 0, log=None, bf16: bool = True, max_steps: int | None = None) -> int:
+    """Stage 2: projector + LoRA (+ vision tower at ``vision_lr``) through the frozen LM, loss on the answers.
+
+    ``bf16``: autocast matmuls to bfloat16 (fp32 weights and optimizer state); 1.5x faster per step on this
+    project's AVX512-BF16 CPU (batch 16: ~5 s vs ~7.5 s)."""
     q, a, paths = easy_vqa_split("train")
     lora = add_lora(model, spec)
     groups = [{"params": list(model.model.multi_modal_projector.parameters()) + lora, "lr": lr},
@@ -236,7 +239,7 @@ def train_vqa(model, processor, spec: VLMSpec, minutes: float, batch: int = 16, 
     model.train()
     t0, step, at, losses = time.time(), 0, 0, []
     budget = minutes * 60
-    while time.time() - t0 < budget:
+    while time.time() - t0 < budget and (max_steps is None or step < max_steps):
         idx = order[at: at + batch]
         at = at + batch if at + 2 * batch <= len(order) else 0
         ids, labels, mask = _batch(processor, [q[i] for i in idx], [a[i] for i in idx], spec.tokens_per_image)
@@ -244,7 +247,8 @@ def train_vqa(model, processor, spec: VLMSpec, minutes: float, batch: int = 16, 
         frac = (time.time() - t0) / budget
         for g, base in zip(opt.param_groups, (lr, vision_lr)):
             g["lr"] = base * min(1.0, (step + 1) / 20) * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0)))
-        out = model(input_ids=ids, attention_mask=mask, pixel_values=pixels, labels=labels)
+        with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=bf16):
+            out = model(input_ids=ids, attention_mask=mask, pixel_values=pixels, labels=labels)
         opt.zero_grad()
         out.loss.backward()
         opt.step()
