@@ -16,9 +16,9 @@ import torch.nn.functional as F
 DEFAULT_CHUNK = 256
 
 # accumulated_scores results per query tensor object: replaying one captured prefill with several budgets (the
-# benchmark) computes the O(n^2) scores once. Keyed weakly, so an entry dies with its query tensor.
-# Keyed by id() and confirmed by weak references and version counters (a dict keyed by tensors would compare
-# them with ``==``); bounded, oldest dropped first (one entry per layer of the prompt being replayed).
+# benchmark) computes the O(n^2) scores once. Keyed by id() and confirmed by weak references and version counters
+# (a dict keyed by tensors would compare them with ``==``); an entry dies with its query tensor, and the memo is
+# bounded (oldest dropped first).
 _ACC_MEMO: "OrderedDict[int, tuple]" = OrderedDict()
 _ACC_MEMO_SIZE = 256
 

@@ -92,17 +92,15 @@ def libraries_table(d) -> list[str]:
              "| method | budget | " + " | ".join(f"{lib} score | {lib} KL | {lib} KV kept | {lib} decode ms | "
                                               f"{lib} speed-up" for lib in libs) + " |",
              "|---|---:|" + "---:|" * (5 * len(libs))]
-    acc, fid = c[c.task != "fidelity"], c[c.task == "fidelity"]
     for method in shared:
         for budget in sorted(c[c.method == method].budget.unique()):
             cells = []
             for lib in libs:
-                sel = (c.library == lib) & (c.method == method) & (c.budget == budget)
-                a = acc[sel[acc.index]] if len(acc) else acc
-                fsel = fid[sel[fid.index]] if len(fid) else fid
-                cells += [_f(a.score.mean(), ".3f"), _f(fsel.kl.mean(), ".4f"),
-                          _f(c[sel].kv_ratio_vs_full.mean(), ".3f"), _f(c[sel].decode_ms.median(), ".1f"),
-                          _f(c[sel].speedup_vs_full.median(), ".2f", "x")]
+                r = c[(c.library == lib) & (c.method == method) & (c.budget == budget)]
+                fid = r.task == "fidelity"
+                cells += [_f(r[~fid].score.mean(), ".3f"), _f(r[fid].kl.mean(), ".4f"),
+                          _f(r.kv_ratio_vs_full.mean(), ".3f"), _f(r.decode_ms.median(), ".1f"),
+                          _f(r.speedup_vs_full.median(), ".2f", "x")]
             lines.append(f"| {method} | {budget:g} | " + " | ".join(cells) + " |")
     return lines
 

@@ -66,15 +66,14 @@ class BenchConfig:
             yield model, task, length, self.seed0 + s
 
     def cells(self, model, task, length, seed):
+        from ..methods import QUANTIZERS
+
         yield dict(library="modalkv", model=model, task=task, length=length, seed=seed, method="full", budget=1.0)
         for method in self.methods:
-            if method.startswith("kivi-"):  # quantized storage of every token: one cell, budget 1.0 (keeps all)
+            # a quantizer (KIVI) stores every token: one cell at budget 1.0
+            for budget in [1.0] if method in QUANTIZERS else self.budgets:
                 yield dict(library="modalkv", model=model, task=task, length=length, seed=seed, method=method,
-                           budget=1.0)
-        for method, budget in itertools.product([m for m in self.methods if not m.startswith("kivi-")],
-                                                self.budgets):
-            yield dict(library="modalkv", model=model, task=task, length=length, seed=seed, method=method,
-                       budget=float(budget))
+                           budget=float(budget))
 
 
 def cell_key(row: dict) -> tuple:
@@ -175,10 +174,12 @@ class ModelRunner:
         return cap, time.perf_counter() - t0
 
     def _build(self, cap, cell, quantize):
-        method = cell["method"]
-        if method.startswith("kivi-"):  # KIVI as a baseline of its own: the full cache in quantized storage
-            method, quantize = "full", method
         from ..measure import reset_peak_rss
+        from ..methods import QUANTIZERS
+
+        method = cell["method"]
+        if method in QUANTIZERS:  # KIVI as a baseline of its own: the full cache in quantized storage
+            method, quantize = "full", method
 
         gc.collect()
         reset_peak_rss()  # the cell's peak RSS: building its cache and decoding (the shared prefill is resident)
