@@ -219,6 +219,7 @@ def impl(request):
     return request.param
 
 
-EVICTING = ["streamingllm", "h2o", "snapkv", "pyramidkv", "adakv"]
+EVICTING = ["streamingllm", "h2o", "snapkv", "pyramidkv", "adakv", "madakv"]
 SMALL = {"snapkv": {"window": 4, "kernel": 3}, "pyramidkv": {"window": 4, "kernel": 3},
-         "adakv": {"window": 4, "kernel": 3}, "streamingllm": {"n_sink": 2}, "h2o": {}}
+         "adakv": {"window": 4, "kernel": 3}, "streamingllm": {"n_sink": 2}, "h2o": {},
+         "madakv": {"window": 4, "n_sink": 2, "phi_min": 1}}

@@ -27,6 +27,8 @@ def test_methods_lists_every_method():
         (["--model", "no-such-model"], "no-such-model"),
         (["--param", "window=x8"], "window must be int"),
         (["--param", "window"], "KEY=VALUE"),
+        (["--image", "/no/such.png"], "image '/no/such.png' does not exist"),
+        (["--modality-caps", "pixels=0.1"], "modality one of"),
     ],
 )
 def test_generate_bad_input_names_the_problem(args, message):
@@ -53,3 +55,19 @@ def test_generate_prints_answer_and_table():
     for col in ("KV bytes full", "KV bytes kept", "compression", "prefill s", "decode ms/token"):
         assert col in out
     assert "answers agree with the full cache:" in out
+
+
+@pytest.mark.real
+def test_generate_with_images_on_the_vlm():
+    from modalkv import vlm
+
+    q, a, paths = vlm.easy_vqa_split("test")
+    i = next(j for j, question in enumerate(q) if question == "what shape is in the image?")
+    result = runner.invoke(app, ["generate", "--model", "modalkv-vlm", "--image", paths[i], "--method", "snapkv",
+                                 "--budget", "0.5", "--modality-caps", "image=0.5", "--max-new-tokens", "3",
+                                 "--compare-full", "--threads", "1"], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    assert f"answer: {a[i]}" in result.output and "full cache answer:" in result.output
+    text = runner.invoke(app, ["generate", "--image", paths[i], "--prompt", "hi", "--max-new-tokens", "2"],
+                         terminal_width=200)
+    assert text.exit_code == 2 and "needs a vision-language model" in text.output

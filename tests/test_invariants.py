@@ -35,7 +35,10 @@ def test_prefill_keeps_at_most_the_budget(method, budget):
     k = math.ceil(n * budget) if isinstance(budget, float) else budget
     counts = {key: len(v) for key, v in kept_positions(cache).items()}
     L, H = cache.num_managed, 2
-    if method == "pyramidkv":  # per-layer budgets, same total
+    if method == "madakv":  # per-head and per-layer counts, exactly the global total
+        assert sum(counts.values()) == L * H * k
+        assert len(set(counts.values())) > 1
+    elif method == "pyramidkv":  # per-layer budgets, same total
         assert sum(counts.values()) == L * H * k
         per_layer = [counts[l, 0] for l in range(L)]
         assert per_layer == sorted(per_layer, reverse=True) and per_layer[0] > per_layer[-1]

@@ -3,7 +3,7 @@ full cache, modality caps honoured)."""
 
 import pytest
 import torch
-from transformers import (CLIPVisionConfig, Gemma3Config, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration,
+from transformers import (CLIPVisionConfig, Gemma3Config, Gemma3ForConditionalGeneration, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration,
                           Qwen2VLConfig, Qwen2VLForConditionalGeneration, SmolVLMConfig,
                           SmolVLMForConditionalGeneration)
 
@@ -48,6 +48,19 @@ def smolvlm(impl="sdpa"):
     return SmolVLMForConditionalGeneration(cfg).eval()
 
 
+def gemma3(impl="sdpa"):
+    """Gemma-3: sliding-window + global layers, images pooled to ``mm_tokens_per_image`` tokens between BOI/EOI,
+    bidirectional attention among an image's tokens at prefill (``token_type_ids``)."""
+    torch.manual_seed(0)
+    cfg = Gemma3Config(text_config=dict(TXT, head_dim=16, sliding_window=16,
+                                        layer_types=["sliding_attention", "full_attention"]),
+                       vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                          num_attention_heads=2, image_size=32, patch_size=8),
+                       mm_tokens_per_image=4, image_token_index=IMG, boi_token_index=297, eoi_token_index=298)
+    cfg.text_config._attn_implementation = impl
+    return Gemma3ForConditionalGeneration(cfg).eval()
+
+
 def text_ids(n, seed):
     return torch.randint(3, 280, (1, n), generator=torch.Generator().manual_seed(seed))
 
@@ -75,7 +88,15 @@ def smolvlm_inputs():
     return ids, dict(pixel_values=torch.randn(1, 1, 3, 32, 32, generator=torch.Generator().manual_seed(0)))
 
 
-FAMILIES = {"llava": (llava, llava_inputs), "qwen2vl": (qwen2vl, qwen_inputs), "smolvlm": (smolvlm, smolvlm_inputs)}
+def gemma3_inputs():
+    ids = torch.cat([torch.tensor([[1, 5, 297]]), torch.full((1, 4), IMG), torch.tensor([[298]]), text_ids(12, 6),
+                     torch.tensor([[297]]), torch.full((1, 4), IMG), torch.tensor([[298]]), text_ids(12, 7)], 1)
+    pix = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    return ids, dict(pixel_values=pix, token_type_ids=(ids == IMG).long())
+
+
+FAMILIES = {"llava": (llava, llava_inputs), "qwen2vl": (qwen2vl, qwen_inputs), "smolvlm": (smolvlm, smolvlm_inputs),
+            "gemma3": (gemma3, gemma3_inputs)}
 
 
 def test_token_ids_per_family():

@@ -90,3 +90,46 @@ def test_tokens_per_image_and_errors(built, tmp_path):
         vlm.load_vlm(folder=tmp_path / "nothing")
     with pytest.raises(ValueError, match="split must be 'train' or 'test'"):
         vlm.easy_vqa_split("dev")
+
+
+# -- the shipped weights ------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def shipped():
+    from modalkv.models import load_model
+
+    return load_model("modalkv-vlm")
+
+
+def test_shipped_vlm_answers_easy_vqa(shipped):
+    model, processor = shipped
+    assert hasattr(processor, "image_processor") and model.config.image_seq_length == 64
+    res = vlm.evaluate(model, processor, n=96, seed=1)
+    assert res["accuracy"] >= 0.8, res  # chance (always "no") is ~0.37
+
+
+def test_deferred_question_through_the_cache_equals_one_prefill(shipped):
+    """The runner's multimodal path: the image is detected, caps hold, and a deferred question read through the
+    full cache gives the logits of prefilling the whole prompt at once."""
+    from modalkv.bench.runner import ModelRunner
+    from modalkv.replay import capture_prefill
+    from modalkv.tasks import get_task
+
+    runner = ModelRunner.__new__(ModelRunner)
+    runner.model, runner.processor = shipped
+    runner.tok = runner.processor.tokenizer
+    sample = get_task("vqa_deferred").make(runner.tok, 400, 0)
+    ids, tail, extra = runner.mm_inputs(sample)
+    assert sample.question in runner.tok.decode(tail[0]) and sample.question not in runner.tok.decode(ids[0])
+    cap = capture_prefill(runner.model, ids, **extra)
+    assert int((cap.modality == IMAGE).sum()) == 64
+    capped = cap.build_cache(runner.model, "snapkv", 0.25, modality_caps={"image": 0.1})
+    img = torch.nonzero(cap.modality[0] == IMAGE).flatten()
+    for layer in capped.managed_layers:
+        for store in layer.heads:
+            kept = store.pos[0, : store.n][store.valid[0, : store.n]]
+            assert int(torch.isin(kept, img).sum()) <= 7  # ceil(0.1 * 64)
+    got = runner._read(cap.build_cache(runner.model, "full"), tail, ids.shape[1])
+    with torch.no_grad():
+        want = runner.model(input_ids=torch.cat([ids, tail], 1), **extra).logits[0, -1]
+    assert (got - want).abs().max() < 1e-3

@@ -71,6 +71,24 @@ class Budget:
         return out
 
 
+def parse_caps(text: str) -> dict[str, float]:
+    """Per-modality caps written ``"image=0.1,text=0.5"`` (ratios of each modality's prompt tokens) -> a dict."""
+    caps: dict[str, float] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, eq, value = part.partition("=")
+        name = name.strip().lower()
+        if not eq or name not in MODALITY_IDS:
+            raise ValueError(f"modality cap {part!r}: write <modality>=<ratio> with modality one of "
+                             f"{', '.join(MODALITY_IDS)}, e.g. image=0.1")
+        try:
+            cap = float(value)
+        except ValueError:
+            raise ValueError(f"modality cap {part!r}: {value!r} is not a number") from None
+        check_budget_value(cap, f"modality cap for {name!r}")
+        caps[name] = cap
+    return caps
+
+
 def check_budget_value(value, what: str) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{what} must be a float ratio in (0, 1] or an int token count, got {type(value).__name__}")

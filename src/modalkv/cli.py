@@ -74,7 +74,8 @@ def _fmt_bytes(n: float) -> str:
 
 @app.command()
 def generate(
-    model: str = typer.Option("smollm2-135m", help="Registry name (smollm2-135m, gemma3-270m) or a local folder."),
+    model: str = typer.Option("smollm2-135m", help="Registry name (smollm2-135m, gemma3-270m, modalkv-vlm[@N]) or a "
+                                                   "local folder."),
     method: str = typer.Option("snapkv", help="Compression method (see `modalkv methods`)."),
     budget: str = typer.Option("0.25", help="Ratio of the prompt in (0, 1] or an absolute token count."),
     prompt: Optional[str] = typer.Option(None, help="Prompt text."),
@@ -85,17 +86,22 @@ def generate(
     param: list[str] = typer.Option([], "--param", "-p", help="Method parameter KEY=VALUE (repeatable)."),
     threads: int = typer.Option(0, help="Pin torch to this many threads (0: torch's default)."),
     chat: bool = typer.Option(True, help="Wrap the prompt in the model's chat template."),
+    image: list[Path] = typer.Option([], "--image", help="An image for a vision-language model (repeatable; with "
+                                                         "--model modalkv-vlm). The prompt follows the images."),
+    modality_caps: Optional[str] = typer.Option(None, help="Per-modality caps, e.g. image=0.1,text=0.5 (ratios of "
+                                                           "each modality's prompt tokens)."),
 ) -> None:
     """Generate with a compressed cache; print the answer and a memory/speed table."""
     try:
-        _generate(model, method, budget, prompt, prompt_file, max_new_tokens, compare_full, quantize, param, threads, chat)
+        _generate(model, method, budget, prompt, prompt_file, max_new_tokens, compare_full, quantize, param, threads, chat,
+                  image, modality_caps)
     except (ValueError, TypeError, ImportError, FloatingPointError) as err:
         console.print(f"[bold red]error:[/bold red] {err}")
         raise typer.Exit(2) from None
 
 
 def _generate(model, method, budget, prompt, prompt_file, max_new_tokens, compare_full, quantize, param, threads,
-              chat) -> None:
+              chat, images=(), modality_caps=None) -> None:
     import torch
     from transformers import DynamicCache
 
@@ -103,10 +109,18 @@ def _generate(model, method, budget, prompt, prompt_file, max_new_tokens, compar
     from .measure import cache_bytes, greedy_generate, peak_rss_bytes, pin_threads
     from .models import load_model
 
+    from .budget import parse_caps
+
     if prompt is not None and prompt_file is not None:
         raise ValueError("give either --prompt or --prompt-file, not both")
+    for path in images:
+        if not Path(path).is_file():
+            raise ValueError(f"image {str(path)!r} does not exist")
+    caps = parse_caps(modality_caps or "")
     expected = None
-    if prompt_file is not None:
+    if images and prompt is None and prompt_file is None:
+        text = "what shape is in the image?" if len(images) == 1 else "Describe each image."
+    elif prompt_file is not None:
         text = prompt_file.read_text()
     elif prompt is not None:
         text = prompt
@@ -127,10 +141,29 @@ def _generate(model, method, budget, prompt, prompt_file, max_new_tokens, compar
     hf_logging.disable_progress_bar()
     with console.status(f"loading {model}"):
         lm, tok = load_model(model)
-    cache = KVCache(lm, method, budget_value, quantize=quantize, **params)  # validates before the long prefill
-    if chat and getattr(tok, "chat_template", None):
-        text = tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
-    enc = tok(text, return_tensors="pt", add_special_tokens=not chat)
+    cache = KVCache(lm, method, budget_value, quantize=quantize, modality_caps=caps, **params)  # validates early
+    processor, extra = (tok, {}) if hasattr(tok, "image_processor") else (None, {})
+    if images and processor is None:
+        raise ValueError(f"--image needs a vision-language model (--model modalkv-vlm); {model!r} is text-only")
+    if processor is not None:  # modalkv's VLM: its chat format, images first, then the prompt
+        from . import vlm
+        from .modality import detect_modality
+        from .tasks.multimodal import listing
+
+        tok = processor.tokenizer
+        head = vlm.IMAGE_TOKEN if len(images) == 1 else listing(len(images)).rstrip() if images else ""
+        sep = "\n" if len(images) == 1 else "\n\n"  # the training formats (one image / labelled images)
+        ids = torch.tensor([vlm.expand_ids(tok, vlm.chat_text(f"{head}{sep}{text}" if head else text),
+                                           lm.config.image_seq_length)])
+        enc = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        if images:
+            extra = {"pixel_values": vlm.load_images(list(images), processor)}
+        cache.set_modality(detect_modality(lm.config, ids).ids)
+    else:
+        if chat and getattr(tok, "chat_template", None):
+            text = tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                           add_generation_prompt=True)
+        enc = tok(text, return_tensors="pt", add_special_tokens=not chat)
     eos = [t for t in {tok.eos_token_id, getattr(lm.generation_config, "eos_token_id", None)} if t is not None]
     eos = [e for x in eos for e in (x if isinstance(x, (list, tuple)) else [x])]
 
@@ -141,7 +174,7 @@ def _generate(model, method, budget, prompt, prompt_file, max_new_tokens, compar
     answers = {}
     for label, c in runs:
         with console.status(f"generating with {label}"):
-            res = greedy_generate(lm, enc["input_ids"], enc["attention_mask"], c, max_new_tokens, eos)
+            res = greedy_generate(lm, enc["input_ids"], enc["attention_mask"], c, max_new_tokens, eos, **extra)
         mem = cache_bytes(c)
         answers[label] = res.tokens[0]
         rows.append((label, mem, res))
@@ -188,13 +221,15 @@ def bench(
     out: Optional[str] = typer.Option(None, help="Results CSV (appended; finished cells are skipped)."),
     executor: Optional[str] = typer.Option(None, help="local (default) or ray."),
     quantize: Optional[str] = typer.Option(None, help="Quantized storage for every method: kivi-2/4/8."),
+    modality_caps: Optional[str] = typer.Option(None, help="Per-modality caps for every eviction method, e.g. "
+                                                           "image=0.1,text=0.5 (or per method: snapkv@image=0.1)."),
 ) -> None:
     """Run a benchmark sweep: accuracy, KV memory and decode speed per cell, resumable."""
     from .bench import BenchConfig, run_bench
 
     overrides = dict(models=models or None, methods=methods or None, budgets=budgets or None,
                      tasks=tasks or None, lengths=lengths or None, samples=samples, threads=threads, out=out,
-                     executor=executor, quantize=quantize)
+                     executor=executor, quantize=quantize, modality_caps=modality_caps)
     try:
         cfg = BenchConfig.from_file(config, **overrides) if config else BenchConfig(
             **{k: v for k, v in overrides.items() if v is not None})
@@ -209,11 +244,12 @@ def bench(
 
 def _check_bench(cfg) -> None:
     from .budget import check_budget_value
-    from .methods import QUANTIZERS, REGISTRY
-    from .models import MODEL_REGISTRY
+    from .methods import QUANTIZERS, REGISTRY, split_label
+    from .models import MODEL_REGISTRY, VLM_NAME
     from .tasks import TASKS
 
-    for m in cfg.methods:
+    for label in cfg.methods:
+        m, _ = split_label(cfg.label(label))  # checks the caps too
         if m not in REGISTRY and m not in QUANTIZERS:
             raise ValueError(f"unknown method {m!r}; available: {', '.join(REGISTRY)} "
                              f"(or quantized full storage: {', '.join(QUANTIZERS)})")
@@ -223,8 +259,14 @@ def _check_bench(cfg) -> None:
     for b in cfg.budgets:
         check_budget_value(float(b), "budget")
     for m in cfg.models:
-        if m not in MODEL_REGISTRY and not Path(m).is_dir():
-            raise ValueError(f"unknown model {m!r}; known: {', '.join(MODEL_REGISTRY)} or a local folder")
+        vlm = m.split("@")[0] == VLM_NAME
+        if m not in MODEL_REGISTRY and not vlm and not Path(m).is_dir():
+            raise ValueError(f"unknown model {m!r}; known: {', '.join(MODEL_REGISTRY)}, {VLM_NAME}[@tokens per "
+                             "image] or a local folder")
+        visual = [t for t in cfg.tasks if getattr(TASKS.get(t), "multimodal", False)]
+        if visual and not vlm:
+            raise ValueError(f"task(s) {', '.join(visual)} need a vision-language model ({VLM_NAME}); {m!r} is "
+                             "text-only: run them in a separate sweep")
     if cfg.executor not in ("local", "ray"):
         raise ValueError(f"unknown executor {cfg.executor!r}; use 'local' or 'ray'")
 
@@ -254,30 +296,50 @@ if __name__ == "__main__":  # pragma: no cover
 @app.command("train-vlm")
 def train_vlm(
     vision_minutes: float = typer.Option(5.0, help="Stage 1: vision tower on shape/colour labels."),
-    vqa_minutes: float = typer.Option(45.0, help="Stage 2: projector + LoRA through the frozen SmolLM2."),
+    vqa_minutes: float = typer.Option(40.0, help="Stage 2: projector + LoRA through the frozen SmolLM2, one image "
+                                                 "per question."),
+    mixed_minutes: float = typer.Option(15.0, help="Stage 3: the same, on multi-image, long-text and describe "
+                                                   "prompts (the formats of the multimodal tasks, training split)."),
     batch: int = typer.Option(16, help="Stage 2 batch size."),
-    bf16: bool = typer.Option(True, help="bfloat16 autocast in stage 2 (fp32 weights)."),
+    mixed_batch: int = typer.Option(6, help="Stage 3 batch size (longer prompts)."),
+    bf16: bool = typer.Option(True, help="bfloat16 autocast in stages 2-3 (fp32 weights)."),
     eval_n: int = typer.Option(1000, help="easy-VQA test questions to score at the end (0: all 9,673)."),
     threads: int = typer.Option(2, help="Pinned torch threads."),
     seed: int = typer.Option(0),
+    resume: Path = typer.Option(None, help="Start from these trained weights (a folder written by train-vlm) "
+                                           "instead of a fresh vision tower; stages with 0 minutes are skipped."),
     out: Path = typer.Option(None, help="Where to write the weights (default: the package's assets)."),
 ) -> None:
     """Train modalkv's small VLM (SmolLM2 + SigLIP-style tower + projector + LoRA) on easy-VQA; ship its weights."""
     from . import vlm
     from .measure import pin_threads
+    from .tasks.multimodal import interleaved_examples
 
     pin_threads(threads)
     torch.manual_seed(seed)
-    spec = vlm.VLMSpec()
-    model, processor = vlm.build(spec)
     log: list[str] = []
+    record: dict = {}
+    if resume:
+        model, processor = vlm.load_vlm(folder=resume, merge=False)
+        spec = vlm.VLMSpec(**json.loads((resume / "vlm.json").read_text())["spec"])
+        record["resumed_from"] = json.loads((resume / "vlm.json").read_text())["training"]
+    else:
+        spec = vlm.VLMSpec()
+        model, processor = vlm.build(spec)
     t0 = time.time()
-    s1 = vlm.train_vision(model, processor, vision_minutes, seed=seed, log=log)
-    s2 = vlm.train_vqa(model, processor, spec, vqa_minutes, batch=batch, seed=seed, log=log, bf16=bf16)
+    if vision_minutes > 0:
+        record["vision_steps"] = vlm.train_vision(model, processor, vision_minutes, seed=seed, log=log)
+    if vqa_minutes > 0:
+        record["vqa_steps"] = vlm.train_vqa(model, processor, spec, vqa_minutes, batch=batch, seed=seed, log=log,
+                                           bf16=bf16)
+    if mixed_minutes > 0:
+        record["mixed_steps"] = vlm.train_vqa(model, processor, spec, mixed_minutes, batch=mixed_batch, seed=seed,
+                                             log=log, bf16=bf16, stage="mixed",
+                                             examples=interleaved_examples(processor.tokenizer, seed))
     train_s = time.time() - t0
-    folder = vlm.save(model, spec, {"vision_steps": s1, "vqa_steps": s2, "batch": batch, "seed": seed, "bf16": bf16,
-                                    "train_seconds": round(train_s), "log_tail": log[-5:]},
-                      out or vlm.ASSET_DIR)
+    record.update(batch=batch, mixed_batch=mixed_batch, seed=seed, bf16=bf16, train_seconds=round(train_s),
+                  minutes={"vision": vision_minutes, "vqa": vqa_minutes, "mixed": mixed_minutes}, log_tail=log[-5:])
+    folder = vlm.save(model, spec, record, out or vlm.ASSET_DIR)
     model, processor = vlm.load_vlm(folder=folder)
     res = vlm.evaluate(model, processor, n=eval_n or None, seed=seed)
     meta = json.loads((folder / "vlm.json").read_text())

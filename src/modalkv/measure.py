@@ -83,15 +83,17 @@ class GenResult:
 
 
 @torch.no_grad()
-def greedy_generate(model, input_ids, attention_mask, cache, max_new_tokens: int, eos_ids=()) -> GenResult:
-    """Greedy decoding with a timed prefill and timed decode steps (the first generated token comes from prefill)."""
+def greedy_generate(model, input_ids, attention_mask, cache, max_new_tokens: int, eos_ids=(), **prefill_kwargs) -> GenResult:
+    """Greedy decoding with a timed prefill and timed decode steps (the first generated token comes from prefill).
+    ``prefill_kwargs`` go to the prompt's forward only (a VLM's ``pixel_values``)."""
     eos = set(int(e) for e in eos_ids)
     B, n = input_ids.shape
     mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
     positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
     kw = cache_kwargs(model, cache)
     t0 = time.perf_counter()
-    out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True, **kw)
+    out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True, **kw,
+                **prefill_kwargs)
     prefill_s = time.perf_counter() - t0
     next_ids = out.logits[:, -1].argmax(-1)
     tokens: list[list[int]] = [[] for _ in range(B)]

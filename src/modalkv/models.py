@@ -53,12 +53,16 @@ __all__ = [
     "get_spec",
     "load_gguf",
     "load_model",
+    "load_vlm_model",
     "model_info",
 ]
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "smollm2-135m"
+#: modalkv's own vision-language model (SmolLM2 + shipped vision weights): ``load_model("modalkv-vlm")`` or
+#: ``"modalkv-vlm@256"`` for 256 tokens per image; returns ``(model, processor)``.
+VLM_NAME = "modalkv-vlm"
 #: Name of the marker file written into every converted folder.
 MARKER_FILE = "modalkv-source.json"
 #: Bump when the conversion procedure changes so that old folders are rebuilt.
@@ -170,7 +174,7 @@ def get_spec(name: str) -> ModelSpec:
     except KeyError:
         raise ValueError(
             f"unknown model {name!r}: not a registry short name and not an existing folder. "
-            f"Known short names: {', '.join(sorted(MODEL_REGISTRY))}"
+            f"Known short names: {', '.join(sorted(MODEL_REGISTRY))}, {VLM_NAME}[@tokens per image]"
         ) from None
 
 
@@ -322,7 +326,8 @@ def load_model(
     device: str | torch.device = "cpu",
     attn_implementation: str = "sdpa",
 ) -> tuple[Any, Any]:
-    """Load ``(model, tokenizer)`` from a registry short name or a local transformers folder.
+    """Load ``(model, tokenizer)`` from a registry short name or a local transformers folder; for
+    ``"modalkv-vlm[@N]"`` ``(model, processor)`` of modalkv's VLM (see :func:`load_vlm_model`).
 
     A registry name is converted on first use (see :func:`ensure_converted`).  Anything
     else must be an existing folder loadable with AutoModelForCausalLM/AutoTokenizer; it
@@ -335,6 +340,8 @@ def load_model(
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     name_or_path = os.fspath(name_or_path)
+    if name_or_path.split("@")[0] == VLM_NAME:
+        return load_vlm_model(name_or_path, dtype=dtype, device=device, attn_implementation=attn_implementation)
     if name_or_path in MODEL_REGISTRY:
         spec = MODEL_REGISTRY[name_or_path]
         folder = ensure_converted(spec.name)
@@ -348,6 +355,24 @@ def load_model(
     model, tok = loader(folder, dtype=dtype, device=device, attn_implementation=attn_implementation)
     logger.info("loaded %s from %s in %.1f s", name_or_path, folder, time.perf_counter() - t0)
     return model, tok
+
+
+def load_vlm_model(
+    name: str = "modalkv-vlm",
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    attn_implementation: str = "sdpa",
+) -> tuple[Any, Any]:
+    """``(model, processor)`` of modalkv's own VLM (:mod:`modalkv.vlm`): ``"modalkv-vlm"`` (64 tokens per image) or
+    ``"modalkv-vlm@N"`` (N tokens per image, a square from 16 to 1024, e.g. 256)."""
+    from .vlm import load_vlm
+
+    base, _, n = name.partition("@")
+    if base != VLM_NAME or (n and not n.isdigit()):
+        raise ValueError(f"{name!r}: write {VLM_NAME!r} or '{VLM_NAME}@N' with N tokens per image (64 to 256)")
+    model, processor = load_vlm(int(n) if n else 64, attn_implementation=attn_implementation)
+    return model.to(device=device, dtype=dtype).eval(), processor
 
 
 def load_gguf(

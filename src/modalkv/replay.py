@@ -57,8 +57,13 @@ class CapturedPrefill:
 @torch.no_grad()
 def capture_prefill(model, input_ids, attention_mask=None, position_ids=None, **model_kwargs) -> CapturedPrefill:
     """Run the prompt once through ``model`` and keep what every managed layer needs to be compressed later."""
+    from .modality import detect_modality, special_token_modalities
+
     cache = KVCache(model, _Capture())
     cache.method.captured = {}
+    if special_token_modalities(model.config):  # a VLM: every method sees which entries are image tokens
+        cache.set_modality(detect_modality(model.config, input_ids, model_kwargs.get("mm_token_type_ids"),
+                                           model_kwargs.get("image_grid_thw"), model_kwargs.get("video_grid_thw")).ids)
     if attention_mask is not None and position_ids is None:
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
     out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,

@@ -90,11 +90,24 @@ def build(spec: VLMSpec, lm=None, tok=None):
     return model.eval(), processor
 
 
+def chat_text(content: str, system: str = SYSTEM) -> str:
+    """One user turn in SmolLM2's ChatML with the short system line, ready for the answer; ``content`` holds one
+    :data:`IMAGE_TOKEN` per image (the processor, or :func:`expand_ids`, repeats it ``tokens_per_image`` times)."""
+    return f"<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n{content}<|im_end|>\n<|im_start|>assistant\n"
+
+
 def prompt_text(question: str, images: int = 1) -> str:
-    """The chat prompt of one question about ``images`` images (ChatML as SmolLM2's template, a short system line);
-    each image is one placeholder that the processor expands to ``tokens_per_image`` tokens."""
-    body = IMAGE_TOKEN * images + "\n" + question
-    return f"<|im_start|>system\n{SYSTEM}<|im_end|>\n<|im_start|>user\n{body}<|im_end|>\n<|im_start|>assistant\n"
+    """The chat prompt of one question about ``images`` images (the training format of stage 2)."""
+    return chat_text(IMAGE_TOKEN * images + "\n" + question)
+
+
+def expand_ids(tok, text: str, tokens_per_image: int) -> list[int]:
+    """Token ids of ``text`` with each image placeholder repeated ``tokens_per_image`` times (as the processor)."""
+    image_id = tok.convert_tokens_to_ids(IMAGE_TOKEN)
+    out: list[int] = []
+    for t in tok(text, add_special_tokens=False).input_ids:
+        out += [t] * tokens_per_image if t == image_id else [t]
+    return out
 
 
 # -- data ---------------------------------------------------------------------------------------------------------
@@ -171,42 +184,52 @@ def train_vision(model, processor, minutes: float, batch: int = 64, lr: float = 
 
 
 def prompt_ids(tok, question: str, tokens_per_image: int) -> list[int]:
-    """Token ids of :func:`prompt_text` with each image placeholder expanded (what the processor does)."""
-    image_id = tok.convert_tokens_to_ids(IMAGE_TOKEN)
-    out: list[int] = []
-    for t in tok(prompt_text(question), add_special_tokens=False).input_ids:
-        out += [t] * tokens_per_image if t == image_id else [t]
-    return out
+    """Token ids of :func:`prompt_text` with the image placeholder expanded."""
+    return expand_ids(tok, prompt_text(question), tokens_per_image)
 
 
 def _batch(processor, questions, answers, tokens_per_image: int):
-    """Right-padded input ids, labels (the answer and the end of turn only) and attention mask."""
+    """Right-padded input ids, labels (the answer and the end of turn only) and attention mask of one-image
+    questions (stage 2's format)."""
+    return _batch_examples(processor, [(IMAGE_TOKEN + "\n" + q, a, []) for q, a in zip(questions, answers)],
+                           tokens_per_image)[:3]
+
+
+def _batch_examples(processor, examples, tokens_per_image: int):
+    """(ids, labels, mask, image paths in token order) of ``(content, answer, paths)`` examples, right-padded;
+    the loss is on the answer and the end of turn only."""
     tok = processor.tokenizer
-    rows, labels = [], []
-    for q, a in zip(questions, answers):
-        prompt = prompt_ids(tok, q, tokens_per_image)
-        target = tok(a + "<|im_end|>", add_special_tokens=False).input_ids
+    rows, labels, paths = [], [], []
+    for content, answer, image_paths in examples:
+        prompt = expand_ids(tok, chat_text(content), tokens_per_image)
+        target = tok(answer + "<|im_end|>", add_special_tokens=False).input_ids
         rows.append(prompt + target)
         labels.append([-100] * len(prompt) + target)
+        paths += list(image_paths)
     n = max(map(len, rows))
     ids = torch.zeros(len(rows), n, dtype=torch.long)
     lab = torch.full((len(rows), n), -100)
     mask = torch.zeros(len(rows), n, dtype=torch.long)
     for i, (r, l) in enumerate(zip(rows, labels)):
         ids[i, : len(r)], lab[i, : len(l)], mask[i, : len(r)] = torch.tensor(r), torch.tensor(l), 1
-    return ids, lab, mask
+    return ids, lab, mask, paths
 
 
 def add_lora(model, spec: VLMSpec):
-    """Inject LoRA adapters (peft) into the language model in place; only they (and the vision side) train."""
+    """Inject LoRA adapters (peft) into the language model in place (once); only they (and the vision side) train.
+    Returns the adapter parameters."""
     peft = _require("peft", "peft")
     lm = model.model.language_model
     for p in lm.parameters():
         p.requires_grad_(False)
-    cfg = peft.LoraConfig(r=spec.lora_rank, lora_alpha=spec.lora_alpha, lora_dropout=0.0,
-                          target_modules=list(spec.lora_targets))
-    peft.inject_adapter_in_model(cfg, lm)
-    return [p for n, p in lm.named_parameters() if "lora_" in n]
+    if not any("lora_" in n for n, _ in lm.named_parameters()):
+        cfg = peft.LoraConfig(r=spec.lora_rank, lora_alpha=spec.lora_alpha, lora_dropout=0.0,
+                              target_modules=list(spec.lora_targets))
+        peft.inject_adapter_in_model(cfg, lm)
+    lora = [p for n, p in lm.named_parameters() if "lora_" in n]
+    for p in lora:
+        p.requires_grad_(True)
+    return lora
 
 
 def merge_lora(model) -> int:
@@ -223,27 +246,41 @@ def merge_lora(model) -> int:
     return merged
 
 
-def train_vqa(model, processor, spec: VLMSpec, minutes: float, batch: int = 16, lr: float = 3e-4,
-              vision_lr: float = 5e-5, seed: int = 0, log=None, bf16: bool = True, max_steps: int | None = None) -> int:
-    """Stage 2: projector + LoRA (+ vision tower at ``vision_lr``) through the frozen LM, loss on the answers.
-
-    ``bf16``: autocast matmuls to bfloat16 (fp32 weights and optimizer state); 1.5x faster per step on this
-    project's AVX512-BF16 CPU (batch 16: ~5 s vs ~7.5 s)."""
+def vqa_examples(seed: int = 0):
+    """Stage 2's stream: every easy-VQA training question once per epoch, shuffled, one image each."""
     q, a, paths = easy_vqa_split("train")
+    order = list(range(len(q)))
+    rng = random.Random(seed)
+    while True:
+        rng.shuffle(order)
+        for i in order:
+            yield IMAGE_TOKEN + "\n" + q[i], a[i], [paths[i]]
+
+
+def train_vqa(model, processor, spec: VLMSpec, minutes: float, batch: int = 16, lr: float = 3e-4,
+              vision_lr: float = 5e-5, seed: int = 0, log=None, bf16: bool = True, max_steps: int | None = None,
+              examples=None, stage: str = "vqa") -> int:
+    """Stage 2 (and 3): projector + LoRA (+ vision tower at ``vision_lr``) through the frozen LM, loss on the answers.
+
+    ``examples``: an iterator of ``(content, answer, image paths)`` (default :func:`vqa_examples`; stage 3 passes
+    :func:`modalkv.tasks.multimodal.interleaved_examples`). ``bf16``: autocast matmuls to bfloat16 (fp32 weights
+    and optimizer state); 1.5x faster per step on this project's AVX512-BF16 CPU (batch 16: ~5 s vs ~7.5 s).
+    Warm-up 20 steps, then cosine decay over the time budget."""
+    examples = examples if examples is not None else vqa_examples(seed)
     lora = add_lora(model, spec)
     groups = [{"params": list(model.model.multi_modal_projector.parameters()) + lora, "lr": lr},
               {"params": list(model.model.vision_tower.parameters()), "lr": vision_lr}]
+    for g in groups:
+        for p in g["params"]:
+            p.requires_grad_(True)
     opt = torch.optim.AdamW(groups, weight_decay=0.0)
-    order = list(range(len(q)))
-    random.Random(seed).shuffle(order)
     model.train()
-    t0, step, at, losses = time.time(), 0, 0, []
+    t0, step, losses = time.time(), 0, []
     budget = minutes * 60
     while time.time() - t0 < budget and (max_steps is None or step < max_steps):
-        idx = order[at: at + batch]
-        at = at + batch if at + 2 * batch <= len(order) else 0
-        ids, labels, mask = _batch(processor, [q[i] for i in idx], [a[i] for i in idx], spec.tokens_per_image)
-        pixels = load_images([paths[i] for i in idx], processor)
+        ids, labels, mask, paths = _batch_examples(processor, [next(examples) for _ in range(batch)],
+                                                   spec.tokens_per_image)
+        pixels = load_images(paths, processor)
         frac = (time.time() - t0) / budget
         for g, base in zip(opt.param_groups, (lr, vision_lr)):
             g["lr"] = base * min(1.0, (step + 1) / 20) * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0)))
@@ -255,7 +292,7 @@ def train_vqa(model, processor, spec: VLMSpec, minutes: float, batch: int = 16, 
         losses.append(out.loss.item())
         step += 1
         if step % 10 == 0:
-            _log(f"vqa step {step} ({step * batch} examples) loss {sum(losses[-10:]) / 10:.3f}", log)
+            _log(f"{stage} step {step} ({step * batch} examples) loss {sum(losses[-10:]) / 10:.3f}", log)
     model.eval()
     return step
 
@@ -302,17 +339,20 @@ def trained_state(model) -> dict[str, torch.Tensor]:
     return out
 
 
-def save(model, spec: VLMSpec, record: dict, folder: Path = ASSET_DIR) -> Path:
+def save(model, spec: VLMSpec, record: dict, folder: Path | None = None) -> Path:
     from safetensors.torch import save_file
 
+    folder = Path(folder) if folder is not None else ASSET_DIR
     folder.mkdir(parents=True, exist_ok=True)
     save_file(trained_state(model), folder / "weights.safetensors")
     (folder / "vlm.json").write_text(json.dumps({"spec": asdict(spec), "training": record}, indent=2))
     return folder
 
 
-def load_vlm(tokens_per_image: int = 64, folder: Path = ASSET_DIR, attn_implementation: str = "sdpa"):
-    """(model, processor) of the shipped modalkv-vlm: SmolLM2 + trained vision tower, projector and LoRA (merged).
+def load_vlm(tokens_per_image: int = 64, folder: Path | None = None, attn_implementation: str = "sdpa",
+             merge: bool = True):
+    """(model, processor) of the shipped modalkv-vlm: SmolLM2 + trained vision tower, projector and LoRA (merged;
+    ``merge=False`` keeps the adapters apart, to train on from these weights).
 
     ``tokens_per_image`` (a square: 64, 144, 256, ...) sets the image resolution fed to the tower (8x8 patches);
     above the trained 64 the position embeddings are interpolated once at load time (CHOICE: bicubic)."""
@@ -320,6 +360,7 @@ def load_vlm(tokens_per_image: int = 64, folder: Path = ASSET_DIR, attn_implemen
 
     from .models import load_model
 
+    folder = Path(folder) if folder is not None else ASSET_DIR
     meta_path, weights_path = folder / "vlm.json", folder / "weights.safetensors"
     if not weights_path.is_file():
         raise FileNotFoundError(f"{weights_path} is missing: train it with `modalkv train-vlm`")
@@ -342,9 +383,11 @@ def load_vlm(tokens_per_image: int = 64, folder: Path = ASSET_DIR, attn_implemen
                 raise ValueError(f"{weights_path}: {name} has shape {tuple(t.shape)}, expected "
                                  f"{tuple(params[name].shape)} (weights and vlm.json disagree)")
             params[name].copy_(t.float())
-    merge_lora(model.model.language_model)
     if side * spec.patch_size != spec.image_size:
         _resize_vision(model, processor, spec, side)
+    if not merge:
+        return model.eval(), processor
+    merge_lora(model.model.language_model)
     for p in model.parameters():
         p.requires_grad_(False)
     return model.eval(), processor

@@ -150,6 +150,11 @@ def write_report(results: str | Path, out_dir: str | Path | None = None, extra: 
             lines += _table(f, ["label", "length"], "budget", "top1", lambda v: f"{v:.3f}") + [""]
         lines += ["### KV kept / full cache (bytes, metadata included)", ""]
         lines += _table(d, ["label", "length"], "budget", "kv_ratio_vs_full", lambda v: f"{v:.3f}") + [""]
+        lines += ["### KV kept, MiB (mean; metadata included)", ""]
+        lines += _table(d.assign(kv_mib=d.kv_kept_bytes / 2**20), ["label", "length"], "budget", "kv_mib",
+                        lambda v: f"{v:.1f}") + [""]
+        lines += ["### decode ms/token (mean over prompts of each cell's median step)", ""]
+        lines += _table(d, ["label", "length"], "budget", "decode_ms", lambda v: f"{v:.1f}") + [""]
         lines += ["### decode speed-up vs the full cache (same run, same prompt)", ""]
         lines += _table(d, ["label", "length"], "budget", "speedup_vs_full", lambda v: f"{v:.2f}x") + [""]
 

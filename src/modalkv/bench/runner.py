@@ -47,6 +47,15 @@ class BenchConfig:
     out: str = "results/bench.csv"
     executor: str = "local"
     quantize: str | None = None
+    modality_caps: str | None = None  # e.g. "image=0.1,text=0.5": added to every eviction method's label
+
+    def label(self, method: str) -> str:
+        """The cell's method label: ``method`` or ``method@caps`` (see :func:`modalkv.methods.split_label`)."""
+        from ..methods import QUANTIZERS
+
+        if self.modality_caps and "@" not in method and method not in QUANTIZERS:
+            return f"{method}@{self.modality_caps}"
+        return method
 
     @classmethod
     def from_file(cls, path: str | Path, **overrides) -> "BenchConfig":
@@ -72,8 +81,8 @@ class BenchConfig:
         for method in self.methods:
             # a quantizer (KIVI) stores every token: one cell at budget 1.0
             for budget in [1.0] if method in QUANTIZERS else self.budgets:
-                yield dict(library="modalkv", model=model, task=task, length=length, seed=seed, method=method,
-                           budget=float(budget))
+                yield dict(library="modalkv", model=model, task=task, length=length, seed=seed,
+                           method=self.label(method), budget=float(budget))
 
 
 def cell_key(row: dict) -> tuple:
@@ -135,7 +144,10 @@ class ModelRunner:
         hf_logging.disable_progress_bar()
         pin_threads(threads)
         self.name = model_name
-        self.model, self.tok = load_model(model_name)
+        self.model, tok = load_model(model_name)
+        # a vision-language model comes with its processor (tokenizer + image processor)
+        self.processor = tok if hasattr(tok, "image_processor") else None
+        self.tok = tok.tokenizer if self.processor is not None else tok
 
     def chat_ids(self, text: str) -> torch.Tensor:
         tok = self.tok
@@ -144,6 +156,19 @@ class ModelRunner:
                                            add_generation_prompt=True)
         return tok(text, return_tensors="pt", add_special_tokens=False).input_ids
 
+    def mm_inputs(self, sample) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        """(ids compressed at prefill, ids read through the compressed cache, pixel inputs) of a multimodal sample
+        for modalkv's VLM; the second part is the question of a deferred sample, else empty."""
+        from .. import vlm
+
+        tpi = self.model.config.image_seq_length
+        text = vlm.chat_text(sample.prompt)
+        cut = text.index(sample.context) + len(sample.context) if sample.deferred else len(text)
+        head = vlm.expand_ids(self.tok, text[:cut], tpi)
+        tail = self.tok(text[cut:], add_special_tokens=False).input_ids if cut < len(text) else []
+        pixels = vlm.load_images(sample.images, self.processor).to(self.model.dtype)
+        return torch.tensor([head]), torch.tensor([tail], dtype=torch.long), {"pixel_values": pixels}
+
     def run_group(self, cells: list[dict], quantize=None) -> list[dict]:
         task_name = cells[0]["task"]
         if task_name == "fidelity":
@@ -151,40 +176,61 @@ class ModelRunner:
         from ..tasks import get_task
 
         task = get_task(task_name)
-        sample = task.make(self.tok, cells[0]["length"], cells[0]["seed"])
-        ids = self.chat_ids(sample.prompt)
+        length, seed = cells[0]["length"], cells[0]["seed"]
+        if getattr(task, "multimodal", False):
+            if self.processor is None:
+                raise ValueError(f"task {task_name!r} needs a vision-language model (modalkv-vlm); "
+                                 f"{self.name!r} is text-only")
+            sample = task.make(self.tok, length, seed, tokens_per_image=self.model.config.image_seq_length)
+            ids, tail, extra = self.mm_inputs(sample)
+        else:
+            sample = task.make(self.tok, length, seed)
+            ids, tail, extra = self.chat_ids(sample.prompt), torch.zeros(1, 0, dtype=torch.long), {}
         rows = []
-        cap, forward_s = self._capture(ids)
+        cap, forward_s = self._capture(ids, **extra)
         for cell in cells:
             cache, compress_s = self._build(cap, cell, quantize)
-            tokens, step_ms = self._greedy(cache, cap.logits[0, -1], ids.shape[1], sample.max_new_tokens)
+            first = self._read(cache, tail, ids.shape[1]) if tail.shape[1] else cap.logits[0, -1]
+            n = ids.shape[1] + tail.shape[1]
+            tokens, step_ms = self._greedy(cache, first, n, sample.max_new_tokens)
             output = self.tok.decode(tokens, skip_special_tokens=True)
-            rows.append(self._row(cell, cache, forward_s, compress_s, step_ms, ids.shape[1],
+            rows.append(self._row(cell, cache, forward_s, compress_s, step_ms, n,
                                   score=task.score(output, sample), output=output.strip()))
             del cache
         return rows
 
+    @torch.no_grad()
+    def _read(self, cache, tail: torch.Tensor, start: int) -> torch.Tensor:
+        """Feed ``tail`` (a deferred question) through the compressed cache one token at a time, as decoding does;
+        returns the logits of the last one."""
+        from ..cache import cache_kwargs
+
+        kw = cache_kwargs(self.model, cache)
+        for i in range(tail.shape[1]):
+            out = self.model(input_ids=tail[:, i: i + 1], position_ids=torch.tensor([[start + i]]), **kw)
+        return out.logits[0, -1]
+
     # -- pieces ---------------------------------------------------------------------------------------------
-    def _capture(self, ids):
+    def _capture(self, ids, **model_kwargs):
         from ..replay import capture_prefill
 
         gc.collect()
         t0 = time.perf_counter()
-        cap = capture_prefill(self.model, ids)
+        cap = capture_prefill(self.model, ids, **model_kwargs)
         return cap, time.perf_counter() - t0
 
     def _build(self, cap, cell, quantize):
         from ..measure import reset_peak_rss
-        from ..methods import QUANTIZERS
+        from ..methods import QUANTIZERS, split_label
 
-        method = cell["method"]
+        method, caps = split_label(cell["method"])
         if method in QUANTIZERS:  # KIVI as a baseline of its own: the full cache in quantized storage
             method, quantize = "full", method
 
         gc.collect()
         reset_peak_rss()  # the cell's peak RSS: building its cache and decoding (the shared prefill is resident)
         t0 = time.perf_counter()
-        cache = cap.build_cache(self.model, method, _budget(cell["budget"]), quantize=quantize)
+        cache = cap.build_cache(self.model, method, _budget(cell["budget"]), quantize=quantize, modality_caps=caps)
         return cache, time.perf_counter() - t0
 
     @torch.no_grad()

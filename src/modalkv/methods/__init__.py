@@ -10,12 +10,13 @@ from .base import Method, PrefillContext
 from .full import Full
 from .h2o import H2O
 from .lookm import LookM
+from .madakv import MadaKV
 from .pyramidkv import PyramidKV
 from .snapkv import SnapKV
 from .streaming import StreamingLLM
 
 REGISTRY: dict[str, type[Method]] = {
-    cls.name: cls for cls in (Full, StreamingLLM, H2O, SnapKV, PyramidKV, AdaKV, LookM)
+    cls.name: cls for cls in (Full, StreamingLLM, H2O, SnapKV, PyramidKV, AdaKV, LookM, MadaKV)
 }
 
 
@@ -52,6 +53,15 @@ def make_method(method, **params) -> Method:
     return cls(**params)
 
 
+def split_label(label: str) -> tuple[str, dict[str, float]]:
+    """A benchmark method label -> (method name, per-modality caps): ``"snapkv@image=0.1,text=0.5"`` is SnapKV at
+    the cell's budget keeping at most 10 % of the image tokens and 50 % of the text tokens."""
+    from ..budget import parse_caps
+
+    name, _, caps = label.partition("@")
+    return name, parse_caps(caps)
+
+
 QUANTIZERS = ("kivi-2", "kivi-4", "kivi-8")
 
 
@@ -72,5 +82,6 @@ def make_quantizer(spec):
 
 __all__ = [
     "QUANTIZERS", "REGISTRY", "Method", "PrefillContext", "available_methods", "make_method", "make_quantizer", "register",
-    "Full", "StreamingLLM", "H2O", "SnapKV", "PyramidKV", "AdaKV", "LookM",
+    "split_label",
+    "Full", "StreamingLLM", "H2O", "SnapKV", "PyramidKV", "AdaKV", "LookM", "MadaKV",
 ]

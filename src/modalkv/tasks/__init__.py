@@ -1,9 +1,9 @@
-"""Evaluation tasks generated offline from a seed (text now; multimodal tasks join with the VLM).
+"""Evaluation tasks generated offline from a seed (text, and multimodal ones for the VLM).
 
 ``get_task(name)`` returns a task; ``TASKS`` lists them. See :mod:`modalkv.tasks.base` for the interface.
 """
 
-from . import docqa, ruler  # noqa: F401  (register the tasks)
+from . import docqa, multimodal, ruler  # noqa: F401  (register the tasks)
 from .base import TASKS, Sample, Task, get_task, register_task
 from .needle import NeedleSample, make_needle, score_contains
 
