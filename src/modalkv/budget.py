@@ -61,6 +61,12 @@ class Budget:
             return torch.maximum(prefill_kept, torch.ceil(seen.double() * self.value - 1e-9).long())
         return prefill_kept
 
+    def decode_target(self, prefill_kept: int, seen: int) -> int:
+        """:meth:`decode_targets` for one row, in Python integers (no device round trip)."""
+        if self.is_ratio:
+            return max(prefill_kept, math.ceil(seen * self.value - 1e-9))
+        return prefill_kept
+
     def caps(self, modality: torch.Tensor, real: torch.Tensor) -> dict[int, torch.Tensor]:
         """Per-row caps {modality id: LongTensor [B]} for the capped modalities present."""
         out = {}

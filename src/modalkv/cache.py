@@ -108,10 +108,16 @@ class HeadStore:
 
     def remove(self, slot: torch.Tensor) -> None:
         """Evict one entry per row (slot: LongTensor [B]); the last slot moves into the hole."""
-        rows = torch.arange(slot.shape[0], device=slot.device)
         last = self.n - 1
-        for t in self._tensors():
-            t[rows, slot] = t[:, last].clone()
+        if slot.shape[0] == 1 and slot.device.type == "cpu":  # one row on the CPU: plain views, no index tensors
+            s = int(slot)
+            if s != last:
+                for t in self._tensors():
+                    t[0, s] = t[0, last]
+        else:
+            rows = torch.arange(slot.shape[0], device=slot.device)
+            for t in self._tensors():
+                t[rows, slot] = t[:, last].clone()
         self.n -= 1
 
     def evict_lowest(self, score: torch.Tensor, count: torch.Tensor) -> None:
@@ -239,6 +245,7 @@ class CompressedLayer(DynamicLayer):
         self.heads: list[HeadStore] | None = None
         self.pending: tuple[torch.Tensor, torch.Tensor] | None = None
         self.seen = 0
+        self._row_targets = None  # (prefill kept per head, real prompt length) as ints, for batch 1
 
     # -- transformers layer contract ---------------------------------------------------------------------
     def lazy_initialization(self, key_states, value_states) -> None:
@@ -296,6 +303,7 @@ class CompressedLayer(DynamicLayer):
             index = indices.to(self.prompt_real.device)
             self.prompt_real = self.prompt_real.index_select(0, index)
             self.prefill_kept = [k.index_select(0, index) for k in self.prefill_kept]
+            self._row_targets = None
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         if self.heads:
@@ -370,12 +378,24 @@ class CompressedLayer(DynamicLayer):
         self.prompt_len = n
         self.prompt_real = n_real.to(keys.device)
         self.prefill_kept = [store.valid[:, : store.n].sum(-1) for store in heads]
+        self._row_targets = None
         cache.method.after_prefill(self)
 
     def decode_targets(self, h: int) -> torch.Tensor:
         """Per-row number of valid entries a decode-time evicting method may keep in head ``h`` now ([B])."""
         generated = self.seen - self.prompt_len
         return self.cache.budget.decode_targets(self.prefill_kept[h], self.prompt_real + generated)
+
+    def over_budget(self, h: int):
+        """Entries head ``h`` holds beyond its decode target: a Python int for one sequence whose store has no holes
+        (the common decode step, decided without a device round trip), else a LongTensor [B] (clamped at 0)."""
+        store = self.heads[h]
+        if store.batch == 1 and store.all_valid:
+            if self._row_targets is None:
+                self._row_targets = ([int(k) for k in self.prefill_kept], int(self.prompt_real[0]))
+            kept, real = self._row_targets
+            return store.n - self.cache.budget.decode_target(kept[h], real + self.seen - self.prompt_len)
+        return (store.valid[:, : store.n].sum(-1) - self.decode_targets(h)).clamp(min=0)
 
     def budget_entries(self) -> int:
         """Valid entries over all heads and rows."""

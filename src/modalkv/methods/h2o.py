@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -67,11 +68,21 @@ class H2O(Method):
             p = probs[h]  # [B, G, q, n]
             col = p.amax(1) if self.gqa_reduce == "max" else p.mean(1)
             store.extras["acc"][:, : store.n] += col.sum(1).float()
+            over = layer.over_budget(h)
+            if isinstance(over, int):  # one sequence, no holes: decided without a device round trip
+                if over <= 0:
+                    continue
+                if over == 1:  # the newest entry is the token just appended (position seen - 1)
+                    recent = math.ceil((store.n - 1) * self.recent_ratio)
+                    score = store.extras["acc"][0, : store.n].masked_fill(
+                        store.pos[0, : store.n] > layer.seen - 1 - recent, float("inf"))
+                    store.remove(score.argmin().view(1))
+                    continue
+                over = torch.tensor([over], device=store.pos.device)
+            elif not bool(over.any()):
+                continue
             target = layer.decode_targets(h)
             valid = store.valid[:, : store.n]
-            over = (valid.sum(-1) - target).clamp(min=0)
-            if not bool(over.any()):
-                continue
             recent = torch.ceil(target.double() * self.recent_ratio).long()[:, None]
             pos = store.pos[:, : store.n]
             newest = pos.masked_fill(~valid, -1).amax(-1, keepdim=True)

@@ -56,10 +56,19 @@ class StreamingLLM(Method):
 
     def decode(self, layer, probs) -> None:
         for h, store in enumerate(layer.heads):
-            valid = store.valid[:, : store.n]
-            over = (valid.sum(-1) - layer.decode_targets(h)).clamp(min=0)
-            if not bool(over.any()):
+            over = layer.over_budget(h)
+            if isinstance(over, int):  # one sequence, no holes: decided without a device round trip
+                if over <= 0:
+                    continue
+                if over == 1 and store.n > self.n_sink:  # evict the oldest non-sink: the (n_sink+1)-th position
+                    pos = store.pos[0, : store.n]
+                    victim = pos.kthvalue(self.n_sink + 1).indices if self.n_sink else pos.argmin()
+                    store.remove(victim.view(1))
+                    continue
+                over = torch.tensor([over], device=store.pos.device)
+            elif not bool(over.any()):
                 continue
+            valid = store.valid[:, : store.n]
             pos = store.pos[:, : store.n].float().masked_fill(~valid, float("inf"))
             # sinks: the n_sink smallest valid positions (positions are unique); evict the oldest valid non-sinks
             if self.n_sink:
