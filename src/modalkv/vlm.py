@@ -12,9 +12,12 @@ modalkv assembles one the standard way and ships only the parts that are not Smo
 The image placeholder is ``<reponame>``, a special token already in SmolLM2's vocabulary that chat never uses, so
 no embedding row is added (CHOICE: adding a token would change the base embedding matrix).
 
-Training (``modalkv train-vlm``, about an hour on 2 CPU cores): stage 1 teaches the vision tower shape and colour
-labels read off the training questions; stage 2 trains projector + LoRA (+ the vision tower at a lower rate)
-through the frozen LM on the answers. Evaluation: exact match of the generated answer on the easy-VQA test set.
+Training (``modalkv train-vlm``, about an hour on 2 CPU cores by default): stage 1 teaches the vision tower shape and
+colour labels read off the training questions; stage 2 trains projector + LoRA (+ the vision tower at a lower rate)
+through the frozen LM on the answers, one image per question; stage 3 continues on the prompt formats of the
+multimodal tasks (several labelled images, an image followed by text, "Describe each image.") drawn from the
+training split (:func:`modalkv.tasks.multimodal.interleaved_examples`). Evaluation: exact match of the generated
+answer on the easy-VQA test set.
 """
 
 from __future__ import annotations
