@@ -108,3 +108,10 @@ def test_bench_checks_models_and_tasks():
         _check_bench(BenchConfig(models=["modalkv-vlm"], methods=["snapkv@pixels=0.1"], tasks=["mm_retrieval"]))
     _check_bench(BenchConfig(models=["modalkv-vlm@256"], methods=["snapkv@image=0.1", "lookm"],
                              tasks=["mm_retrieval", "fidelity"]))
+
+
+def test_vlm_name_errors():
+    from modalkv.models import load_model
+
+    with pytest.raises(ValueError, match="tokens per image"):
+        load_model("modalkv-vlm@many")
