@@ -142,18 +142,16 @@ def _generate(model, method, budget, prompt, prompt_file, max_new_tokens, compar
     with console.status(f"loading {model}"):
         lm, tok = load_model(model)
     cache = KVCache(lm, method, budget_value, quantize=quantize, modality_caps=caps, **params)  # validates early
-    processor, extra = (tok, {}) if hasattr(tok, "image_processor") else (None, {})
+    processor, extra = (tok if hasattr(tok, "image_processor") else None), {}
     if images and processor is None:
         raise ValueError(f"--image needs a vision-language model (--model modalkv-vlm); {model!r} is text-only")
     if processor is not None:  # modalkv's VLM: its chat format, images first, then the prompt
         from . import vlm
         from .modality import detect_modality
-        from .tasks.multimodal import listing
+        from .tasks.multimodal import image_prompt
 
         tok = processor.tokenizer
-        head = vlm.IMAGE_TOKEN if len(images) == 1 else listing(len(images)).rstrip() if images else ""
-        sep = "\n" if len(images) == 1 else "\n\n"  # the training formats (one image / labelled images)
-        ids = torch.tensor([vlm.expand_ids(tok, vlm.chat_text(f"{head}{sep}{text}" if head else text),
+        ids = torch.tensor([vlm.expand_ids(tok, vlm.chat_text(image_prompt(len(images), text)),
                                            lm.config.image_seq_length)])
         enc = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
         if images:

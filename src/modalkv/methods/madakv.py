@@ -132,7 +132,6 @@ class MadaKV(Method):
         target = torch.minimum(torch.maximum(target, low), high.clamp(min=0))
         keep_n = fit_total(want.minimum(room).reshape(B, 2 * H), room.reshape(B, 2 * H), target).view(B, H, 2)
         st["spent"] = st["spent"] + keep_n.sum((1, 2))
-        self.last_counts = keep_n  # [B, H, (visual, text)] for inspection and tests
 
         keep = fixed[:, None, :].expand(B, H, n).clone()
         for m, mask in enumerate((visual, text)):

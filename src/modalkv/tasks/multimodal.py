@@ -89,6 +89,18 @@ def listing(n: int) -> str:
     return "".join(f"Image {i + 1}: {IMAGE_TOKEN}\n" for i in range(n))
 
 
+def image_prompt(n_images: int, text: str, labelled: bool | None = None) -> str:
+    """The user turn of ``n_images`` images followed by ``text``, in the training formats: unlabelled, one bare
+    placeholder line; labelled (the default for several images), "Image 1: ..." lines and a blank line."""
+    from ..vlm import IMAGE_TOKEN
+
+    if n_images == 0:
+        return text
+    if not (n_images > 1 if labelled is None else labelled):
+        return f"{IMAGE_TOKEN * n_images}\n{text}"
+    return f"{listing(n_images).rstrip()}\n\n{text}"
+
+
 def describe_answer(labels: list[tuple[str, str]]) -> str:
     return "\n".join(f"Image {i + 1}: a {colour} {shape}." for i, (shape, colour) in enumerate(labels))
 
@@ -189,13 +201,13 @@ def interleaved_examples(tokenizer, seed: int = 0, max_images: int = 6, max_text
         r = rng.random()
         if r < 0.35:
             i = rng.randrange(len(q))
-            yield f"{IMAGE_TOKEN}\n{q[i]}", a[i], [paths[i]]
+            yield image_prompt(1, q[i]), a[i], [paths[i]]
         elif r < 0.60:
             n = rng.randint(2, max_images)
             images = rng.sample(pool, n)
             k = rng.randrange(n)
             question, answer = rng.choice(per_image[images[k]])
-            yield f"{listing(n).rstrip()}\n\nImage {k + 1}: {question}", answer, images
+            yield image_prompt(n, f"Image {k + 1}: {question}"), answer, images
         elif r < 0.75:
             image = rng.choice(pool)
             question, answer = rng.choice(per_image[image])
@@ -204,4 +216,4 @@ def interleaved_examples(tokenizer, seed: int = 0, max_images: int = 6, max_text
         else:
             n = rng.randint(1, max_images)
             images = rng.sample(pool, n)
-            yield f"{listing(n).rstrip()}\n\n{DESCRIBE}", describe_answer([labels[p] for p in images]), images
+            yield image_prompt(n, DESCRIBE, labelled=True), describe_answer([labels[p] for p in images]), images
