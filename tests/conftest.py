@@ -91,7 +91,13 @@ class Recorder:
             vis = torch.zeros(B, len(layer.heads), seen, dtype=torch.bool)
             for h, store in enumerate(layer.heads):
                 n = store.n
-                vis[:, h].scatter_(1, store.pos[:, :n].long(), store.valid[:, :n])
+                # add, not overwrite: an invalid slot may carry a stale copy of a valid slot's position
+                seen_now = store.valid[:, :n]
+                if "hidden" in store.extras:  # kept but masked out of the output (HAE's bin_attend=False)
+                    seen_now = seen_now & ~(store.extras["hidden"][:, :n] > 0)
+                hits = torch.zeros(B, seen, dtype=torch.int32).scatter_add_(1, store.pos[:, :n].long(),
+                                                                           seen_now.int())
+                vis[:, h] = hits > 0
             if not self.records or layer.layer_idx in self.records[-1]:
                 self.records.append({})
             self.records[-1][layer.layer_idx] = vis
@@ -219,7 +225,7 @@ def impl(request):
     return request.param
 
 
-EVICTING = ["streamingllm", "h2o", "snapkv", "pyramidkv", "adakv", "madakv"]
+EVICTING = ["streamingllm", "h2o", "snapkv", "pyramidkv", "adakv", "madakv", "hae"]
 SMALL = {"snapkv": {"window": 4, "kernel": 3}, "pyramidkv": {"window": 4, "kernel": 3},
          "adakv": {"window": 4, "kernel": 3}, "streamingllm": {"n_sink": 2}, "h2o": {},
-         "madakv": {"window": 4, "n_sink": 2, "phi_min": 1}}
+         "madakv": {"window": 4, "n_sink": 2, "phi_min": 1}, "hae": {"recent": 4, "n_sink": 2, "bin_size": 2}}

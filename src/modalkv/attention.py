@@ -143,9 +143,15 @@ def attend_stored(layer, query: torch.Tensor, mask, scaling: float) -> torch.Ten
             allowed = torch.ones(B, q, n, dtype=torch.bool, device=logits.device)
             allowed[:, :, n - q :] = block
             logits = logits.view(B, G, q, n).masked_fill(~allowed[:, None], float("-inf")).view(B, G * q, n)
+        hidden = store.extras.get("hidden")  # entries kept and scored but not read (e.g. HAE's bin_attend=False)
+        scored = logits
+        if hidden is not None:
+            logits = logits.masked_fill(hidden[:, None, :n] > 0, float("-inf"))
         probs = torch.softmax(logits, dim=-1, dtype=torch.float32).to(V.dtype)
         out[:, :, h * G : (h + 1) * G] = torch.matmul(probs, V).view(B, G, q, d).transpose(1, 2)
         if want_probs:
+            if hidden is not None:  # the method scores every stored entry, hidden ones included
+                probs = torch.softmax(scored, dim=-1, dtype=torch.float32).to(V.dtype)
             probs_per_head.append(probs.view(B, G, q, n))
     if want_probs or method.decodes:
         method.decode(layer, probs_per_head if want_probs else None)

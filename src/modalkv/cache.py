@@ -26,12 +26,13 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+import weakref
 from typing import Any
 
 import torch
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
-from . import attention
+from . import attention, pruning
 from .budget import Budget
 from .modality import TEXT, as_modality_ids
 
@@ -260,6 +261,10 @@ class CompressedLayer(DynamicLayer):
         q = key_states.shape[-2]
         if self.heads is None:
             self.pending = (key_states, value_states)  # compressed by the attention function after attending
+            if self.rank == 0:
+                pruning.finish(self.cache)  # a new prompt forward: no pruning state left from an earlier one
+            if pruning.active(self.cache, q):  # a pruned prompt forward: the layer still saw the whole prompt
+                q = self.cache.prune_len
         else:
             B = key_states.shape[0]
             pos = torch.arange(self.seen, self.seen + q, device=key_states.device, dtype=torch.int32).expand(B, q)
@@ -341,16 +346,24 @@ class CompressedLayer(DynamicLayer):
 
         cache = self.cache
         B, H, n, _ = keys.shape
-        start = self.seen - n
-        positions = torch.arange(start, self.seen, device=keys.device)
-        modality = cache.modality_slice(start, n, B, keys.device)
-        n_real = real.sum(-1)
+        pruned = pruning.active(cache, n)
+        full_len = cache.prune_len if pruned else n
+        start = self.seen - full_len
+        modality = cache.modality_slice(start, full_len, B, keys.device)
+        if pruned:  # this layer ran on the kept tokens only (pruning.py): original positions, full-prompt budget
+            positions = cache.prune_index + start
+            modality = modality.gather(1, cache.prune_index)
+            n_real = cache.prune_real
+        else:
+            positions = torch.arange(start, self.seen, device=keys.device)
+            n_real = real.sum(-1)
         ctx = PrefillContext(
             layer=self, query=query, keys=keys, values=values, scaling=scaling, real=real,
             modality=modality, positions=positions, n_real=n_real,
             budget_tokens=cache.budget.tokens(n_real), caps=cache.budget.caps(modality, real),
         )
         sel = cache.method.prefill(ctx)
+        pos_rows = positions.expand(B, n) if positions.dim() == 1 else positions
         if sel.keys is not None:
             keys, values = sel.keys, sel.values
         heads = []
@@ -370,13 +383,15 @@ class CompressedLayer(DynamicLayer):
             valid = ok & real.gather(1, safe)
             heads.append(
                 self.store_class(
-                    k_h, v_h, positions[safe].to(torch.int32), modality.gather(1, safe), valid, extras,
+                    k_h, v_h, pos_rows.gather(1, safe).to(torch.int32), modality.gather(1, safe), valid, extras,
                     reserve=cache.reserve,
                 )
             )
         self.heads = heads
-        self.prompt_len = n
+        self.prompt_len = full_len
         self.prompt_real = n_real.to(keys.device)
+        if self.rank == cache.num_managed - 1:
+            pruning.finish(cache)
         self.prefill_kept = [store.valid[:, : store.n].sum(-1) for store in heads]
         self._row_targets = None
         cache.method.after_prefill(self)
@@ -456,6 +471,10 @@ class KVCache(Cache):
         self.num_managed = rank
         self.config = config
         self._modality: torch.Tensor | None = None
+        self.prune_index: torch.Tensor | None = None  # set during a pruned prompt forward (see pruning.py)
+        self.prune_len = 0
+        self.prune_real: torch.Tensor | None = None
+        self.model_ref = weakref.ref(model)
         attention.install(model)
         self.method.setup(self)
 

@@ -9,6 +9,7 @@ from .adakv import AdaKV
 from .base import Method, PrefillContext
 from .full import Full
 from .h2o import H2O
+from .hae import HAE
 from .lookm import LookM
 from .madakv import MadaKV
 from .pyramidkv import PyramidKV
@@ -16,7 +17,7 @@ from .snapkv import SnapKV
 from .streaming import StreamingLLM
 
 REGISTRY: dict[str, type[Method]] = {
-    cls.name: cls for cls in (Full, StreamingLLM, H2O, SnapKV, PyramidKV, AdaKV, LookM, MadaKV)
+    cls.name: cls for cls in (Full, StreamingLLM, H2O, SnapKV, PyramidKV, AdaKV, LookM, MadaKV, HAE)
 }
 
 
@@ -83,5 +84,5 @@ def make_quantizer(spec):
 __all__ = [
     "QUANTIZERS", "REGISTRY", "Method", "PrefillContext", "available_methods", "make_method", "make_quantizer", "register",
     "split_label",
-    "Full", "StreamingLLM", "H2O", "SnapKV", "PyramidKV", "AdaKV", "LookM", "MadaKV",
+    "Full", "StreamingLLM", "H2O", "SnapKV", "PyramidKV", "AdaKV", "LookM", "MadaKV", "HAE",
 ]

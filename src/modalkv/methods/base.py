@@ -39,7 +39,7 @@ class PrefillContext:
     scaling: float
     real: torch.Tensor  # [B, n] bool, False = padding
     modality: torch.Tensor  # [B, n] int8
-    positions: torch.Tensor  # [n] original token indices
+    positions: torch.Tensor  # [n] original token indices ([B, n] when earlier layers pruned tokens)
     n_real: torch.Tensor  # [B] real prompt length
     budget_tokens: torch.Tensor  # [B] entries each (layer, head) may keep (the layer's average for pyramids)
     caps: dict  # modality id -> LongTensor [B] caps
@@ -101,6 +101,7 @@ class Method:
     summary: ClassVar[str] = ""
     needs_decode_probs: ClassVar[bool] = False  # decode() wants the attention rows
     decodes: ClassVar[bool] = False  # decode() runs after every decode step
+    replayable: ClassVar[bool] = True  # a captured full prefill (modalkv.replay) reproduces this method's cache
 
     def __post_init__(self) -> None:
         hints = typing.get_type_hints(type(self))

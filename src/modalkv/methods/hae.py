@@ -1,0 +1,401 @@
+"""HAE: Dual-Attention Pruning of visual tokens at prefill, index broadcast, and a recycle bin while decoding."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from .. import pruning
+from ..cache import Selection
+from ..modality import TEXT
+from ..scoring import _probs, accumulated_scores, check_finite, mask_to_sorted
+from .base import Method, PrefillContext, check_range, first_real, last_real
+
+_TIER = 1e6  # priority offset that puts evictable visual tokens below every text token (z-scores are far smaller)
+
+
+@dataclass
+class HAE(Method):
+    """Hierarchical Adaptive Eviction.
+
+    Paper: Ma, Lu, Zhang, Zhang, "HAE: Hierarchical Adaptive Eviction for KV cache of multimodal LLMs",
+    arXiv 2602.02197 (ICLR 2026 submission). Two stages, training-free:
+
+    1. **Dual-Attention Pruning (DAP)**, prefill, first layer only. With ``A`` the head-averaged attention of the
+       instruction's text tokens (query rows) over the visual tokens, ``g_j = sum_i A[i, j]`` and
+       ``m_j = max_i A[i, j]``, visual token ``j`` is evicted iff ``g_j < tau_g * sum_j' g_j'`` and
+       ``m_j < tau_i``. The kept visual set is **broadcast** to every layer and head. Text is never evicted here.
+       ``mode="prune"``: the later layers compute over the kept tokens only, with their original positions (the
+       prefill itself gets cheaper, :mod:`modalkv.pruning`); ``mode="kv_only"``: the prefill runs in full and every
+       layer's cache keeps the same set.
+    2. **Dynamic Decoding Eviction with a recycle bin (DDES)**. Per layer, accumulated head-averaged attention
+       ``A(i)`` (initialised with the prompt's text queries' column sums, then ``+= alpha_t(i)`` every step) is
+       re-weighted per modality, ``s(i) = (A(i) - mu_m) / sigma_m`` over the active tokens of i's modality. When
+       the active entries exceed the capacity ``C_max``, the lowest-``s`` unprotected entry moves to the bin,
+       visual tokens first (while more than ``v_floor`` visual tokens are active), then text and visual jointly.
+       Bin entries stay stored and attended ("soft delete"); one whose score rises above that of the entry the
+       rule would evict next swaps back. When the bin holds more than ``bin_size`` entries they are all deleted at
+       once (one gather per layer instead of one removal per step).
+
+    The paper does not give DDES's mechanics in code; everything marked CHOICE below is configurable.
+
+    Parameters
+    ----------
+    tau_g, tau_i : float
+        DAP thresholds: share of the summed global attention (paper's chosen 0.0015) and peak attention (MustDrop's
+        default 0.001 — CHOICE, the paper does not state it).
+    max_evict : int or None
+        Cap ``c`` on DAP evictions (the lowest-``g`` candidates go first). CHOICE: off.
+    mode : "prune" | "kv_only"
+        CHOICE (default prune, the paper's "reduces computational overhead"). ``prune`` needs every decoder layer
+        to be a full-attention layer managed by modalkv (not Gemma-3's sliding windows) and cannot be replayed from
+        a captured prefill (``replayable`` is False).
+    query_rows : "after_last_image" | "after_first_image" | "all_text"
+        CHOICE: which text tokens are the instruction whose attention judges the visual tokens. Default: text after
+        the last visual token, falling back to text after the first one when none follows the last.
+    variance_gate : bool
+        CHOICE (off): apply DAP to a row only when the coefficient of variation of ``g`` over its visual tokens
+        exceeds that over its text tokens (the paper's motivating observation, not a stated rule).
+    dap, ddes : bool
+        Switch either stage off (ablations).
+    capacity : "budget" | "prefill"
+        CHOICE, ``C_max``: ``"budget"`` (default) trims to the cache budget after DAP and then keeps the budget's
+        share of all tokens seen, like every other decode-time method here (budget 1.0 never evicts);
+        ``"prefill"`` keeps the size right after prefill constant while decoding.
+    bin_size : int
+        Recycle-bin capacity ``d_bin`` (CHOICE: 16).
+    recent, n_sink : int
+        Protected recent window ``w_r`` (CHOICE: 32) and attention sinks (CHOICE: 4), never moved to the bin.
+    v_floor : int
+        CHOICE (0): visual-first eviction stops while this many visual tokens are active.
+    bin_attend : bool
+        CHOICE (true, soft delete): bin entries keep being attended; false masks them out of the output while
+        their logits are still computed to rescore them.
+    ddes_broadcast : bool
+        CHOICE (false): one decision from the first layer for all layers (the paper's "index broadcasting" applied
+        to decoding too); false lets every layer decide from its own attention.
+
+    Notes
+    -----
+    Memory: the first KV head of every layer carries two float32 per entry (``acc``, ``bin``; ``hidden`` on every
+    head with ``bin_attend=False``), counted as metadata. After a prefill, ``dap_visual`` / ``dap_evicted`` hold
+    the per-row counts of visual tokens and DAP evictions.
+    """
+
+    tau_g: float = 0.0015
+    tau_i: float = 0.001
+    max_evict: int | None = None
+    mode: Literal["prune", "kv_only"] = "prune"
+    query_rows: Literal["after_last_image", "after_first_image", "all_text"] = "after_last_image"
+    variance_gate: bool = False
+    dap: bool = True
+    ddes: bool = True
+    capacity: Literal["budget", "prefill"] = "budget"
+    bin_size: int = 16
+    recent: int = 32
+    n_sink: int = 4
+    v_floor: int = 0
+    bin_attend: bool = True
+    ddes_broadcast: bool = False
+
+    name = "hae"
+    summary = "Dual-attention visual pruning broadcast across layers + recycle-bin eviction while decoding (Ma et al., 2026)"
+    needs_decode_probs = True
+
+    @property
+    def decodes(self) -> bool:  # type: ignore[override]
+        return self.ddes
+
+    @property
+    def replayable(self) -> bool:
+        """False when the prompt forward itself changes (pruned later layers): a captured prefill cannot stand in."""
+        return not (self.dap and self.mode == "prune")
+
+    def validate(self) -> None:
+        cls = type(self).__name__
+        check_range(cls, "tau_g", self.tau_g, 0.0, 1.0)
+        check_range(cls, "tau_i", self.tau_i, 0.0, 1.0)
+        for name in ("bin_size", "recent", "n_sink", "v_floor"):
+            check_range(cls, name, getattr(self, name), 0)
+        if self.max_evict is not None:
+            check_range(cls, "max_evict", self.max_evict, 0)
+
+    def setup(self, cache) -> None:
+        super().setup(cache)
+        if self.dap and self.mode == "prune":
+            if cache.num_managed != len(cache.layers):
+                raise ValueError(
+                    "HAE mode='prune' needs every decoder layer to be a full-attention layer modalkv manages; this "
+                    "model has other layer kinds (e.g. sliding windows): use mode='kv_only'"
+                )
+            pruning.install(cache.model_ref())
+
+    # -- prefill ----------------------------------------------------------------------------------------------
+    def prefill(self, ctx: PrefillContext) -> Selection:
+        B, n = ctx.real.shape
+        if ctx.layer_rank == 0:
+            self._full_n = n
+            self._bcast_removed = None
+            self._bcast_bin = None
+            self._sink_limit = _first_position(ctx) + self.n_sink
+            evict = self._dap(ctx)
+            self.dap_visual = ((ctx.modality != TEXT) & ctx.real).sum(-1)
+            if self.mode == "prune" and bool(evict.any()):
+                evict = _equalise(evict, self._g)
+                keep = (~evict).nonzero()[:, 1].view(B, -1)  # rows evict equally many: a rectangle
+                pruning.start(self.cache, keep, n, ctx.n_real)
+            self.dap_evicted = evict.sum(-1)
+            self._dap_keep = ~evict
+            cand = ~evict & ctx.real
+        elif n == self._full_n:  # kv_only (or a replayed prefill): the broadcast set
+            cand = self._dap_keep & ctx.real
+        else:  # a pruned layer: it only holds the kept tokens
+            cand = ctx.real.clone()
+        if self.ddes_broadcast and ctx.layer_rank > 0:
+            keep = _rows_isin(_pos_rows(ctx), self._kept_pos) & cand
+            idx = mask_to_sorted(torch.arange(n, device=keep.device).expand(B, n), keep, n)[:, : int(keep.sum(-1).max())]
+            return Selection(idx[:, None].expand(-1, ctx.num_kv_heads, -1))
+        scores = self._prefill_scores(ctx)
+        protected = (first_real(ctx.real, self.n_sink) | last_real(ctx.real, self.recent)) & cand
+        prio = self._priority(scores, ctx.modality, cand, protected).masked_fill(~cand, float("-inf"))
+        k = torch.minimum(ctx.budget_tokens, cand.sum(-1))
+        H = ctx.num_kv_heads
+        idx = self.top(ctx, prio[:, None].expand(B, H, n), k, force=protected)
+        if self.ddes_broadcast and ctx.layer_rank == 0:
+            first = idx[:, 0]
+            self._kept_pos = torch.where(first >= 0, _pos_rows(ctx).gather(1, first.clamp(min=0)), -1)
+        return Selection(idx, extras={"acc": scores[:, None].expand(B, H, n)})
+
+    def after_prefill(self, layer) -> None:
+        for h, store in enumerate(layer.heads):
+            if h > 0 or (self.ddes_broadcast and layer.rank > 0):
+                store.extras.pop("acc", None)  # the layer's decisions are made on its first head
+            if not self.bin_attend:
+                store.add_extra("hidden", 0.0)
+        if self.ddes and not (self.ddes_broadcast and layer.rank > 0):
+            layer.heads[0].add_extra("bin", 0.0)
+
+    def _dap(self, ctx: PrefillContext) -> torch.Tensor:
+        """[B, n] bool: the visual tokens Dual-Attention Pruning evicts (decided on this, the first, layer)."""
+        B, n = ctx.real.shape
+        visual = (ctx.modality != TEXT) & ctx.real
+        text = (ctx.modality == TEXT) & ctx.real
+        none = torch.zeros(B, n, dtype=torch.bool, device=ctx.real.device)
+        self._g = torch.zeros(B, n, device=ctx.real.device)
+        if not self.dap or not bool(visual.any()):
+            return none
+        rows_mask = _instruction_rows(visual, text, self.query_rows)
+        rows = rows_mask.any(0).nonzero().flatten()
+        if rows.numel() == 0:
+            return none
+        g = torch.zeros(B, n, device=ctx.real.device)
+        peak = torch.zeros(B, n, device=ctx.real.device)
+        for s in range(0, rows.numel(), 256):
+            r = rows[s: s + 256]
+            w = rows_mask[:, r].float()  # [B, r]: which rows are instruction rows of each batch row
+            a = _probs(ctx.query, ctx.keys, ctx.scaling, r, ctx.real).mean(1) * w[..., None]  # [B, r, n]
+            g += a.sum(1)
+            peak = torch.maximum(peak, a.amax(1))
+        check_finite(g, self.name)
+        self._g = g
+        total = (g * visual).sum(-1, keepdim=True)
+        evict = visual & (g < self.tau_g * total) & (peak < self.tau_i)
+        if self.variance_gate:
+            evict &= (_cv(g, visual) > _cv(g, text))[:, None]
+        if self.max_evict is not None:
+            over = evict.sum(-1) > self.max_evict
+            if bool(over.any()):
+                lowest = _lowest(g, evict, self.max_evict)
+                evict = torch.where(over[:, None], lowest, evict)
+        return evict
+
+    def _prefill_scores(self, ctx: PrefillContext) -> torch.Tensor:
+        """[B, n] head-averaged attention column sums over the prompt's text query rows (DDES's initial scores)."""
+        text = (ctx.modality == TEXT) & ctx.real
+        if bool((text == ctx.real).all()):  # every real query is text: H2O's (memoised) accumulated attention
+            return accumulated_scores(ctx.query, ctx.keys, ctx.scaling, ctx.real).mean(1)
+        n = ctx.n
+        out = torch.zeros(ctx.real.shape[0], n, device=ctx.keys.device)
+        for s in range(0, n, 256):
+            e = min(n, s + 256)
+            rows = torch.arange(s, e, device=ctx.keys.device)
+            a = _probs(ctx.query[:, :, :e], ctx.keys[:, :, :e], ctx.scaling, rows, ctx.real[:, :e]).mean(1)
+            out[:, :e] += (a * text[:, s:e, None]).sum(1)
+        check_finite(out, self.name)
+        return out
+
+    def _priority(self, scores, modality, active, protected) -> torch.Tensor:
+        """Keep-priority [B, n]: per-modality z-score of ``scores`` over ``active``; the unprotected visual tokens
+        beyond ``v_floor`` (lowest first) sit a tier below everything else (evicted first)."""
+        z = _zscores(scores, modality, active)
+        visual = (modality != TEXT) & active
+        excess = visual.sum(-1) - self.v_floor
+        if bool((excess > 0).any()):
+            z = z - _TIER * _lowest(z, visual & ~protected, excess.clamp(min=0)).float()
+        return z
+
+    # -- decode -----------------------------------------------------------------------------------------------
+    def decode(self, layer, probs) -> None:
+        if self.ddes_broadcast and layer.rank > 0:
+            self._follow(layer)
+            return
+        heads = layer.heads
+        store = heads[0]
+        n = store.n
+        col = sum(p.mean(1).sum(1) for p in probs) / len(probs)  # [B, n] head-averaged attention of this step
+        acc = store.extras["acc"]
+        acc[:, :n] += col.float()
+        binf = store.extras["bin"][:, :n] > 0
+        valid = store.valid[:, :n]
+        active = valid & ~binf
+        if self.capacity == "prefill":
+            target = layer.prefill_kept[0]
+        else:
+            target = layer.decode_targets(0)
+        over = active.sum(-1) - target
+        has_bin = binf.any(-1)
+        if not bool((over > 0).any() or has_bin.any()):
+            self._publish(layer, None, binf)
+            return
+        pos = store.pos[:, :n]
+        protected = (pos < self._sink_limit[:, None]) | (pos > layer.seen - 1 - self.recent)
+        mod = store.mod[:, :n]
+        prio = self._priority(acc[:, :n], mod, active, protected)
+        # bin entries: z-scored on the active entries' statistics, visual ones a tier down while visual tokens are
+        # still evicted first (comparable with the active entries' priorities)
+        excess = ((mod != TEXT) & active).sum(-1, keepdim=True) > self.v_floor
+        bin_prio = _zscores(acc[:, :n], mod, active) - _TIER * ((mod != TEXT) & binf & excess).float()
+        binf = binf.clone()
+        for b in range(store.batch):
+            cand = active[b] & ~protected[b]
+            k = min(int(over[b]), int(cand.sum()))
+            if k > 0:
+                victims = prio[b].masked_fill(~cand, float("inf")).topk(k, largest=False).indices
+                binf[b, victims] = True
+                cand[victims] = False
+                bin_prio[b, victims] = prio[b, victims]
+            for _ in range(self.bin_size + 1):  # restore: a bin entry scoring above the next victim swaps back
+                in_bin = binf[b] & valid[b]
+                if not bool(in_bin.any()) or not bool(cand.any()):
+                    break
+                j = int(bin_prio[b].masked_fill(~in_bin, float("-inf")).argmax())
+                v = int(prio[b].masked_fill(~cand, float("inf")).argmin())
+                if not bin_prio[b, j] > prio[b, v]:
+                    break
+                binf[b, j], binf[b, v] = False, True
+                cand[j], cand[v] = True, False
+                prio[b, j], bin_prio[b, v] = bin_prio[b, j], prio[b, v]
+        store.extras["bin"][:, :n] = binf.float()
+        full_bin = (binf & valid).sum(-1) > self.bin_size
+        removed = None
+        if bool(full_bin.any()):  # empty the bin in one go (rows whose bin is not full keep theirs)
+            drop = binf & valid & full_bin[:, None]
+            removed = torch.where(drop, pos, -1)
+            _keep_rows(heads, valid & ~drop)
+            binf = store.extras["bin"][:, : store.n] > 0
+        self._publish(layer, removed, binf)
+
+    def _publish(self, layer, removed, binf) -> None:
+        if not self.bin_attend:
+            for store in layer.heads:
+                store.extras["hidden"][:, : store.n] = binf[:, : store.n].float()
+        if self.ddes_broadcast and layer.rank == 0:
+            store = layer.heads[0]
+            self._bcast_removed = removed
+            self._bcast_bin = torch.where(binf, store.pos[:, : store.n], -1)
+
+    def _follow(self, layer) -> None:
+        """ddes_broadcast: apply the first layer's decision of this step (by position) to this layer."""
+        removed = self._bcast_removed
+        if removed is not None:
+            store = layer.heads[0]
+            pos = store.pos[:, : store.n]
+            _keep_rows(layer.heads, store.valid[:, : store.n] & ~_rows_isin(pos, removed))
+        if not self.bin_attend and self._bcast_bin is not None:
+            for store in layer.heads:
+                store.extras["hidden"][:, : store.n] = _rows_isin(store.pos[:, : store.n], self._bcast_bin).float()
+
+
+# -- helpers ----------------------------------------------------------------------------------------------------
+def _zscores(scores, modality, active) -> torch.Tensor:
+    """[B, n] ``(s - mu_m) / sigma_m`` with each modality's mean and deviation over the ``active`` entries."""
+    z = torch.zeros_like(scores)
+    for mid in modality.unique().tolist():
+        of_m = modality == mid
+        sel = (of_m & active).float()
+        cnt = sel.sum(-1, keepdim=True).clamp(min=1)
+        mu = (scores * sel).sum(-1, keepdim=True) / cnt
+        sd = (((scores - mu) ** 2 * sel).sum(-1, keepdim=True) / cnt).sqrt().clamp(min=1e-12)
+        z = torch.where(of_m, (scores - mu) / sd, z)
+    return z
+
+
+def _first_position(ctx: PrefillContext) -> torch.Tensor:
+    """[B] original position of each row's first real token."""
+    first = ctx.real.float().argmax(-1)
+    return _pos_rows(ctx).gather(1, first[:, None]).squeeze(1)
+
+
+def _pos_rows(ctx: PrefillContext) -> torch.Tensor:
+    p = ctx.positions
+    return p.expand(ctx.real.shape[0], -1) if p.dim() == 1 else p
+
+
+def _rows_isin(values: torch.Tensor, sets: torch.Tensor) -> torch.Tensor:
+    """[B, n] bool: values[b, i] in sets[b] (sets padded with -1, values never negative)."""
+    return (values[:, :, None] == sets[:, None, :]).any(-1)
+
+
+def _instruction_rows(visual, text, how: str) -> torch.Tensor:
+    """[B, n] bool: the text query rows whose attention judges the visual tokens."""
+    if how == "all_text":
+        return text
+    n = visual.shape[1]
+    idx = torch.arange(n, device=visual.device)[None, :]
+    last = torch.where(visual, idx, -1).amax(-1, keepdim=True)
+    first = torch.where(visual, idx, n).amin(-1, keepdim=True)
+    after_first = text & (idx > first)
+    if how == "after_first_image":
+        return after_first
+    after_last = text & (idx > last)
+    return torch.where(after_last.any(-1, keepdim=True), after_last, after_first)
+
+
+def _cv(x, mask) -> torch.Tensor:
+    """[B] coefficient of variation of x over mask."""
+    m = mask.float()
+    cnt = m.sum(-1).clamp(min=1)
+    mu = (x * m).sum(-1) / cnt
+    sd = (((x - mu[:, None]) ** 2) * m).sum(-1).div(cnt).sqrt()
+    return sd / mu.abs().clamp(min=1e-12)
+
+
+def _lowest(x, mask, count) -> torch.Tensor:
+    """[B, n] bool: per row the ``count`` (int or LongTensor [B]) entries of ``mask`` with the lowest x."""
+    B, n = x.shape
+    order = x.masked_fill(~mask, float("inf")).argsort(dim=-1, stable=True)
+    rank = torch.empty_like(order)
+    rank.scatter_(-1, order, torch.arange(n, device=x.device).expand(B, n).contiguous())
+    count = torch.as_tensor(count, device=x.device).view(-1, 1)
+    return mask & (rank < count)
+
+
+def _equalise(evict, g) -> torch.Tensor:
+    """Rows of a pruned batch must keep equally many tokens: rows that evict more give back their highest-g
+    candidates (CHOICE: the whole batch is pruned as little as its least-pruned row)."""
+    counts = evict.sum(-1)
+    least = int(counts.min())
+    if int(counts.max()) == least:
+        return evict
+    return _lowest(g, evict, least)
+
+
+def _keep_rows(heads, keep) -> None:
+    """Keep, in every head store of a layer (same slot layout), the slots where ``keep`` [B, n] is true."""
+    B, n = keep.shape
+    m = int(keep.sum(-1).max())
+    slots = mask_to_sorted(torch.arange(n, device=keep.device).expand(B, n), keep, n)[:, :m]
+    for store in heads:
+        store.keep_slots(slots)
