@@ -259,3 +259,28 @@ def test_errors():
         KVCache(tiny_llama(), "hae", 0.5, tau_g=1.5)
     with pytest.raises(TypeError, match="mode"):
         KVCache(tiny_llama(), "hae", 0.5, mode="everything")
+
+
+@pytest.mark.parametrize("vlm", [False, True])
+def test_one_sequence_fast_path_decides_like_the_batched_path(vlm):
+    if vlm:
+        model = llava3()
+        ids, extra = llava_inputs(images=2)
+        make = lambda: hae_cache(model, ids, budget=30, tau_g=0.0, tau_i=0.0, recent=4, n_sink=2, bin_size=3)  # noqa: E731
+    else:
+        model, ids, extra = tiny_llama(), prompt(40), None
+        make = lambda: KVCache(model, "hae", 0.3, recent=4, n_sink=2, bin_size=3)  # noqa: E731
+    fast = make()
+    used, one = [], fast.method._decode_one
+    fast.method._decode_one = lambda *a: (used.append(1), one(*a))
+    got, fed = run_steps(model, ids, None, fast, 14, extra=extra)
+    assert len(used) == 14 * fast.num_managed
+    slow = make()
+    slow.method._fast = False  # every layer takes the batched (tensor) path
+    calls = []
+    slow.method._decode_one = lambda *a: calls.append(a)
+    want, _ = run_steps(model, ids, None, slow, 14, feed=fed, extra=extra)
+    assert not calls
+    assert kept(fast) == kept(slow)
+    for g, w in zip(got, want):
+        assert (g - w).abs().max() < 1e-5

@@ -189,12 +189,13 @@ class ModelRunner:
         rows = []
         cap, forward_s = self._capture(ids, **extra)
         for cell in cells:
-            cache, compress_s = self._build(cap, cell, quantize)
-            first = self._read(cache, tail, ids.shape[1]) if tail.shape[1] else cap.logits[0, -1]
+            cache, compress_s, own_logits = self._build(cap, cell, quantize, ids, extra)
+            last = cap.logits[0, -1] if own_logits is None else own_logits
+            first = self._read(cache, tail, ids.shape[1]) if tail.shape[1] else last
             n = ids.shape[1] + tail.shape[1]
             tokens, step_ms = self._greedy(cache, first, n, sample.max_new_tokens)
             output = self.tok.decode(tokens, skip_special_tokens=True)
-            rows.append(self._row(cell, cache, forward_s, compress_s, step_ms, n,
+            rows.append(self._row(cell, cache, forward_s if own_logits is None else 0.0, compress_s, step_ms, n,
                                   score=task.score(output, sample), output=output.strip()))
             del cache
         return rows
@@ -219,19 +220,32 @@ class ModelRunner:
         cap = capture_prefill(self.model, ids, **model_kwargs)
         return cap, time.perf_counter() - t0
 
-    def _build(self, cap, cell, quantize):
+    def _build(self, cap, cell, quantize, ids=None, extra=None):
+        """(cache, seconds, logits): the cell's cache built from the captured prefill, or, for a method whose prompt
+        forward differs (HAE's pruning of visual tokens in later layers), from a prefill of its own — then the
+        seconds are that whole prefill and the logits its last position's (else None)."""
+        from ..cache import KVCache, cache_kwargs
         from ..measure import reset_peak_rss
-        from ..methods import QUANTIZERS, split_label
+        from ..methods import QUANTIZERS, make_method, split_label
+        from ..modality import TEXT
 
         method, caps = split_label(cell["method"])
         if method in QUANTIZERS:  # KIVI as a baseline of its own: the full cache in quantized storage
             method, quantize = "full", method
-
+        budget = _budget(cell["budget"])
+        own = (ids is not None and not make_method(method).replayable and cap.modality is not None
+               and bool((cap.modality != TEXT).any()))
         gc.collect()
         reset_peak_rss()  # the cell's peak RSS: building its cache and decoding (the shared prefill is resident)
         t0 = time.perf_counter()
-        cache = cap.build_cache(self.model, method, _budget(cell["budget"]), quantize=quantize, modality_caps=caps)
-        return cache, time.perf_counter() - t0
+        if own:
+            cache = KVCache(self.model, method, budget, quantize=quantize, modality_caps=caps)
+            cache._modality = cap.modality
+            with torch.no_grad():
+                out = self.model(input_ids=ids, **(extra or {}), **cache_kwargs(self.model, cache))
+            return cache, time.perf_counter() - t0, out.logits[0, -1]
+        cache = cap.build_cache(self.model, method, budget, quantize=quantize, modality_caps=caps)
+        return cache, time.perf_counter() - t0, None
 
     @torch.no_grad()
     def _greedy(self, cache, first_logits, start: int, max_new: int):
@@ -293,7 +307,7 @@ class ModelRunner:
         reference = None
         rows = []
         for cell in cells:  # the full cache comes first
-            cache, compress_s = self._build(cap, cell, quantize)
+            cache, compress_s, _ = self._build(cap, cell, quantize)
             logps, step_ms = [torch.log_softmax(cap.logits[0, -1].float(), -1)], []
             kw = cache_kwargs(self.model, cache)
             for i, t in enumerate(cont[:-1]):

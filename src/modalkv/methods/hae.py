@@ -101,6 +101,7 @@ class HAE(Method):
     ddes_broadcast: bool = False
 
     name = "hae"
+    _fast = True  # the one-sequence fast path (tests turn it off to compare with the batched path)
     summary = "Dual-attention visual pruning broadcast across layers + recycle-bin eviction while decoding (Ma et al., 2026)"
     needs_decode_probs = True
 
@@ -137,6 +138,7 @@ class HAE(Method):
         B, n = ctx.real.shape
         if ctx.layer_rank == 0:
             self._full_n = n
+            self._one = {}
             self._bcast_removed = None
             self._bcast_bin = None
             self._sink_limit = _first_position(ctx) + self.n_sink
@@ -175,7 +177,12 @@ class HAE(Method):
             if not self.bin_attend:
                 store.add_extra("hidden", 0.0)
         if self.ddes and not (self.ddes_broadcast and layer.rank > 0):
-            layer.heads[0].add_extra("bin", 0.0)
+            store = layer.heads[0]
+            store.add_extra("bin", 0.0)
+            if store.batch == 1:  # Python-side bookkeeping for the one-sequence fast path (no device round trips)
+                mods = set(store.mod[0, : store.n].unique().tolist()) | {TEXT}
+                self._one[layer.rank] = {"n_bin": 0, "multi": len(mods) > 1, "kept": int(layer.prefill_kept[0][0]),
+                                         "real": int(layer.prompt_real[0]), "sink": int(self._sink_limit[0])}
 
     def _dap(self, ctx: PrefillContext) -> torch.Tensor:
         """[B, n] bool: the visual tokens Dual-Attention Pruning evicts (decided on this, the first, layer)."""
@@ -243,6 +250,10 @@ class HAE(Method):
             return
         heads = layer.heads
         store = heads[0]
+        if self._fast and store.batch == 1 and store.all_valid and layer.rank in self._one:
+            self._decode_one(layer, probs, self._one[layer.rank])
+            return
+        self._one.pop(layer.rank, None)  # holes or a new batch: the tensor path from now on
         n = store.n
         col = sum(p.mean(1).sum(1) for p in probs) / len(probs)  # [B, n] head-averaged attention of this step
         acc = store.extras["acc"]
@@ -296,6 +307,77 @@ class HAE(Method):
             _keep_rows(heads, valid & ~drop)
             binf = store.extras["bin"][:, : store.n] > 0
         self._publish(layer, removed, binf)
+
+    def _decode_one(self, layer, probs, st) -> None:
+        """:meth:`decode` for one sequence without holes: the same decisions, counts kept as Python ints. With one
+        modality the z-score is one increasing map of ``A`` for every entry, so ``A`` itself decides."""
+        store = layer.heads[0]
+        n = store.n
+        col = probs[0].sum((1, 2))
+        for p in probs[1:]:
+            col = col + p.sum((1, 2))
+        acc = store.extras["acc"][0, :n]
+        acc += col[0].float() / (len(probs) * probs[0].shape[1])
+        if self.capacity == "prefill":
+            target = st["kept"]
+        else:
+            target = self.cache.budget.decode_target(st["kept"], st["real"] + layer.seen - layer.prompt_len)
+        over = n - st["n_bin"] - target
+        if over <= 0 and st["n_bin"] == 0:
+            if self.ddes_broadcast or not self.bin_attend:
+                self._publish(layer, None, store.extras["bin"][:, :n] > 0)
+            return
+        bin_row = store.extras["bin"][0, :n]
+        in_bin = bin_row > 0
+        pos = store.pos[0, :n]
+        protected = (pos < st["sink"]) | (pos > layer.seen - 1 - self.recent)
+        if st["multi"]:
+            mod = store.mod[0, :n]
+            z = _zscores(acc[None], mod[None], ~in_bin[None])[0]
+            visual = mod != TEXT
+            vis_active = visual & ~in_bin
+            n_vis = int(vis_active.sum())
+            if n_vis > self.v_floor:
+                if self.v_floor:
+                    tier = _lowest(z[None], (vis_active & ~protected)[None], n_vis - self.v_floor)[0]
+                else:
+                    tier = vis_active & ~protected
+                prio = z - _TIER * tier.float()
+                bin_prio = z - _TIER * (visual & in_bin).float()
+            else:
+                prio, bin_prio = z, z.clone()
+        else:
+            prio = bin_prio = acc
+        blocked = in_bin | protected  # not a candidate for the bin
+        inf = float("inf")
+        for _ in range(max(over, 0)):
+            v = int(prio.masked_fill(blocked, inf).argmin())
+            if bool(blocked[v]):
+                break  # nothing left to evict
+            bin_row[v], blocked[v], in_bin[v] = 1.0, True, True
+            st["n_bin"] += 1
+            if st["multi"]:
+                bin_prio[v] = prio[v]
+        for _ in range(self.bin_size + 1 if st["n_bin"] else 0):  # restore: a bin entry above the next victim
+            j = int(bin_prio.masked_fill(~in_bin, -inf).argmax())
+            v = int(prio.masked_fill(blocked, inf).argmin())
+            if bool(blocked[v]) or not bool(bin_prio[j] > prio[v]):
+                break
+            bin_row[j], bin_row[v] = 0.0, 1.0
+            in_bin[j], in_bin[v] = False, True
+            blocked[j], blocked[v] = protected[j], True
+            if st["multi"]:
+                prio[j], bin_prio[v] = bin_prio[j], prio[v]
+        removed = None
+        if st["n_bin"] > self.bin_size:  # empty the bin in one go
+            if self.ddes_broadcast:
+                removed = pos[in_bin].view(1, -1).clone()
+            slots = (~in_bin).nonzero().view(1, -1)
+            for s in layer.heads:
+                s.keep_slots(slots)
+            st["n_bin"] = 0
+        if self.ddes_broadcast or not self.bin_attend:
+            self._publish(layer, removed, store.extras["bin"][:, : store.n] > 0)
 
     def _publish(self, layer, removed, binf) -> None:
         if not self.bin_attend:
