@@ -284,3 +284,26 @@ def test_one_sequence_fast_path_decides_like_the_batched_path(vlm):
     assert kept(fast) == kept(slow)
     for g, w in zip(got, want):
         assert (g - w).abs().max() < 1e-5
+
+
+def test_pruned_batch_rows_keep_equally_many_and_the_least_pruned_row_is_unchanged():
+    model = llava3()
+    ids, extra = llava_inputs(images=2)
+    other = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    singles = []
+    for pix in (extra["pixel_values"], other):
+        c = hae_cache(model, ids, mode="prune", **DAP)
+        got, fed = run_steps(model, ids, None, c, 3, extra={"pixel_values": pix})
+        singles.append((int(c.method.dap_evicted[0]), got, fed))
+    assert singles[0][0] != singles[1][0]  # the two images lose different numbers of tokens alone
+    least = min(range(2), key=lambda r: singles[r][0])
+    batch = ids.expand(2, -1)
+    cache = hae_cache(model, batch, mode="prune", **DAP)
+    with torch.no_grad():
+        out = model(input_ids=batch, pixel_values=torch.cat([extra["pixel_values"], other]),
+                    **cache_kwargs(model, cache))
+    assert cache.method.dap_evicted.tolist() == [singles[least][0]] * 2  # pruned as little as the least-pruned row
+    assert (out.logits[least, -1] - singles[least][1][0][0]).abs().max() < 1e-4
+    for layer in cache.managed_layers:
+        for s in layer.heads:
+            assert s.valid[:, : s.n].sum(-1).tolist() == [ids.shape[1] - singles[least][0]] * 2

@@ -242,15 +242,17 @@ def bench(
 
 def _check_bench(cfg) -> None:
     from .budget import check_budget_value
-    from .methods import QUANTIZERS, REGISTRY, split_label
+    from .methods import QUANTIZERS, REGISTRY, make_method, parse_label
     from .models import MODEL_REGISTRY, VLM_NAME
     from .tasks import TASKS
 
     for label in cfg.methods:
-        m, _ = split_label(cfg.label(label))  # checks the caps too
+        m, params, _ = parse_label(cfg.label(label))  # checks the caps too
         if m not in REGISTRY and m not in QUANTIZERS:
             raise ValueError(f"unknown method {m!r}; available: {', '.join(REGISTRY)} "
                              f"(or quantized full storage: {', '.join(QUANTIZERS)})")
+        if m in REGISTRY:
+            make_method(m, **params)  # unknown or out-of-range parameters fail here, before any model loads
     for t in cfg.tasks:
         if t not in TASKS and t != "fidelity":
             raise ValueError(f"unknown task {t!r}; available: {', '.join(sorted(TASKS))}, fidelity")

@@ -226,14 +226,15 @@ class ModelRunner:
         seconds are that whole prefill and the logits its last position's (else None)."""
         from ..cache import KVCache, cache_kwargs
         from ..measure import reset_peak_rss
-        from ..methods import QUANTIZERS, make_method, split_label
+        from ..methods import QUANTIZERS, make_method, parse_label
         from ..modality import TEXT
 
-        method, caps = split_label(cell["method"])
-        if method in QUANTIZERS:  # KIVI as a baseline of its own: the full cache in quantized storage
-            method, quantize = "full", method
+        name, params, caps = parse_label(cell["method"])
+        if name in QUANTIZERS:  # KIVI as a baseline of its own: the full cache in quantized storage
+            name, quantize = "full", name
+        method = make_method(name, **params)
         budget = _budget(cell["budget"])
-        own = (ids is not None and not make_method(method).replayable and cap.modality is not None
+        own = (ids is not None and not method.replayable and cap.modality is not None
                and bool((cap.modality != TEXT).any()))
         gc.collect()
         reset_peak_rss()  # the cell's peak RSS: building its cache and decoding (the shared prefill is resident)

@@ -54,13 +54,38 @@ def make_method(method, **params) -> Method:
     return cls(**params)
 
 
-def split_label(label: str) -> tuple[str, dict[str, float]]:
-    """A benchmark method label -> (method name, per-modality caps): ``"snapkv@image=0.1,text=0.5"`` is SnapKV at
-    the cell's budget keeping at most 10 % of the image tokens and 50 % of the text tokens."""
+def parse_label(label: str) -> tuple[str, dict, dict[str, float]]:
+    """A benchmark method label -> (method name, method parameters, per-modality caps).
+
+    ``"snapkv@image=0.1,text=0.5"`` is SnapKV at the cell's budget keeping at most 10 % of the image tokens and 50 %
+    of the text tokens; ``"hae(mode=kv_only,tau_g=0.01)"`` is HAE with those parameters (values are Python
+    literals; a bare word is a string). Both parts may be combined: ``"hae(tau_g=0.01)@image=0.2"``.
+    """
+    import ast
+
     from ..budget import parse_caps
 
-    name, _, caps = label.partition("@")
-    return name, parse_caps(caps)
+    head, _, caps = label.partition("@")
+    name, paren, rest = head.partition("(")
+    params: dict = {}
+    if paren:
+        if not rest.endswith(")"):
+            raise ValueError(f"method label {label!r}: write name(param=value,...)")
+        for part in filter(None, (p.strip() for p in rest[:-1].split(","))):
+            key, eq, value = part.partition("=")
+            if not eq or not key.strip().isidentifier():
+                raise ValueError(f"method label {label!r}: parameter {part!r} is not param=value")
+            try:
+                params[key.strip()] = ast.literal_eval(value.strip())
+            except (ValueError, SyntaxError):
+                params[key.strip()] = value.strip()
+    return name.strip(), params, parse_caps(caps)
+
+
+def split_label(label: str) -> tuple[str, dict[str, float]]:
+    """(method name, per-modality caps) of a benchmark method label (see :func:`parse_label`)."""
+    name, _, caps = parse_label(label)
+    return name, caps
 
 
 QUANTIZERS = ("kivi-2", "kivi-4", "kivi-8")
@@ -83,6 +108,6 @@ def make_quantizer(spec):
 
 __all__ = [
     "QUANTIZERS", "REGISTRY", "Method", "PrefillContext", "available_methods", "make_method", "make_quantizer", "register",
-    "split_label",
+    "parse_label", "split_label",
     "Full", "StreamingLLM", "H2O", "SnapKV", "PyramidKV", "AdaKV", "LookM", "MadaKV", "HAE",
 ]
