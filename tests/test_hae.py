@@ -307,3 +307,17 @@ def test_pruned_batch_rows_keep_equally_many_and_the_least_pruned_row_is_unchang
     for layer in cache.managed_layers:
         for s in layer.heads:
             assert s.valid[:, : s.n].sum(-1).tolist() == [ids.shape[1] - singles[least][0]] * 2
+
+
+@torch.no_grad()
+def test_capacity_below_the_protected_windows_keeps_sinks_then_the_newest():
+    model = tiny_llama()
+    cache = KVCache(model, "hae", 6, bin_size=2)  # 4 sinks + 32 recent by default: more than fits
+    out = model(prompt(40), **cache_kwargs(model, cache))
+    assert all(h == [0, 1, 2, 3, 38, 39] for heads in kept(cache).values() for h in heads)
+    nxt = out.logits[:, -1:].argmax(-1)
+    for _ in range(10):
+        out = model(nxt, **cache_kwargs(model, cache))
+        nxt = out.logits[:, -1:].argmax(-1)
+        for active, in_bin, stored in _counts(cache):
+            assert active <= 6 and stored <= 6 + 2

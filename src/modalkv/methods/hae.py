@@ -67,7 +67,8 @@ class HAE(Method):
     bin_size : int
         Recycle-bin capacity ``d_bin`` (CHOICE: 16).
     recent, n_sink : int
-        Protected recent window ``w_r`` (CHOICE: 32) and attention sinks (CHOICE: 4), never moved to the bin.
+        Protected recent window ``w_r`` (CHOICE: 32) and attention sinks (CHOICE: 4), never moved to the bin; under
+        a capacity smaller than both, the sinks and then the most recent tokens that fit (CHOICE).
     v_floor : int
         CHOICE (0): visual-first eviction stops while this many visual tokens are active.
     bin_attend : bool
@@ -160,9 +161,10 @@ class HAE(Method):
             idx = mask_to_sorted(torch.arange(n, device=keep.device).expand(B, n), keep, n)[:, : int(keep.sum(-1).max())]
             return Selection(idx[:, None].expand(-1, ctx.num_kv_heads, -1))
         scores = self._prefill_scores(ctx)
-        protected = (first_real(ctx.real, self.n_sink) | last_real(ctx.real, self.recent)) & cand
-        prio = self._priority(scores, ctx.modality, cand, protected).masked_fill(~cand, float("-inf"))
         k = torch.minimum(ctx.budget_tokens, cand.sum(-1))
+        sinks, recent = _protected_counts(k, self.n_sink, self.recent)
+        protected = (first_real(ctx.real, sinks) | last_real(ctx.real, recent)) & cand
+        prio = self._priority(scores, ctx.modality, cand, protected).masked_fill(~cand, float("-inf"))
         H = ctx.num_kv_heads
         idx = self.top(ctx, prio[:, None].expand(B, H, n), k, force=protected)
         if self.ddes_broadcast and ctx.layer_rank == 0:
@@ -271,7 +273,8 @@ class HAE(Method):
             self._publish(layer, None, binf)
             return
         pos = store.pos[:, :n]
-        protected = (pos < self._sink_limit[:, None]) | (pos > layer.seen - 1 - self.recent)
+        sinks, recent = _protected_counts(target, self.n_sink, self.recent)
+        protected = (pos < (self._sink_limit - self.n_sink + sinks)[:, None]) | (pos > layer.seen - 1 - recent[:, None])
         mod = store.mod[:, :n]
         prio = self._priority(acc[:, :n], mod, active, protected)
         # bin entries: z-scored on the active entries' statistics, visual ones a tier down while visual tokens are
@@ -330,7 +333,9 @@ class HAE(Method):
         bin_row = store.extras["bin"][0, :n]
         in_bin = bin_row > 0
         pos = store.pos[0, :n]
-        protected = (pos < st["sink"]) | (pos > layer.seen - 1 - self.recent)
+        sinks = min(self.n_sink, target)
+        recent = min(self.recent, max(0, target - sinks))
+        protected = (pos < st["sink"] - self.n_sink + sinks) | (pos > layer.seen - 1 - recent)
         if st["multi"]:
             mod = store.mod[0, :n]
             z = _zscores(acc[None], mod[None], ~in_bin[None])[0]
@@ -401,6 +406,13 @@ class HAE(Method):
 
 
 # -- helpers ----------------------------------------------------------------------------------------------------
+def _protected_counts(capacity, n_sink: int, recent: int):
+    """(sinks, recent window) protected under a capacity (LongTensor [B]): never more than the capacity holds —
+    the sinks first, then the most recent tokens (CHOICE)."""
+    sinks = capacity.clamp(max=n_sink)
+    return sinks, torch.minimum(capacity - sinks, torch.full_like(capacity, recent)).clamp(min=0)
+
+
 def _zscores(scores, modality, active) -> torch.Tensor:
     """[B, n] ``(s - mu_m) / sigma_m`` with each modality's mean and deviation over the ``active`` entries."""
     z = torch.zeros_like(scores)
