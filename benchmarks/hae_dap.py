@@ -95,16 +95,28 @@ def summarise(df: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
+def markdown(table: pd.DataFrame) -> str:
+    cols = ["setting", *table.columns]
+    out = "| " + " | ".join(cols) + " |\n|" + "---|" * len(cols) + "\n"
+    for name, row in table.iterrows():
+        out += f"| {name.replace('|', chr(92) + '|')} | " + " | ".join(f"{v:.3f}" for v in row) + " |\n"
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--n", type=int, default=200)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="docs/results/hae_dap.csv")
+    ap.add_argument("--summarise", action="store_true", help="only print the table of an existing --out file")
     args = ap.parse_args()
-    df = run(args.n, args.threads)
-    df.to_csv(args.out, index=False)
+    if args.summarise:
+        df = pd.read_csv(args.out)
+    else:
+        df = run(args.n, args.threads)
+        df.to_csv(args.out, index=False)
     table = summarise(df)
-    print(table.to_markdown(floatfmt=".3f"))
+    print(markdown(table))
     print(f"{args.n} questions; medians of per-question prefill times")
 
 

@@ -1,0 +1,79 @@
+"""Tables of docs/results/seeds_hae_madakv.md from the issue-5 sweeps (bench_seeds_vlm.csv, bench_seeds_text.csv):
+score per task and budget, KV kept vs full, decode and prefill time vs the full cache of the same prompt.
+
+    PYTHONPATH=src .venv/bin/python benchmarks/seeds_summary.py
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+from modalkv.bench.runner import add_ratios
+
+ORDER = ["full", "hae", "madakv", "snapkv", "adakv", "h2o", "lookm"]
+
+
+def load(path: Path) -> pd.DataFrame:
+    df = add_ratios(pd.read_csv(path))
+    group = ["library", "model", "task", "length", "seed"]
+    full = df[df.method == "full"].set_index(group)["prefill_s"].rename("full_prefill_s")
+    return df.join(full, on=group)
+
+
+def table(df: pd.DataFrame, value: str, tasks=None, fmt="{:.2f}") -> str:
+    d = df if tasks is None else df[df.task.isin(tasks)]
+    budgets = sorted(b for b in d.budget.unique() if b < 1.0)
+    rows = []
+    for m in [m for m in ORDER if m in set(d.method)]:
+        dm = d[d.method == m]
+        if m == "full":
+            rows.append([m, *[fmt.format(dm[value].mean())] * len(budgets)])
+            continue
+        rows.append([m, *[fmt.format(dm[dm.budget == b][value].mean()) for b in budgets]])
+    head = "| method | " + " | ".join(f"{b:g}" for b in budgets) + " |\n|---|" + "---|" * len(budgets) + "\n"
+    return head + "\n".join("| " + " | ".join(r) + " |" for r in rows)
+
+
+def speed(df: pd.DataFrame) -> str:
+    """Median over prompts of decode and prefill time ratios (full / method), per budget."""
+    d = df[df.method != "full"].copy()
+    d["prefill_vs_full"] = d.full_prefill_s / d.prefill_s
+    g = d.groupby(["method", "budget"]).agg(decode=("speedup_vs_full", "median"), prefill=("prefill_vs_full", "median"))
+    budgets = sorted(d.budget.unique())
+    out = "| method | " + " | ".join(f"{b:g}" for b in budgets) + " |\n|---|" + "---|" * len(budgets) + "\n"
+    for m in [m for m in ORDER if m in set(d.method)]:
+        cells = [f"{g.loc[(m, b), 'decode']:.2f}× / {g.loc[(m, b), 'prefill']:.2f}×" for b in budgets]
+        out += f"| {m} | " + " | ".join(cells) + " |\n"
+    full = df[df.method == "full"]
+    return out + f"\nfull cache: decode {full.decode_ms.median():.1f} ms/token, prefill {full.prefill_s.median():.2f} s (medians)\n"
+
+
+def main() -> None:
+    root = Path("docs/results")
+    for name in ("bench_seeds_vlm.csv", "bench_seeds_text.csv"):
+        path = root / name
+        if not path.exists():
+            print(f"(missing {path})", file=sys.stderr)
+            continue
+        df = load(path)
+        print(f"## {name}\n")
+        tasks = [t for t in df.task.unique() if t != "fidelity"]
+        for t in tasks:
+            n = df[(df.task == t) & (df.method == "full")].shape[0]
+            print(f"### score, {t} ({n} prompts)\n\n{table(df, 'score', [t])}\n")
+        if len(tasks) > 1:
+            print(f"### score, mean over {', '.join(tasks)}\n\n{table(df, 'score', tasks, '{:.3f}')}\n")
+        if "fidelity" in set(df.task):
+            print(f"### fidelity: KL(full || method) over 48 teacher-forced tokens\n\n{table(df, 'kl', ['fidelity'], '{:.4f}')}\n")
+        print(f"### KV kept / full (bytes, end of generation)\n\n{table(df, 'kv_ratio_vs_full')}\n")
+        print(f"### decode / prefill speed-up vs the full cache of the same prompt (median)\n\n{speed(df)}")
+        if "length" in df and df.length.nunique() > 1:
+            for L in sorted(df.length.unique()):
+                print(f"#### at {L} tokens\n\n{speed(df[df.length == L])}")
+
+
+if __name__ == "__main__":
+    main()
