@@ -133,3 +133,28 @@ def test_deferred_question_through_the_cache_equals_one_prefill(shipped):
     with torch.no_grad():
         want = runner.model(input_ids=torch.cat([ids, tail], 1), **extra).logits[0, -1]
     assert (got - want).abs().max() < 1e-3
+
+
+def test_runner_gives_a_pruning_method_its_own_prefill(shipped):
+    """HAE with DAP in prune mode changes the prompt forward: the bench must not replay the captured full prefill for
+    it. Thresholds that prune 26 % of the image on this model (docs/results/seeds_hae_madakv.md)."""
+    from modalkv.bench.runner import ModelRunner
+    from modalkv.tasks import get_task
+
+    runner = ModelRunner.__new__(ModelRunner)
+    runner.model, runner.processor = shipped
+    runner.tok = runner.processor.tokenizer
+    ids, _, extra = runner.mm_inputs(get_task("vqa_distract").make(runner.tok, 400, 0))
+    cap, _ = runner._capture(ids, **extra)
+    prune = "hae(tau_g=0.0147,tau_i=1.0)"
+    cache, _, own = runner._build(cap, {"method": prune, "budget": 1.0}, None, ids, extra)
+    assert own is not None and int(cache.method.dap_evicted[0]) > 0
+    img = torch.nonzero(cap.modality[0] == IMAGE).flatten()
+    layers = [sorted(s.pos[0, : s.n].tolist()) for layer in cache.managed_layers for s in layer.heads]
+    assert all(p == layers[0] for p in layers) and len(layers[0]) == ids.shape[1] - int(cache.method.dap_evicted[0])
+    assert int(torch.isin(torch.tensor(layers[0]), img).sum()) == 64 - int(cache.method.dap_evicted[0])
+    kv_only, _, replayed = runner._build(cap, {"method": prune[:-1] + ",mode=kv_only)", "budget": 1.0}, None, ids,
+                                         extra)
+    assert replayed is None  # kv_only is the same forward: replayed from the capture
+    assert [sorted(s.pos[0, : s.n].tolist()) for layer in kv_only.managed_layers for s in layer.heads] == layers
+    assert (own - cap.logits[0, -1]).abs().max() > 1e-4  # the pruned forward really differs
