@@ -51,8 +51,31 @@ def speed(df: pd.DataFrame) -> str:
     return out + f"\nfull cache: decode {full.decode_ms.median():.1f} ms/token, prefill {full.prefill_s.median():.2f} s (medians)\n"
 
 
+def variants(path: Path) -> str:
+    """Score and KV kept per method label, task and budget (the HAE variants and the MadaKV ablation)."""
+    df = add_ratios(pd.read_csv(path))
+    out = ""
+    for t in df.task.unique():
+        d = df[df.task == t]
+        n = d[d.method == "full"].shape[0]
+        budgets = sorted(b for b in d.budget.unique() if b < 1.0)
+        out += f"#### {t} ({n} prompts): score (KV kept / full)\n\n| method | " + " | ".join(f"{b:g}" for b in budgets)
+        out += " |\n|---|" + "---|" * len(budgets) + "\n"
+        out += f"| full | {d[d.method == 'full'].score.mean():.2f} |" + " |" * (len(budgets) - 1) + "\n"
+        for m in [m for m in d.method.unique() if m != "full"]:
+            dm = d[d.method == m]
+            cells = [f"{dm[dm.budget == b].score.mean():.2f} ({dm[dm.budget == b].kv_ratio_vs_full.mean():.2f})"
+                     for b in budgets]
+            out += f"| `{m}` | " + " | ".join(cells) + " |\n"
+        out += "\n"
+    return out
+
+
 def main() -> None:
     root = Path("docs/results")
+    for name in ("bench_seeds_hae_variants.csv", "bench_seeds_madakv_ablation.csv"):
+        if (root / name).exists():
+            print(f"## {name}\n\n{variants(root / name)}")
     for name in ("bench_seeds_vlm.csv", "bench_seeds_text.csv"):
         path = root / name
         if not path.exists():

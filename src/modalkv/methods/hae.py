@@ -208,7 +208,7 @@ class HAE(Method):
             g += a.sum(1)
             peak = torch.maximum(peak, a.amax(1))
         check_finite(g, self.name)
-        self._g = g
+        self._g, self._peak = g, peak  # kept for inspection (benchmarks/hae_attention.py)
         total = (g * visual).sum(-1, keepdim=True)
         evict = visual & (g < self.tau_g * total) & (peak < self.tau_i)
         if self.variance_gate:
