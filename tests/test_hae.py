@@ -252,9 +252,14 @@ def test_visual_tokens_are_evicted_first_while_decoding():
 
 
 def test_errors():
-    with pytest.raises(ValueError, match="kv_only"):
-        KVCache(tiny_gemma3(), "hae", 0.5)
-    KVCache(tiny_gemma3(), "hae", 0.5, mode="kv_only")
+    from test_modality import gemma3, gemma3_inputs
+
+    run_steps(tiny_gemma3(), prompt(30), None, KVCache(tiny_gemma3(), "hae", 0.5), 2)  # text only: nothing to prune
+    model = gemma3()
+    ids, extra = gemma3_inputs()
+    with pytest.raises(ValueError, match="kv_only"):  # sliding-window layers cannot run on pruned hidden states
+        run_steps(model, ids, None, hae_cache(model, ids, tau_g=1.0, tau_i=1.0), 1, extra=extra)
+    run_steps(model, ids, None, hae_cache(model, ids, tau_g=1.0, tau_i=1.0, mode="kv_only"), 1, extra=extra)
     with pytest.raises(ValueError, match="tau_g"):
         KVCache(tiny_llama(), "hae", 0.5, tau_g=1.5)
     with pytest.raises(TypeError, match="mode"):

@@ -50,8 +50,8 @@ class HAE(Method):
         Cap ``c`` on DAP evictions (the lowest-``g`` candidates go first). CHOICE: off.
     mode : "prune" | "kv_only"
         CHOICE (default prune, the paper's "reduces computational overhead"). ``prune`` needs every decoder layer
-        to be a full-attention layer managed by modalkv (not Gemma-3's sliding windows) and cannot be replayed from
-        a captured prefill (``replayable`` is False).
+        to be a full-attention layer managed by modalkv (not Gemma-3's sliding windows; a clear error when DAP
+        evicts on such a model) and cannot be replayed from a captured prefill (``replayable`` is False).
     query_rows : "after_last_image" | "after_first_image" | "all_text"
         CHOICE: which text tokens are the instruction whose attention judges the visual tokens. Default: text after
         the last visual token, falling back to text after the first one when none follows the last.
@@ -126,12 +126,10 @@ class HAE(Method):
 
     def setup(self, cache) -> None:
         super().setup(cache)
-        if self.dap and self.mode == "prune":
-            if cache.num_managed != len(cache.layers):
-                raise ValueError(
-                    "HAE mode='prune' needs every decoder layer to be a full-attention layer modalkv manages; this "
-                    "model has other layer kinds (e.g. sliding windows): use mode='kv_only'"
-                )
+        # pruning hidden states needs every decoder layer to be one modalkv manages (not sliding windows); checked
+        # when there is something to prune, so text-only prompts work on any model
+        self._can_prune = cache.num_managed == len(cache.layers)
+        if self.dap and self.mode == "prune" and self._can_prune:
             pruning.install(cache.model_ref())
 
     # -- prefill ----------------------------------------------------------------------------------------------
@@ -146,6 +144,11 @@ class HAE(Method):
             evict = self._dap(ctx)
             self.dap_visual = ((ctx.modality != TEXT) & ctx.real).sum(-1)
             if self.mode == "prune" and bool(evict.any()):
+                if not self._can_prune:
+                    raise ValueError(
+                        "HAE mode='prune' needs every decoder layer to be a full-attention layer modalkv manages; "
+                        "this model has other layer kinds (e.g. sliding windows): use mode='kv_only'"
+                    )
                 evict = _equalise(evict, self._g)
                 keep = (~evict).nonzero()[:, 1].view(B, -1)  # rows evict equally many: a rectangle
                 pruning.start(self.cache, keep, n, ctx.n_real)
