@@ -326,3 +326,18 @@ def test_capacity_below_the_protected_windows_keeps_sinks_then_the_newest():
         nxt = out.logits[:, -1:].argmax(-1)
         for active, in_bin, stored in _counts(cache):
             assert active <= 6 and stored <= 6 + 2
+
+
+def test_a_captured_prefill_refuses_to_stand_in_for_pruning():
+    from modalkv.replay import capture_prefill
+
+    model = llava3()
+    ids, extra = llava_inputs(images=2)
+    cap = capture_prefill(model, ids, **extra)
+    with pytest.raises(ValueError, match="prompt forward"):
+        cap.build_cache(model, "hae", 1.0, **DAP)
+    replayed = cap.build_cache(model, "hae", 1.0, mode="kv_only", **DAP)  # kv_only is the same forward
+    live = hae_cache(model, ids, mode="kv_only", **DAP)
+    with torch.no_grad():
+        model(input_ids=ids, **extra, **cache_kwargs(model, live))
+    assert kept(replayed) == kept(live)

@@ -42,6 +42,12 @@ class CapturedPrefill:
     def build_cache(self, model, method="full", budget: float | int = 1.0, **kwargs) -> KVCache:
         """The cache a prefill with ``method`` at ``budget`` would leave (kwargs as for :class:`KVCache`)."""
         cache = KVCache(model, method, budget, **kwargs)
+        if not cache.method.replayable and self.modality is not None and bool((self.modality != 0).any()):
+            raise ValueError(
+                f"{cache.method.name}: this configuration changes the prompt forward itself (e.g. HAE mode='prune' "
+                "drops image tokens from later layers), so a captured full prefill cannot stand in for it; run a "
+                "prefill with the method's cache instead"
+            )
         cache._modality = self.modality
         for i, layer in enumerate(cache.layers):
             if isinstance(layer, CompressedLayer):
