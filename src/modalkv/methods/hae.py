@@ -238,10 +238,10 @@ class HAE(Method):
         check_finite(out, self.name)
         return out
 
-    def _priority(self, scores, modality, active, protected) -> torch.Tensor:
-        """Keep-priority [B, n]: per-modality z-score of ``scores`` over ``active``; the unprotected visual tokens
-        beyond ``v_floor`` (lowest first) sit a tier below everything else (evicted first)."""
-        z = _zscores(scores, modality, active)
+    def _priority(self, scores, modality, active, protected, z=None) -> torch.Tensor:
+        """Keep-priority [B, n]: per-modality z-score of ``scores`` over ``active`` (or the given ``z``); the
+        unprotected visual tokens beyond ``v_floor`` (lowest first) sit a tier below everything else (evicted first)."""
+        z = _zscores(scores, modality, active) if z is None else z
         visual = (modality != TEXT) & active
         excess = visual.sum(-1) - self.v_floor
         if bool((excess > 0).any()):
@@ -279,11 +279,12 @@ class HAE(Method):
         sinks, recent = _protected_counts(target, self.n_sink, self.recent)
         protected = (pos < (self._sink_limit - self.n_sink + sinks)[:, None]) | (pos > layer.seen - 1 - recent[:, None])
         mod = store.mod[:, :n]
-        prio = self._priority(acc[:, :n], mod, active, protected)
+        z = _zscores(acc[:, :n], mod, active)
+        prio = self._priority(acc[:, :n], mod, active, protected, z)
         # bin entries: z-scored on the active entries' statistics, visual ones a tier down while visual tokens are
         # still evicted first (comparable with the active entries' priorities)
         excess = ((mod != TEXT) & active).sum(-1, keepdim=True) > self.v_floor
-        bin_prio = _zscores(acc[:, :n], mod, active) - _TIER * ((mod != TEXT) & binf & excess).float()
+        bin_prio = z - _TIER * ((mod != TEXT) & binf & excess).float()
         binf = binf.clone()
         for b in range(store.batch):
             cand = active[b] & ~protected[b]
