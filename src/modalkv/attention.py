@@ -133,10 +133,10 @@ def attend_stored(layer, query: torch.Tensor, mask, scaling: float) -> torch.Ten
     out = query.new_empty(B, q, Hq, d)
     probs_per_head = []
     qs = (query * scaling).view(B, H, G * q, d) if query.is_contiguous() else (query * scaling).reshape(B, H, G * q, d)
+    readout = method.readout if method.has_readout else None
     for h, store in enumerate(heads):
-        K, V = store.kv()
-        n = K.shape[1]
-        logits = torch.matmul(qs[:, h], K.transpose(1, 2))  # [B, G*q, n]
+        logits, V = store.logits_values(qs[:, h])  # [B, G*q, n], [B, n, dv]
+        n = logits.shape[-1]
         if not store.all_valid:
             logits.masked_fill_(~store.valid[:, None, :n], float("-inf"))
         if block is not None:
@@ -147,8 +147,12 @@ def attend_stored(layer, query: torch.Tensor, mask, scaling: float) -> torch.Ten
         scored = logits
         if hidden is not None:
             logits = logits.masked_fill(hidden[:, None, :n] > 0, float("-inf"))
-        probs = torch.softmax(logits, dim=-1, dtype=torch.float32).to(V.dtype)
-        out[:, :, h * G : (h + 1) * G] = torch.matmul(probs, V).view(B, G, q, d).transpose(1, 2)
+        if readout is not None:  # the method adds its own terms to the attention (e.g. RetentiveKV's states)
+            o, probs = readout(layer, h, qs[:, h], logits, V)
+        else:
+            probs = torch.softmax(logits, dim=-1, dtype=torch.float32).to(V.dtype)
+            o = torch.matmul(probs, V)
+        out[:, :, h * G : (h + 1) * G] = o.view(B, G, q, d).transpose(1, 2)
         if want_probs:
             if hidden is not None:  # the method scores every stored entry, hidden ones included
                 probs = torch.softmax(scored, dim=-1, dtype=torch.float32).to(V.dtype)

@@ -185,6 +185,12 @@ class HeadStore:
         """Dense keys and values of slots [0, n): [B, n, d] each."""
         return self.keys[:, : self.n], self.values[:, : self.n]
 
+    def logits_values(self, query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Attention logits of ``query`` [B, r, d] (already scaled) against slots [0, n), and the values:
+        ([B, r, n], [B, n, dv]). Stores that do not hold dense keys (Spherical KV) override this."""
+        K, V = self.kv()
+        return torch.matmul(query, K.transpose(1, 2)), V
+
     def count(self) -> int:
         """Valid entries over all rows."""
         return int(self.valid[:, : self.n].sum())
@@ -456,7 +462,13 @@ class KVCache(Cache):
         for i, layer in enumerate(base.layers):
             if type(layer) is DynamicLayer:
                 managed = CompressedLayer(self, i, rank)
-                if self.quantizer is not None:
+                own = self.method.store_class()
+                if own is not None and self.quantizer is not None:
+                    raise ValueError(f"{self.method.name} stores its own entry format; it cannot be combined with "
+                                     f"quantize={quantize!r}")
+                if own is not None:
+                    managed.store_class = own
+                elif self.quantizer is not None:
                     managed.store_class = self.quantizer.store_class()
                 layers.append(managed)
                 rank += 1
@@ -471,6 +483,7 @@ class KVCache(Cache):
         self.num_managed = rank
         self.config = config
         self._modality: torch.Tensor | None = None
+        self.layout = None  # a ModalityLayout (visual grid coordinates) when set_modality was given one
         self.prune_index: torch.Tensor | None = None  # set during a pruned prompt forward (see pruning.py)
         self.prune_len = 0
         self.prune_real: torch.Tensor | None = None
@@ -480,8 +493,12 @@ class KVCache(Cache):
 
     # -- modality -------------------------------------------------------------------------------------------
     def set_modality(self, mm_token_type_ids) -> None:
-        """Give the cache the per-token modality ids of the prompt (``mm_token_type_ids``: [B, n])."""
-        ids = torch.as_tensor(mm_token_type_ids)
+        """Give the cache the per-token modality ids of the prompt (``mm_token_type_ids``: [B, n]), or a
+        :class:`~modalkv.modality.ModalityLayout` (ids plus visual grid coordinates, used by spatial methods)."""
+        from .modality import ModalityLayout
+
+        self.layout = mm_token_type_ids if isinstance(mm_token_type_ids, ModalityLayout) else None
+        ids = self.layout.ids if self.layout is not None else torch.as_tensor(mm_token_type_ids)
         if ids.dim() == 1:
             ids = ids.unsqueeze(0)
         self._modality = as_modality_ids(ids, ids.shape[0], ids.shape[1], ids.device)
@@ -508,16 +525,21 @@ class KVCache(Cache):
 
         ``full_bytes``: K+V bytes of a full cache for the tokens seen (padding included, as transformers stores it).
         ``kept_bytes``: logical bytes of the valid kept entries: K/V payload (``payload_bytes``) plus per-entry
-        metadata (``meta_bytes``: positions, modality ids, validity, method scores, quantisation scales).
+        metadata (``meta_bytes``: positions, modality ids, validity, method scores, quantisation scales) plus
+        per-sequence method state outside the entries (``state_bytes``: RetentiveKV's state-space memories).
+        ``shared_bytes``: model-level constants of the method shared by every sequence (Spherical KV's codebooks),
+        not in ``kept_bytes``.
         ``allocated_bytes``: every tensor the cache holds, reserve slots and padding included.
         ``compression_ratio`` = full_bytes / kept_bytes. Unmanaged layers (sliding windows) count in all three.
         """
-        full = payload = meta = allocated = entries = 0
+        full = payload = meta = allocated = entries = state = 0
         slots = 0
         seen = 0
         for layer in self.layers:
             if isinstance(layer, CompressedLayer):
                 seen = max(seen, layer.seen)
+                if layer.heads:
+                    state += self.method.state_bytes(layer)
                 for store in layer.heads or []:
                     b = store.bytes()
                     payload += b["payload"]
@@ -531,13 +553,15 @@ class KVCache(Cache):
                 full += nbytes
                 payload += nbytes
                 allocated += nbytes
-        kept = payload + meta
+        kept = payload + meta + state
         return {
             "full_bytes": full,
             "kept_bytes": kept,
             "payload_bytes": payload,
             "meta_bytes": meta,
-            "allocated_bytes": allocated,
+            "state_bytes": state,
+            "shared_bytes": self.method.shared_bytes(),
+            "allocated_bytes": allocated + state,
             "compression_ratio": (full / kept) if kept else float("inf"),
             "tokens_seen": seen,
             "tokens_kept": (entries / slots) if slots else 0.0,

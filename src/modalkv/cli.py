@@ -156,7 +156,7 @@ def _generate(model, method, budget, prompt, prompt_file, max_new_tokens, compar
         enc = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
         if images:
             extra = {"pixel_values": vlm.load_images(list(images), processor)}
-        cache.set_modality(detect_modality(lm.config, ids).ids)
+        cache.set_modality(detect_modality(lm.config, ids))
     else:
         if chat and getattr(tok, "chat_template", None):
             text = tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False,

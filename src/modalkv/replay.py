@@ -38,6 +38,7 @@ class CapturedPrefill:
     other_layers: dict = field(default_factory=dict)  # layer_idx -> transformers layer (sliding windows)
     seen: int = 0
     modality: torch.Tensor | None = None
+    layout: object = None  # the prompt's ModalityLayout (visual grid coordinates) for a VLM
 
     def build_cache(self, model, method="full", budget: float | int = 1.0, **kwargs) -> KVCache:
         """The cache a prefill with ``method`` at ``budget`` would leave (kwargs as for :class:`KVCache`)."""
@@ -49,6 +50,7 @@ class CapturedPrefill:
                 "prefill with the method's cache instead"
             )
         cache._modality = self.modality
+        cache.layout = self.layout
         for i, layer in enumerate(cache.layers):
             if isinstance(layer, CompressedLayer):
                 query, keys, values, real, scaling = self.layers[i]
@@ -69,11 +71,11 @@ def capture_prefill(model, input_ids, attention_mask=None, position_ids=None, **
     cache.method.captured = {}
     if special_token_modalities(model.config):  # a VLM: every method sees which entries are image tokens
         cache.set_modality(detect_modality(model.config, input_ids, model_kwargs.get("mm_token_type_ids"),
-                                           model_kwargs.get("image_grid_thw"), model_kwargs.get("video_grid_thw")).ids)
+                                           model_kwargs.get("image_grid_thw"), model_kwargs.get("video_grid_thw")))
     if attention_mask is not None and position_ids is None:
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
     out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                 **cache_kwargs(model, cache), **model_kwargs)
     others = {i: layer for i, layer in enumerate(cache.layers) if not isinstance(layer, CompressedLayer)}
     seen = max(layer.seen for layer in cache.managed_layers)
-    return CapturedPrefill(out.logits[:, -1:], cache.method.captured, others, seen, cache._modality)
+    return CapturedPrefill(out.logits[:, -1:], cache.method.captured, others, seen, cache._modality, cache.layout)

@@ -241,7 +241,7 @@ class ModelRunner:
         t0 = time.perf_counter()
         if own:
             cache = KVCache(self.model, method, budget, quantize=quantize, modality_caps=caps)
-            cache._modality = cap.modality
+            cache._modality, cache.layout = cap.modality, cap.layout
             with torch.no_grad():
                 out = self.model(input_ids=ids, **(extra or {}), **cache_kwargs(self.model, cache))
             return cache, time.perf_counter() - t0, out.logits[0, -1]

@@ -13,11 +13,13 @@ from .hae import HAE
 from .lookm import LookM
 from .madakv import MadaKV
 from .pyramidkv import PyramidKV
+from .retentivekv import RetentiveKV
+from .spherical import SphericalKV
 from .snapkv import SnapKV
 from .streaming import StreamingLLM
 
 REGISTRY: dict[str, type[Method]] = {
-    cls.name: cls for cls in (Full, StreamingLLM, H2O, SnapKV, PyramidKV, AdaKV, LookM, MadaKV, HAE)
+    cls.name: cls for cls in (Full, StreamingLLM, H2O, SnapKV, PyramidKV, AdaKV, LookM, MadaKV, HAE, RetentiveKV, SphericalKV)
 }
 
 
@@ -109,5 +111,5 @@ def make_quantizer(spec):
 __all__ = [
     "QUANTIZERS", "REGISTRY", "Method", "PrefillContext", "available_methods", "make_method", "make_quantizer", "register",
     "parse_label", "split_label",
-    "Full", "StreamingLLM", "H2O", "SnapKV", "PyramidKV", "AdaKV", "LookM", "MadaKV", "HAE",
+    "Full", "StreamingLLM", "H2O", "SnapKV", "PyramidKV", "AdaKV", "LookM", "MadaKV", "HAE", "RetentiveKV", "SphericalKV",
 ]

@@ -102,6 +102,8 @@ class Method:
     needs_decode_probs: ClassVar[bool] = False  # decode() wants the attention rows
     decodes: ClassVar[bool] = False  # decode() runs after every decode step
     replayable: ClassVar[bool] = True  # a captured full prefill (modalkv.replay) reproduces this method's cache
+    lossy: ClassVar[bool] = False  # kept entries are approximated (codes), so budget 1.0 is not the full cache
+    has_readout: ClassVar[bool] = False  # readout() replaces softmax(logits) @ V in decode attention
 
     def __post_init__(self) -> None:
         hints = typing.get_type_hints(type(self))
@@ -134,6 +136,23 @@ class Method:
 
     def after_prefill(self, layer) -> None:
         pass
+
+    def store_class(self):
+        """A :class:`~modalkv.cache.HeadStore` subclass holding this method's entries (None: the dense store)."""
+        return None
+
+    def readout(self, layer, h: int, query: torch.Tensor, logits: torch.Tensor, values: torch.Tensor):
+        """Decode attention of head ``h`` when ``has_readout``: query [B, r, d] (scaled), logits [B, r, n] over the
+        stored entries (invalid ones -inf), values [B, n, dv] -> (output [B, r, dv], probs [B, r, n])."""
+        raise NotImplementedError
+
+    def state_bytes(self, layer) -> int:
+        """Bytes of per-sequence method state of ``layer`` outside the head stores (counted as kept memory)."""
+        return 0
+
+    def shared_bytes(self) -> int:
+        """Bytes of model-level constants the method needs (codebooks), shared by every sequence."""
+        return 0
 
     def decode(self, layer, probs) -> None:
         pass

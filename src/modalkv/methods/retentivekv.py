@@ -1,0 +1,380 @@
+"""RetentiveKV: entropy-guided eviction whose evicted tokens live on in fixed-size state-space memories."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+from .base import Method, PrefillContext, check_range, first_real, last_real
+from ..cache import Selection
+from ..modality import TEXT
+from ..scoring import group_reduce, window_scores
+
+_TINY = 1e-30
+
+
+def normalised_entropy_score(alpha: torch.Tensor, group: torch.Tensor, lam: float) -> torch.Tensor:
+    """Retention score ``R = lam * alpha_hat + (1 - lam) * H_hat`` per entry.
+
+    alpha [..., n] attention received (>= 0, 0 for absent entries); group [..., n] bool: the entries of one
+    modality (visual or text). Within the group ``p = alpha / sum(alpha)``, ``H = -p log p``, and both ``alpha``
+    and ``H`` are divided by their maximum over the group. Entries outside the group get 0.
+    """
+    a = alpha.float() * group
+    p = a / a.sum(-1, keepdim=True).clamp(min=_TINY)
+    ent = -(p * torch.log(p.clamp(min=_TINY)))
+    a_hat = a / a.amax(-1, keepdim=True).clamp(min=_TINY)
+    h_hat = ent / ent.amax(-1, keepdim=True).clamp(min=_TINY)
+    return (lam * a_hat + (1 - lam) * h_hat) * group
+
+
+@dataclass
+class RetentiveKV(Method):
+    """Entropy-guided KV retention with dual state-space memories that absorb the evicted tokens.
+
+    Paper: Liu, Xiong, Jiang, Wang, Lv, Zhang, "RetentiveKV: State-Space Memory for Uncertainty-Aware Multimodal
+    KV Cache Eviction", ACL 2026 Findings (arXiv 2605.04075). The paper gives the components, not every constant;
+    each value below that the paper leaves open is marked CHOICE and is a parameter.
+
+    Retention. Per (layer, KV head), ``alpha_i`` = mean attention of the last ``window`` prompt queries (and the
+    query heads of the group) to token i. Cross-modal entropy ``H_i = -p_i log p_i`` with ``p`` the attention
+    normalised over the visual tokens (CHOICE: text tokens use the same formula normalised over the text tokens);
+    ``R_i = lam * alpha_hat_i + (1 - lam) * H_hat_i`` with both terms divided by their maximum within the modality.
+    The cache keeps the sinks, the window and the top ``budget - sinks - window`` tokens by ``R``.
+
+    States. Evicted tokens are absorbed instead of deleted: visual tokens into the visual state ``S_V`` with the
+    spatial weight ``a_i = gamma_s ** (|x_i - x_r| + |y_i - y_r|)`` (Manhattan distance on the image's token grid to
+    the root patch ``r = argmax R`` of that image and head, RMT-style spatial decay); text tokens into the recall
+    state ``S_T`` with ``a_i = 1`` when ``R_i >= tau`` and dropped otherwise ("non-heavy-hitter, high-entropy
+    tokens"). While decoding, the entry with the smallest accumulated attention outside the sinks and the recent
+    window is evicted whenever the head is over its budget (a token leaving the window either displaces the weakest
+    heavy hitter or is evicted itself), and absorbed by the same rule with ``R`` from the current attention row.
+    After each step every state decays, ``S <- h_t S`` with ``h_t = h_min + (1 - h_min) sigmoid(beta (H_t - 0.5))``
+    and ``H_t`` the normalised entropy of the current query's attention over the cached visual tokens (all cached
+    tokens when none is visual): high uncertainty forgets more slowly.
+
+    Readouts (``state_readout``):
+
+    * ``"softmax"`` (default; CHOICE, training-free): each state holds moment sums ``m = sum a``, ``s = sum a k``,
+      ``u = sum a v``, ``M = sum a k v^T`` (and ``C = sum a k k^T`` with ``second_order``). A Taylor expansion of
+      ``exp(q.k)`` around the mean key ``k_bar = s / m`` gives the state's softmax denominator
+      ``D = e^{q.k_bar} (m + 1/2 q^T (C - m k_bar k_bar^T) q)`` and numerator
+      ``N = e^{q.k_bar} (u + M^T q - (q.k_bar) u)``; the output is
+      ``(sum_local e^l v + sum_g N_g) / (sum_local e^l + sum_g D_g)``. One absorbed token (or several with equal
+      keys) is read back exactly; a state that absorbed nothing adds nothing. With ``gated`` the states are
+      weighted by ``gamma_t = sigmoid(gate_w * H_t + gate_b)``.
+    * ``"linear"`` (the paper's literal form): ``S = sum a phi(k)^T v``, ``z = sum a phi(k)``, ``phi = elu + 1``,
+      ``O_S = phi(q) S / (phi(q).z + eps)``, ``O = Attn_local + gamma_t O_S`` (``mix="add"``) or
+      ``(1 - gamma_t) Attn_local + gamma_t O_S`` (``mix="convex"``), ``gamma_t = sigmoid(gate_w * H_t + gate_b)``
+      with ``H_t`` the normalised entropy of the local attention row. CHOICE: ``(gate_w, gate_b) = (8, -4)``; the
+      paper may learn them. CHOICE: the query is the model's scaled query.
+    * ``"none"``: states are not kept (plain entropy-guided eviction; the ablation baseline).
+
+    Parameters
+    ----------
+    window : int
+        Observation window and protected recent window (CHOICE: 32).
+    n_sink : int
+        Protected first tokens (CHOICE: 4).
+    lam : float
+        ``lambda`` in ``R`` (CHOICE: 0.5; not reported).
+    tau : float
+        Absorption threshold on the normalised ``R`` for text tokens (CHOICE: 0.1). ``tau > 1`` absorbs no text.
+    gate_visual : bool
+        CHOICE: apply ``tau`` to visual tokens too (default off: every evicted visual token enters ``S_V`` with its
+        spatial weight).
+    gamma_s : float
+        Spatial decay of the visual state (CHOICE: 0.9).
+    h_min, beta : float
+        State decay ``h_t`` (CHOICE: 0.9 and 10; the paper: "a sigmoid of the entropy"). ``decay=False`` keeps
+        states undecayed.
+    states : "dual" | "single"
+        Two states (visual, recall) or one unified state (the paper's ablation).
+    absorb_by_attention : bool
+        CHOICE: multiply absorption weights by the token's attention relative to the mean (the ``A_t`` matrix).
+    second_order : bool
+        Keep ``C`` for the second-order denominator term of the softmax readout (d^2 more floats per state).
+
+    Notes
+    -----
+    Memory: per (layer, KV head) and state ``1 + 2d + d^2`` float32 (softmax readout, first order; ``+ d^2`` second
+    order) or ``d + d^2`` (linear), independent of sequence length and number of images; reported as
+    ``state_bytes`` and counted in ``kept_bytes``. Per kept entry: accumulated attention and spatial weight
+    (2 float32, metadata). Decay is applied lazily through one scale per state (no per-step pass over the states).
+    """
+
+    window: int = 32
+    n_sink: int = 4
+    lam: float = 0.5
+    tau: float = 0.1
+    gate_visual: bool = False
+    gamma_s: float = 0.9
+    h_min: float = 0.9
+    beta: float = 10.0
+    decay: bool = True
+    state_readout: Literal["softmax", "linear", "none"] = "softmax"
+    states: Literal["dual", "single"] = "dual"
+    gated: bool = False
+    gate_w: float = 8.0
+    gate_b: float = -4.0
+    mix: Literal["add", "convex"] = "add"
+    absorb_by_attention: bool = False
+    second_order: bool = False
+
+    name = "retentivekv"
+    summary = "Entropy-guided eviction; evicted tokens absorbed into visual/recall state-space memories (Liu et al., 2026)"
+    needs_decode_probs = True
+    decodes = True
+
+    @property
+    def has_readout(self) -> bool:  # type: ignore[override]
+        return self.state_readout != "none"
+
+    def validate(self) -> None:
+        cls = type(self).__name__
+        check_range(cls, "window", self.window, 1)
+        check_range(cls, "n_sink", self.n_sink, 0)
+        check_range(cls, "lam", self.lam, 0.0, 1.0)
+        check_range(cls, "tau", self.tau, 0.0)
+        check_range(cls, "gamma_s", self.gamma_s, 0.0, 1.0, low_open=True)
+        check_range(cls, "h_min", self.h_min, 0.0, 1.0)
+        check_range(cls, "beta", self.beta, 0.0)
+
+    def setup(self, cache) -> None:
+        super().setup(cache)
+        self._states: dict[int, dict[str, torch.Tensor]] = {}
+        self._sink_end: torch.Tensor | None = None  # [B] first position after each row's sinks
+
+    # -- state storage ----------------------------------------------------------------------------------------
+    @property
+    def num_states(self) -> int:
+        return 2 if self.states == "dual" else 1
+
+    def _empty_states(self, B: int, H: int, d: int, dv: int, device) -> dict[str, torch.Tensor]:
+        S = self.num_states
+        z = lambda *shape: torch.zeros(B, H, S, *shape, dtype=torch.float32, device=device)  # noqa: E731
+        if self.state_readout == "linear":
+            st = {"S": z(d, dv), "z": z(d)}
+        else:
+            st = {"m": z(), "s": z(d), "u": z(dv), "M": z(d, dv)}
+            if self.second_order:
+                st["C"] = z(d, d)
+        st["scale"] = torch.ones(B, H, S, dtype=torch.float32, device=device)
+        return st
+
+    def _absorb(self, st: dict, g: int, w: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                head: int | None = None) -> None:
+        """Add tokens to state ``g``: w [B, H', m] weights, keys [B, H', m, d], values [B, H', m, dv]
+        (H' = all heads, or one head ``head``)."""
+        sl = (slice(None), slice(None) if head is None else slice(head, head + 1), g)
+        w = w.float() / st["scale"][sl][..., None]  # sums are stored divided by the lazy decay scale
+        k, v = keys.float(), values.float()
+        if self.state_readout == "linear":
+            phi = F.elu(k) + 1
+            st["S"][sl] += torch.einsum("bhm,bhmd,bhme->bhde", w, phi, v)
+            st["z"][sl] += torch.einsum("bhm,bhmd->bhd", w, phi)
+            return
+        st["m"][sl] += w.sum(-1)
+        st["s"][sl] += torch.einsum("bhm,bhmd->bhd", w, k)
+        st["u"][sl] += torch.einsum("bhm,bhme->bhe", w, v)
+        st["M"][sl] += torch.einsum("bhm,bhmd,bhme->bhde", w, k, v)
+        if "C" in st:
+            st["C"][sl] += torch.einsum("bhm,bhmd,bhme->bhde", w, k, k)
+
+    def state_bytes(self, layer) -> int:
+        st = self._states.get(layer.rank, {})
+        return sum(t.numel() * t.element_size() for t in st.values())
+
+    # -- prefill ----------------------------------------------------------------------------------------------
+    def _grid(self, ctx: PrefillContext):
+        """(item, row, col) [B, n] of the context's tokens: the cache's ModalityLayout when given, else each run
+        of visual tokens is one image laid out as a square (a 1-D strip when its length is not a square)."""
+        B, n = ctx.modality.shape
+        dev = ctx.modality.device
+        pos = ctx.positions.expand(B, n) if ctx.positions.dim() == 1 else ctx.positions
+        layout = getattr(self.cache, "layout", None)
+        if layout is not None and layout.ids.shape[0] == B and int(pos.max()) < layout.ids.shape[1]:
+            p = pos.long().cpu()
+            return tuple(getattr(layout, f).gather(1, p).to(dev) for f in ("item", "row", "col"))
+        item = torch.full((B, n), -1, dtype=torch.long)
+        row, col = torch.zeros(B, n, dtype=torch.long), torch.zeros(B, n, dtype=torch.long)
+        visual = (ctx.modality != TEXT).cpu()
+        for b in range(B):
+            x = torch.cat([torch.zeros(1, dtype=torch.int8), visual[b].to(torch.int8), torch.zeros(1, dtype=torch.int8)])
+            d = torch.diff(x)
+            starts, stops = torch.nonzero(d == 1).flatten(), torch.nonzero(d == -1).flatten()
+            for i, (a, e) in enumerate(zip(starts.tolist(), stops.tolist())):
+                k = torch.arange(e - a)
+                side = math.isqrt(e - a)
+                item[b, a:e] = i
+                if side * side == e - a:
+                    row[b, a:e], col[b, a:e] = k // side, k % side
+                else:
+                    col[b, a:e] = k
+        return item.to(dev), row.to(dev), col.to(dev)
+
+    def _spatial_weights(self, ctx: PrefillContext, R: torch.Tensor) -> torch.Tensor:
+        """[B, H, n] spatial weight of every visual token (0 for text): gamma_s ** Manhattan distance to its image's
+        root patch (the token with the largest R of that image, per head)."""
+        item, row, col = self._grid(ctx)
+        B, H, n = R.shape
+        out = torch.zeros(B, H, n, device=R.device)
+        n_items = int(item.max()) + 1 if item.numel() else 0
+        for i in range(n_items):
+            in_i = (item == i)[:, None, :]  # [B, 1, n]
+            if not bool(in_i.any()):
+                continue
+            root = R.masked_fill(~in_i, float("-inf")).argmax(-1)  # [B, H]
+            r_row = row[:, None, :].expand(B, H, n).gather(2, root[..., None])
+            r_col = col[:, None, :].expand(B, H, n).gather(2, root[..., None])
+            dist = (row[:, None, :] - r_row).abs() + (col[:, None, :] - r_col).abs()
+            out = torch.where(in_i, self.gamma_s ** dist.float(), out)
+        return out
+
+    def prefill(self, ctx: PrefillContext) -> Selection:
+        B, H, n = ctx.real.shape[0], ctx.num_kv_heads, ctx.n
+        k = ctx.budget_tokens
+        rows = min(self.window, n)
+        alpha = group_reduce(window_scores(ctx.query, ctx.keys, ctx.scaling, self.window, ctx.real), H, "mean") / rows
+        visual = ((ctx.modality != TEXT) & ctx.real)[:, None, :]
+        text = ((ctx.modality == TEXT) & ctx.real)[:, None, :]
+        R = normalised_entropy_score(alpha, visual, self.lam) + normalised_entropy_score(alpha, text, self.lam)
+        protect = first_real(ctx.real, self.n_sink) | last_real(ctx.real, torch.clamp(k, max=self.window))
+        keep = self.top(ctx, R, k, force=protect)
+        kept = torch.zeros(B, H, n + 1, dtype=torch.bool, device=R.device)
+        kept.scatter_(2, keep.masked_fill(keep < 0, n), True)
+        evicted = ctx.real[:, None, :] & ~kept[..., :n]
+        spatial = self._spatial_weights(ctx, R) if bool(visual.any()) else torch.zeros_like(R)
+        if self.cache is not None and ctx.layer_rank == 0:
+            pos = ctx.positions.expand(B, n) if ctx.positions.dim() == 1 else ctx.positions
+            sinks = first_real(ctx.real, self.n_sink)
+            self._sink_end = torch.where(sinks, pos.long() + 1, torch.zeros_like(pos, dtype=torch.long)).amax(-1)
+        if self.has_readout:
+            st = self._empty_states(B, H, ctx.keys.shape[-1], ctx.values.shape[-1], ctx.keys.device)
+            w_vis = spatial * (evicted & visual)
+            if self.gate_visual:
+                w_vis = w_vis * (R >= self.tau)
+            w_txt = (evicted & text & (R >= self.tau)).float()
+            if self.absorb_by_attention:
+                rel = alpha / alpha.masked_fill(~ctx.real[:, None, :], 0).sum(-1, keepdim=True).clamp(min=_TINY)
+                rel = rel * ctx.n_real.view(B, 1, 1)
+                w_vis, w_txt = w_vis * rel, w_txt * rel
+            weights = [w_vis, w_txt] if self.num_states == 2 else [w_vis + w_txt]
+            for g, w in enumerate(weights):
+                if bool((w > 0).any()):
+                    self._absorb(st, g, w, ctx.keys, ctx.values)
+            self._states[ctx.layer_rank] = st
+        return Selection(keep, extras={"acc": alpha, "sw": spatial})
+
+    # -- decode -----------------------------------------------------------------------------------------------
+    def _row_entropy(self, p: torch.Tensor, among: torch.Tensor) -> torch.Tensor:
+        """Normalised entropy (in [0, 1]) of attention rows p [..., n] restricted to ``among`` [..., n]."""
+        x = p.float() * among
+        x = x / x.sum(-1, keepdim=True).clamp(min=_TINY)
+        ent = -(x * torch.log(x.clamp(min=_TINY))).sum(-1)
+        count = among.sum(-1).float()
+        return torch.where(count > 1, ent / torch.log(count.clamp(min=2)), torch.zeros_like(ent))
+
+    def decode(self, layer, probs) -> None:
+        st = self._states.get(layer.rank)
+        newest = layer.seen - 1
+        for h, store in enumerate(layer.heads):
+            n = store.n
+            p = probs[h].mean(1)  # [B, q, n]
+            store.extras["acc"][:, :n] += p.sum(1).float()
+            last = p[:, -1].float()  # the current query's attention
+            valid = store.valid[:, :n]
+            visual = (store.mod[:, :n] != TEXT) & valid
+            if st is not None and self.decay:  # the decay of this step, from the attention before any eviction
+                among = torch.where(visual.sum(-1, keepdim=True) > 1, visual, valid)
+                h_t = self.h_min + (1 - self.h_min) * torch.sigmoid(self.beta * (self._row_entropy(last, among) - 0.5))
+            over = layer.over_budget(h)
+            count = torch.tensor([over], device=last.device) if isinstance(over, int) else over
+            m = int(count.max()) if count.numel() else 0
+            if m > 0:
+                pos = store.pos[:, :n].long()
+                protected = pos > newest - self.window
+                if self._sink_end is not None:
+                    protected |= pos < self._sink_end.to(pos.device)[:, None]
+                score = store.extras["acc"][:, :n].masked_fill(protected, float("inf"))
+                s = score.masked_fill(~valid, float("inf"))
+                victims = s.topk(m, dim=-1, largest=False, sorted=True).indices  # the same victims evict_lowest takes
+                use = (torch.arange(m, device=s.device)[None, :] < count[:, None]) & torch.isfinite(s.gather(1, victims))
+                if st is not None:
+                    self._absorb_decode(st, h, store, last, valid, visual, victims, use)
+                store.evict_lowest(s, use.sum(-1))
+            if st is not None and self.decay:
+                scale = st["scale"][:, h]
+                scale *= h_t[:, None]
+                if bool((scale < 1e-20).any()):  # fold the lazy scale back into the sums before it underflows
+                    for name, t in st.items():
+                        if name != "scale":
+                            t[:, h] *= scale.view(*scale.shape, *([1] * (t.dim() - 3)))
+                    scale.fill_(1.0)
+
+    def _absorb_decode(self, st, h, store, last, valid, visual, victims, use) -> None:
+        """Fold the decode-time victims [B, m] (``use`` marks real ones) of head ``h`` into the states."""
+        text = (store.mod[:, : store.n] == TEXT) & valid
+        R = normalised_entropy_score(last, visual, self.lam) + normalised_entropy_score(last, text, self.lam)
+        r_v = R.gather(1, victims)
+        is_vis = visual.gather(1, victims)
+        sw = store.extras["sw"][:, : store.n].gather(1, victims)
+        w_vis = sw * is_vis * use
+        if self.gate_visual:
+            w_vis = w_vis * (r_v >= self.tau)
+        w_txt = (~is_vis & use & (r_v >= self.tau)).float()
+        if self.absorb_by_attention:
+            rel = last.gather(1, victims) * valid.sum(-1, keepdim=True)
+            w_vis, w_txt = w_vis * rel, w_txt * rel
+        K, V = store.kv()
+        k = K.gather(1, victims[..., None].expand(-1, -1, K.shape[-1]))[:, None]
+        v = V.gather(1, victims[..., None].expand(-1, -1, V.shape[-1]))[:, None]
+        weights = [w_vis, w_txt] if self.num_states == 2 else [w_vis + w_txt]
+        for g, w in enumerate(weights):
+            if bool((w > 0).any()):
+                self._absorb(st, g, w[:, None], k, v, head=h)
+
+    # -- attention readout ------------------------------------------------------------------------------------
+    def readout(self, layer, h, query, logits, values):
+        st = self._states[layer.rank]
+        q = query.float()
+        scale = st["scale"][:, h]  # [B, S]
+        if self.state_readout == "linear":
+            probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+            local = torch.matmul(probs.to(values.dtype), values).float()
+            phi = F.elu(q) + 1
+            num = torch.einsum("brd,bsde,bs->bre", phi, st["S"][:, h], scale)
+            den = torch.einsum("brd,bsd,bs->br", phi, st["z"][:, h], scale)
+            o_s = num / (den[..., None] + 1e-6)
+            gamma = torch.sigmoid(self.gate_w * self._row_entropy(probs, torch.isfinite(logits)) + self.gate_b)
+            gamma = gamma * (den > 0)  # an empty state contributes nothing
+            out = (1 - gamma[..., None]) * local + gamma[..., None] * o_s if self.mix == "convex" else local + gamma[..., None] * o_s
+            return out.to(values.dtype), probs.to(values.dtype)
+        m = st["m"][:, h]  # [B, S]
+        kbar = st["s"][:, h] / m.clamp(min=_TINY)[..., None]
+        z = torch.einsum("brd,bsd->brs", q, kbar)
+        u = st["u"][:, h]
+        num = u[:, None] + torch.einsum("brd,bsde->brse", q, st["M"][:, h]) - z[..., None] * u[:, None]
+        den = m[:, None].expand_as(z)
+        if "C" in st:
+            qcq = torch.einsum("brd,bsde,bre->brs", q, st["C"][:, h], q)
+            den = den + 0.5 * (qcq - m[:, None] * z * z).clamp(min=0)
+        weight = den * scale[:, None]
+        if self.gated:
+            local_probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+            gamma = torch.sigmoid(self.gate_w * self._row_entropy(local_probs, torch.isfinite(logits)) + self.gate_b)
+            weight = weight * gamma[..., None]
+        state_logits = torch.where(weight > 0, z + torch.log(weight.clamp(min=_TINY)), torch.full_like(z, float("-inf")))
+        value = num / den.clamp(min=_TINY)[..., None]  # [B, r, S, dv]
+        all_logits = torch.cat([logits.float(), state_logits], -1)
+        p = torch.softmax(all_logits, dim=-1)
+        n = logits.shape[-1]
+        out = torch.matmul(p[..., :n].to(values.dtype), values).float()
+        out = out + (p[..., n:, None] * torch.nan_to_num(value)).sum(-2)
+        local = p[..., :n]
+        local = local / local.sum(-1, keepdim=True).clamp(min=_TINY)  # attention over the cached entries, for scoring
+        return out.to(values.dtype), local.to(values.dtype)

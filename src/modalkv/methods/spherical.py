@@ -1,0 +1,786 @@
+"""Spherical KV: keys as radius + direction codes with logits computed from the codes (Angle-Domain Attention), and
+Rate-Distortion Retention (per token and KV head: drop or a precision tier, under one byte budget).
+
+Paper: Chauhan, Marthi Krishna Kumar, Das, Dhanda, Jain, Chadha, Das, "Spherical KV: Angle-Domain Attention and
+Rate-Distortion Retention for KV Caches", arXiv 2605.18856 (v2). See :class:`SphericalKV` for the method and every
+choice the paper leaves open; this module also holds the codebooks (:class:`Codebooks`, spherical k-means) and the
+coded entry store (:class:`SphericalHeadStore`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import weakref
+from dataclasses import dataclass
+from typing import ClassVar, Literal
+
+import torch
+
+from .base import Method, PrefillContext, check_range, first_real, last_real
+from ..cache import HeadStore, Selection
+from ..scoring import _probs
+
+BIG = 1 << 40
+
+
+# --------------------------------------------------------------------------------------------------------------
+# tiers, bit packing, codebooks
+# --------------------------------------------------------------------------------------------------------------
+
+
+def parse_tiers(spec: str) -> tuple[tuple[int, int], ...]:
+    """``"16:6,16:4,32:3"`` -> ((group size, direction bits) of b1, b2, b3)."""
+    tiers = []
+    for part in spec.split(","):
+        g, colon, b = part.strip().partition(":")
+        if not colon or not g.isdigit() or not b.isdigit():
+            raise ValueError(f"SphericalKV.tiers {spec!r}: write group:bits per tier, e.g. '16:6,16:4,32:3'")
+        g, b = int(g), int(b)
+        if g < 1 or not 1 <= b <= 8:
+            raise ValueError(f"SphericalKV.tiers {spec!r}: group size must be >= 1 and bits in 1..8")
+        tiers.append((g, b))
+    if not 1 <= len(tiers) <= 3:
+        raise ValueError(f"SphericalKV.tiers {spec!r}: give 1 to 3 tiers (best first)")
+    return tuple(tiers)
+
+
+def code_bytes(groups: int, bits: int) -> int:
+    """Bytes of one token's packed direction codes (``groups * bits`` bits, rounded up to whole bytes)."""
+    return (groups * bits + 7) // 8
+
+
+def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Direction codes [..., G] (each < 2**bits) -> uint8 [..., ceil(G*bits/8)], little-endian bit order."""
+    G = codes.shape[-1]
+    shifts = torch.arange(G, device=codes.device, dtype=torch.int64) * bits
+    word = (codes.to(torch.int64) << shifts).sum(-1)  # G * bits <= 64 (checked by the method)
+    nbytes = code_bytes(G, bits)
+    byte_shifts = torch.arange(nbytes, device=codes.device, dtype=torch.int64) * 8
+    return ((word[..., None] >> byte_shifts) & 0xFF).to(torch.uint8)
+
+
+def unpack_codes(packed: torch.Tensor, bits: int, groups: int) -> torch.Tensor:
+    """Inverse of :func:`pack_codes`: uint8 [..., nbytes] -> int64 codes [..., groups]."""
+    byte_shifts = torch.arange(packed.shape[-1], device=packed.device, dtype=torch.int64) * 8
+    word = (packed.to(torch.int64) << byte_shifts).sum(-1)
+    shifts = torch.arange(groups, device=packed.device, dtype=torch.int64) * bits
+    return (word[..., None] >> shifts) & ((1 << bits) - 1)
+
+
+def spherical_kmeans(x: torch.Tensor, K: int, iters: int = 20, seed: int = 42) -> torch.Tensor:
+    """Unit-norm centroids [NB, K, g] of unit vectors x [NB, N, g] (cosine k-means, one bucket per leading index).
+
+    Initialisation: K distinct points per bucket drawn with a seeded generator; an empty cluster is re-seeded with
+    the point worst served by its centroid. CHOICE: flat k-means, one restart (the authors: hierarchical for K = 64
+    and K = 16, 8 to 20 restarts).
+    """
+    NB, N, g = x.shape
+    gen = torch.Generator().manual_seed(seed)
+    if N == 0:
+        c = torch.randn(NB, K, g, generator=gen)
+        return (c / c.norm(dim=-1, keepdim=True)).to(x.device)
+    pick = torch.stack([torch.randperm(N, generator=gen)[: min(K, N)] for _ in range(NB)]).to(x.device)
+    if pick.shape[1] < K:  # fewer points than centroids: repeat points (duplicates become empty clusters)
+        pick = pick.repeat(1, math.ceil(K / pick.shape[1]))[:, :K]
+    c = x.gather(1, pick[..., None].expand(-1, -1, g)).clone()
+    for _ in range(iters):
+        sim = torch.bmm(x, c.transpose(1, 2))  # [NB, N, K]
+        best, assign = sim.max(-1)
+        sums = torch.zeros_like(c).scatter_add_(1, assign[..., None].expand(-1, -1, g), x)
+        counts = torch.zeros(NB, K, device=x.device).scatter_add_(1, assign, torch.ones_like(best))
+        norms = sums.norm(dim=-1, keepdim=True)
+        new = torch.where(norms > 1e-12, sums / norms.clamp(min=1e-12), c)
+        empty = counts == 0
+        if bool(empty.any()):
+            worst = best.argsort(-1)[:, :K]  # the points farthest from their centroid, per bucket
+            fill = x.gather(1, worst[..., None].expand(-1, -1, g))
+            new = torch.where(empty[..., None], fill, new)
+        c = new
+    return c
+
+
+@dataclass
+class Codebooks:
+    """Unit-norm direction codebooks per managed layer: ``books[layer_idx][t]`` is [H, G_t, K_t, g_t] for tier t,
+    ``chord[layer_idx][t]`` the RMS chord error ``||u - C_code||`` [H, G_t] on the data they were fitted on."""
+
+    tiers: tuple
+    books: dict
+    chord: dict
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for per in self.books.values() for t in per)
+
+
+def _directions(keys: torch.Tensor, g: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """keys [..., d] -> (radii [..., G], unit directions [..., G, g]); a zero group gets direction e_0."""
+    x = keys.float().unflatten(-1, (keys.shape[-1] // g, g))
+    r = x.norm(dim=-1)
+    u = x / r.clamp(min=1e-12)[..., None]
+    zero = r <= 1e-12
+    if bool(zero.any()):
+        e0 = torch.zeros(g, device=keys.device)
+        e0[0] = 1.0
+        u = torch.where(zero[..., None], e0, u)
+    return r, u
+
+
+def encode_directions(u: torch.Tensor, book: torch.Tensor) -> torch.Tensor:
+    """Nearest codeword (largest cosine) per group: u [B, n, G, g], book [G, K, g] -> codes [B, n, G] int64."""
+    return torch.einsum("bngx,gkx->bngk", u, book).argmax(-1)
+
+
+def fit_codebooks(keys: dict, tiers, iters: int = 20, seed: int = 42, max_vectors: int = 100_000) -> Codebooks:
+    """Fit codebooks on post-RoPE keys: ``keys[layer_idx]`` = [H, N, d] (N tokens)."""
+    books, chord = {}, {}
+    for layer_idx, k in keys.items():
+        H, N, d = k.shape
+        per_b, per_c = [], []
+        for g, bits in tiers:
+            if d % g:
+                raise ValueError(f"SphericalKV: head dim {d} is not divisible by the tier group size {g}")
+            G = d // g
+            _, u = _directions(k, g)  # [H, N, G, g]
+            if N > max_vectors:
+                u = u[:, torch.randperm(N, generator=torch.Generator().manual_seed(seed))[:max_vectors]]
+            bucket = u.permute(0, 2, 1, 3).reshape(H * G, -1, g)
+            c = spherical_kmeans(bucket, 1 << bits, iters, seed).view(H, G, 1 << bits, g)
+            codes = torch.stack([encode_directions(u[h][None], c[h])[0] for h in range(H)])  # [H, N, G]
+            rec = c.gather(2, codes.permute(0, 2, 1)[..., None].expand(-1, -1, -1, g))  # [H, G, N, g]
+            err = (u.permute(0, 2, 1, 3) - rec).norm(dim=-1).pow(2).mean(-1).sqrt()  # [H, G]
+            per_b.append(c.contiguous())
+            per_c.append(err)
+        books[layer_idx], chord[layer_idx] = per_b, per_c
+    return Codebooks(tuple(tiers), books, chord)
+
+
+_CALIBRATED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def calibration_ids(model, tokens: int, seed: int = 42) -> torch.Tensor:
+    """Deterministic calibration input: Wikipedia summaries (titles sorted, from the 5000th on, so not the ones the
+    benchmark prompts use) through the model's own tokenizer when both are available offline, else seeded random
+    token ids (tiny test models)."""
+    try:
+        from transformers import AutoTokenizer
+
+        from ..data import wiki_summaries
+
+        path = getattr(model, "name_or_path", "") or getattr(model.config, "_name_or_path", "")
+        tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        texts = wiki_summaries()
+        text = "\n\n".join(texts[t] for t in sorted(texts)[5000:5200])
+        ids = tok(text, return_tensors="pt").input_ids[:, :tokens]
+        if ids.shape[1] >= min(tokens, 256):
+            return ids
+    except Exception:  # noqa: BLE001 - any missing piece means: fall back to random ids
+        pass
+    vocab = model.config.get_text_config(decoder=True).vocab_size
+    return torch.randint(0, vocab, (1, tokens), generator=torch.Generator().manual_seed(seed))
+
+
+@torch.no_grad()
+def calibrate(model, tiers, tokens: int = 2048, iters: int = 20, seed: int = 42) -> Codebooks:
+    """Codebooks fitted on the model's own post-RoPE keys over :func:`calibration_ids` (remembered per model)."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    from ..cache import cache_kwargs
+
+    key = (tuple(tiers), tokens, iters, seed)
+    per_model = _CALIBRATED.setdefault(model, {})
+    if key in per_model:
+        return per_model[key]
+    ids = calibration_ids(model, tokens, seed).to(model.device)
+    cache = DynamicCache(config=model.config.get_text_config(decoder=True))
+    model(input_ids=ids, **cache_kwargs(model, cache))
+    keys = {i: layer.keys[0].float() for i, layer in enumerate(cache.layers) if type(layer) is DynamicLayer}
+    books = fit_codebooks(keys, tiers, iters, seed)
+    per_model[key] = books
+    return books
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the coded store
+# --------------------------------------------------------------------------------------------------------------
+
+
+class SphericalHeadStore(HeadStore):
+    """One (layer, KV head)'s entries with keys as codes: slots ``[0, n)`` are tier sections (tier 1, 2, 3, each
+    ``width_t`` slots, tokens sorted by position, in pages of ``page_size`` tokens) followed by a dense tail of
+    entries appended since the last refresh. Values, positions, modality ids, validity and extras are per slot as
+    in :class:`HeadStore`; keys exist only as codes (sections) or dense (tail).
+
+    A tier-t section holds per token ``ceil(G_t b_t / 8)`` bytes of packed direction codes and ``G_t`` bytes of
+    radius codes; per page a header (8 bytes: tier id, count, padding) and ``G_t`` float32 radius scales
+    (``sigma_j = max r_j`` over the page; ``r_hat = sigma round(255 r / sigma) / 255``).
+    """
+
+    params: "SphericalKV" = None  # bound by SphericalKV.store_class
+    slot_arrays = ("values", "pos", "mod", "valid")
+
+    def __init__(self, keys, values, pos, mod, valid, extras, reserve: int):
+        B, k, d = keys.shape
+        self.d, self.dv, self.kdtype = d, values.shape[-1], keys.dtype
+        self.reserve = max(0, reserve)
+        self.books = None  # [per tier: [G_t, K_t, g_t]] set by encode()
+        self.sections: list[dict] = []
+        cap = k + self.reserve
+        dev = keys.device
+        self.values = values.new_empty(B, cap, self.dv)
+        self.pos = torch.empty(B, cap, dtype=torch.int32, device=dev)
+        self.mod = torch.empty(B, cap, dtype=torch.int8, device=dev)
+        self.valid = torch.zeros(B, cap, dtype=torch.bool, device=dev)
+        self.extras = {name: torch.zeros(B, cap, dtype=torch.float32, device=dev) for name in extras}
+        self.values[:, :k], self.pos[:, :k], self.mod[:, :k], self.valid[:, :k] = values, pos, mod, valid
+        for name, t in extras.items():
+            self.extras[name][:, :k] = t
+        self.n = k
+        self.all_valid = bool(valid.all())
+        self.tail_start = 0  # until encode(): everything is dense tail
+        self.tail_keys = keys.clone()
+
+    # -- encoding -------------------------------------------------------------------------------------------
+    def encode(self, books: list, tiers: torch.Tensor) -> None:
+        """(Re)build the store: slot s gets tier ``tiers[:, s]`` (1..3; 0 = drop) of its current key."""
+        self.books = books
+        keys, values = self.kv()
+        n = self.n
+        valid = self.valid[:, :n] & (tiers > 0)
+        pos = self.pos[:, :n].long()
+        orders, oks, widths = [], [], []
+        for t in range(1, len(self.params.tier_spec) + 1):
+            sel = valid & (tiers == t)
+            count = sel.sum(-1)
+            w = int(count.max()) if count.numel() else 0
+            order = torch.where(sel, pos, torch.full_like(pos, BIG)).argsort(dim=-1, stable=True)[:, :w]
+            orders.append(order)
+            oks.append(torch.arange(w, device=pos.device)[None, :] < count[:, None])
+            widths.append(w)
+        order = torch.cat(orders, 1)
+        ok = torch.cat(oks, 1)
+        m = order.shape[1]
+        idx = order[..., None]
+        new_keys = keys.gather(1, idx.expand(-1, -1, self.d))
+        cap = m + self.reserve
+        B = self.batch
+
+        def regather(t, fill=0):
+            out = t.new_full((B, cap, *t.shape[2:]), fill)
+            src = t[:, :n]
+            out[:, :m] = src.gather(1, idx.expand(-1, -1, *t.shape[2:])) if t.dim() == 3 else src.gather(1, order)
+            return out
+
+        self.values = regather(self.values)
+        self.pos, self.mod = regather(self.pos), regather(self.mod)
+        self.valid = regather(self.valid, False)
+        self.valid[:, :m] &= ok
+        self.extras = {name: regather(t) for name, t in self.extras.items()}
+        self.sections = []
+        start = 0
+        for t, w in enumerate(widths, start=1):
+            if w:
+                self.sections.append(self._encode_section(t, start, new_keys[:, start : start + w], ok[:, start : start + w]))
+            start += w
+        self.n = self.tail_start = m
+        if "tier" in self.extras:
+            self.extras["tier"][:, :m] = self.tiers()[:, :m].float()
+        self.tail_keys = keys.new_empty(B, self.reserve, self.d)
+        self.all_valid = bool(self.valid[:, :m].all())
+
+    def _encode_section(self, t: int, start: int, keys: torch.Tensor, ok: torch.Tensor) -> dict:
+        g, bits = self.params.tier_spec[t - 1]
+        P = self.params.page_size
+        B, w, d = keys.shape
+        G = d // g
+        r, u = _directions(keys, g)  # [B, w, G], [B, w, G, g]
+        r = r * ok[..., None]
+        codes = encode_directions(u, self.books[t - 1])
+        pages = math.ceil(w / P)
+        rp = torch.zeros(B, pages * P, G, device=keys.device)
+        rp[:, :w] = r
+        scale = rp.view(B, pages, P, G).amax(2).clamp(min=1e-12)  # [B, pages, G] float32
+        per_tok = scale.repeat_interleave(P, 1)[:, :w]
+        rcode = torch.round(255 * r / per_tok).clamp(0, 255).to(torch.uint8)
+        return {"tier": t, "start": start, "width": w, "G": G, "g": g, "bits": bits,
+                "codes": pack_codes(codes, bits), "rcode": rcode, "scale": scale}
+
+    def _radii(self, sec) -> torch.Tensor:
+        P = self.params.page_size
+        per_tok = sec["scale"].repeat_interleave(P, 1)[:, : sec["width"]]
+        return sec["rcode"].float() * per_tok / 255.0  # [B, w, G]
+
+    def section_keys(self, sec) -> torch.Tensor:
+        """Dense reconstruction ``k_hat_j = r_hat_j C[c_j]`` of a section's keys: [B, w, d]."""
+        codes = unpack_codes(sec["codes"], sec["bits"], sec["G"])  # [B, w, G]
+        book = self.books[sec["tier"] - 1]  # [G, K, g]
+        G, K, g = book.shape
+        B, w = codes.shape[:2]
+        dirs = book[torch.arange(G, device=codes.device)[None, None, :], codes]  # [B, w, G, g]
+        return (dirs * self._radii(sec)[..., None]).reshape(B, w, G * g).to(self.kdtype)
+
+    def section_logits(self, sec, query: torch.Tensor) -> torch.Tensor:
+        """Angle-domain logits of a section, never rebuilding dense keys: query [B, r, d] -> [B, r, w].
+
+        Per query row and group j a lookup table ``T[j, c] = <q_j, C_c>`` (G K numbers); then
+        ``l_i = sum_j r_hat_ij T[j, c_ij]``: G gathers and G multiply-adds per key."""
+        book = self.books[sec["tier"] - 1]
+        G, K, g = book.shape
+        B, r, d = query.shape
+        lut = torch.einsum("brjx,jkx->brjk", query.float().view(B, r, G, g), book)  # [B, r, G, K]
+        codes = unpack_codes(sec["codes"], sec["bits"], G)  # [B, w, G]
+        w = codes.shape[1]
+        picked = lut.gather(3, codes.transpose(1, 2)[:, None].expand(B, r, G, w))  # [B, r, G, w]
+        return torch.einsum("brjw,bwj->brw", picked, self._radii(sec))
+
+    # -- HeadStore interface --------------------------------------------------------------------------------
+    @property
+    def batch(self) -> int:
+        return self.pos.shape[0]
+
+    def kv(self) -> tuple[torch.Tensor, torch.Tensor]:
+        parts = [self.section_keys(sec) for sec in self.sections]
+        parts.append(self.tail_keys[:, : self.n - self.tail_start])
+        return torch.cat(parts, 1), self.values[:, : self.n]
+
+    def logits_values(self, query: torch.Tensor):
+        if self.params.reference:  # the dense-reconstruction path (the paper's sphkv_recon ablation)
+            return super().logits_values(query)
+        parts = [self.section_logits(sec, query).to(query.dtype) for sec in self.sections]
+        tail = self.tail_keys[:, : self.n - self.tail_start]
+        parts.append(torch.matmul(query, tail.transpose(1, 2)))
+        return torch.cat(parts, -1), self.values[:, : self.n]
+
+    def append(self, keys, values, pos, mod, valid) -> None:
+        B, q = keys.shape[:2]
+        if self.n + q > self.pos.shape[1]:
+            self._grow(self.n + q)
+        r = self.n - self.tail_start
+        if r + q > self.tail_keys.shape[1]:
+            grown = self.tail_keys.new_empty(B, max(r + q, self.tail_keys.shape[1] + 64), self.d)
+            grown[:, :r] = self.tail_keys[:, :r]
+            self.tail_keys = grown
+        self.tail_keys[:, r : r + q] = keys
+        at = self.n
+        self.values[:, at : at + q], self.pos[:, at : at + q] = values, pos
+        self.mod[:, at : at + q], self.valid[:, at : at + q] = mod, valid
+        for t in self.extras.values():
+            t[:, at : at + q] = 0.0
+        if not bool(valid.all()):
+            self.all_valid = False
+        self.n += q
+
+    def tiers(self) -> torch.Tensor:
+        """[B, n] tier of every slot (0 for the dense tail)."""
+        out = torch.zeros(self.batch, self.n, dtype=torch.long, device=self.pos.device)
+        for sec in self.sections:
+            out[:, sec["start"] : sec["start"] + sec["width"]] = sec["tier"]
+        return out
+
+    def remove(self, slot: torch.Tensor) -> None:
+        """Entries leave only through a re-allocation (encode); a single removal becomes a hole."""
+        rows = torch.arange(slot.shape[0], device=slot.device)
+        self.valid[rows, slot] = False
+        self.all_valid = False
+
+    def compact(self) -> None:
+        pass
+
+    def keep_slots(self, slots: torch.Tensor) -> None:
+        raise NotImplementedError("SphericalHeadStore entries are re-tiered by SphericalKV, not kept by slot")
+
+    def select_batch(self, index: torch.Tensor) -> None:
+        for name in ("values", "pos", "mod", "valid", "tail_keys"):
+            setattr(self, name, getattr(self, name).index_select(0, index))
+        self.extras = {k: v.index_select(0, index) for k, v in self.extras.items()}
+        for sec in self.sections:
+            for name in ("codes", "rcode", "scale"):
+                sec[name] = sec[name].index_select(0, index)
+
+    # -- accounting -----------------------------------------------------------------------------------------
+    def dense_bytes_per_entry(self) -> int:
+        return (self.d + self.dv) * torch.empty((), dtype=self.kdtype).element_size()
+
+    def section_bytes(self) -> int:
+        """Codes, radius codes, page scales and page headers of every tier section (all batch rows)."""
+        total = 0
+        for sec in self.sections:
+            pages = sec["scale"].shape[1]
+            total += sec["codes"].numel() + sec["rcode"].numel() + sec["scale"].numel() * 4 + 8 * pages * self.batch
+        return total
+
+    def bytes(self) -> dict[str, int]:
+        tail = (self.n - self.tail_start) * self.d * self.tail_keys.element_size() * self.batch
+        vals = self.n * self.dv * self.values.element_size() * self.batch
+        allocated = self.section_bytes() + sum(t.numel() * t.element_size() for t in
+                                              (self.values, self.pos, self.mod, self.valid, self.tail_keys,
+                                               *self.extras.values()))
+        return {"payload": self.section_bytes() + tail + vals, "meta": self.count() * self.meta_bytes_per_entry(),
+                "allocated": allocated}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# rate-distortion allocation
+# --------------------------------------------------------------------------------------------------------------
+
+
+def greedy_allocate(D: torch.Tensor, C: torch.Tensor, start: torch.Tensor, movable: torch.Tensor,
+                    budget: float, chain: tuple[int, ...]) -> torch.Tensor:
+    """The rate-distortion greedy (the authors' Algorithm 1), vectorised.
+
+    D, C [N, T] distortion and cost of tier 0..T-1 (0 = dropped) per token; ``start`` [N] current tier (a position in
+    ``chain``); ``movable`` [N] bool (protected tokens stay); ``chain`` the downgrade order (e.g. 1, 2, 3, 0).
+    Repeatedly applies the downgrade with the smallest distortion increase per byte saved until the total cost is
+    within ``budget``. Equivalent to the heap version: a token's later step whose ratio is smaller than an earlier
+    one's is taken right after it (ratios are made non-decreasing along each chain, ties by chain order).
+    Returns the new tier per token [N]; if even dropping every movable token does not fit, all are dropped.
+    """
+    N = D.shape[0]
+    chain_t = torch.tensor(chain, device=D.device)
+    at = torch.zeros(N, dtype=torch.long, device=D.device)
+    for i, t in enumerate(chain):
+        at = torch.where(start == t, torch.full_like(at, i), at)
+    total = float(C.gather(1, start[:, None]).sum())
+    if total <= budget or N == 0:
+        return start.clone()
+    S = len(chain) - 1
+    frm, to = chain_t[:-1], chain_t[1:]
+    dD = D[:, to] - D[:, frm]  # [N, S]
+    dC = C[:, frm] - C[:, to]
+    steps = torch.arange(S, device=D.device)[None, :]
+    live = (steps >= at[:, None]) & movable[:, None]
+    ratio = torch.where(dC > 0, dD / dC.clamp(min=1e-12), torch.full_like(dD, float("-inf")))  # free steps first
+    ratio = torch.where(live, ratio, torch.full_like(ratio, float("inf")))
+    ratio = torch.cummax(ratio, dim=1).values
+    flat = ratio.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    saving = torch.where(live, dC, torch.zeros_like(dC)).reshape(-1)[order]
+    need = total - budget
+    cum = torch.cumsum(saving.double(), 0)
+    k = int(torch.searchsorted(cum, torch.tensor(need, dtype=cum.dtype, device=cum.device)))
+    taken = torch.zeros(N * S, dtype=torch.bool, device=D.device)
+    taken[order[: k + 1]] = True
+    taken = taken.view(N, S) & live
+    final = at + taken.sum(1)
+    return chain_t[final]
+
+
+@dataclass
+class SphericalKV(Method):
+    """Angle-Domain Attention + Rate-Distortion Retention.
+
+    Paper: Chauhan et al., "Spherical KV", arXiv 2605.18856 (v2); the authors' code was read (formulas in
+    ``METHODS.md`` section 2.4). Text-LLM method applied here to any decoder (the VLM's language model included).
+
+    **ADA.** Each key (per layer, KV head) is split into groups of ``g`` dims; a group is stored as an 8-bit
+    radius code (``r_hat = sigma round(255 r / sigma) / 255`` with a float32 scale ``sigma`` per page and group)
+    and a ``b``-bit direction code, the nearest of ``2^b`` unit codewords of that (layer, KV head, group, tier).
+    Values stay dense in the model's dtype. Decode logits come from the codes through per-query lookup tables
+    (:meth:`SphericalHeadStore.section_logits`), never from rebuilt keys; ``reference=True`` rebuilds dense keys
+    instead (the authors' ``sphkv_recon`` ablation and the test oracle). CHOICE (RoPE): keys are encoded after
+    RoPE, with codebooks fitted on post-RoPE keys, so one table serves every position.
+
+    **Tiers** (``tiers``, group:bits, best first): b1 16:6, b2 16:4, b3 32:3 (the authors'); b0 = dropped.
+
+    **Codebooks** (``codebooks``). CHOICE: ``"calibrate"`` (default) fits them once per model with spherical
+    k-means on the post-RoPE keys of a fixed calibration text (Wikipedia summaries the benchmarks do not use, read
+    by the model's own tokenizer; seeded random token ids when no tokenizer is available offline), remembered per
+    model and reported as ``shared_bytes`` (a model constant, like the authors' codebook files); ``"prompt"``
+    fits them on each prompt's own keys, counted in the sequence's ``state_bytes`` and inside its byte budget.
+
+    **RDR.** Per layer (CHOICE: the authors allocate over all layers at once; here each layer is allocated when
+    its prefill ends, so layers need not be held dense together), every (token, KV head) gets a tier under the
+    byte budget ``budget * dense K+V bytes of the prompt`` (``price="kv"``, CHOICE recommended: a tier costs its
+    key codes, radius codes, amortised page header and scales, the dense value and the entry's metadata; dropping
+    saves all of it) or, with ``price="keys"`` (the authors' code), the key bytes only against
+    ``budget * dense key bytes``. Distortion (CHOICE, METHODS.md proxy (b), utility-weighted):
+    ``D_i(b) = p_i ||v_i - o_bar|| min(1, sum_j ||q_bar_j|| r_ij (e_jb + 1/255))`` for kept tiers and
+    ``p_i ||v_i - o_bar||`` when dropped, with ``p_i`` the observation-window attention (SnapKV's), ``o_bar`` the
+    window's mean attention output, ``q_bar_j`` the RMS window query of group j and ``e_jb`` tier b's RMS chord error
+    on the codebook's fitting data. The greedy downgrades b1 -> b2 -> b3 -> b0 by the smallest distortion per byte
+    (:func:`greedy_allocate`). Sinks (``n_sink``) and the ``recent`` window are pinned to b1 (the authors: 4 and
+    256; CHOICE here 4 and 32, as the other methods' windows), shrunk when the budget cannot hold them.
+
+    **Decode.** New entries are kept dense; every ``refresh`` steps (the authors' C_ref = 16) the layer is
+    re-allocated under the budget for the tokens seen so far: the dense entries get tiers, older entries may be
+    downgraded or dropped with the decode proxy (``p_i`` = EMA ``omega_i`` with ``ema`` of the attention the entry
+    received; ``o_bar`` the omega-weighted mean value). The allocation keeps room for the dense entries of the next
+    ``refresh`` steps, so the budget holds at every step. CHOICE (allowed by METHODS.md): no upgrades (codes of
+    other tiers are not kept); a downgraded entry is re-encoded from its reconstruction, and entries that keep their
+    tier are re-encoded from theirs (their direction codes are unchanged; radius codes may move by at most one step
+    of the new page scale).
+
+    **Pages.** Tokens of one (layer, KV head, tier) sorted by position in pages of ``page_size`` (128); per page an
+    8-byte header and G float32 scales (counted).
+
+    Parameters
+    ----------
+    tiers : str
+        ``"16:6,16:4,32:3"``.
+    mode : "rd" | "top" | "quant_only" | "keep_drop"
+        ``rd``: the full allocator; ``top``: every entry at b1, nothing dropped (ignores the budget); ``quant_only``:
+        tiers only, no drops; ``keep_drop``: b1 or dropped (the authors' ablations).
+    codebooks : "calibrate" | "prompt"
+    calib_tokens, kmeans_iters, seed : int
+        Calibration text length, k-means iterations, seed.
+    price : "kv" | "keys"
+    window : int
+        Observation window for the prefill proxy (32).
+    n_sink, recent : int
+        Protected sinks and recent window.
+    page_size : int
+    refresh : int
+        Decode steps between re-allocations (1 = every step).
+    ema : float
+        EMA factor of omega (the authors: 0.9).
+    reference : bool
+        Dense-reconstruction logits instead of lookup tables.
+    """
+
+    tiers: str = "16:6,16:4,32:3"
+    mode: Literal["rd", "top", "quant_only", "keep_drop"] = "rd"
+    codebooks: Literal["calibrate", "prompt"] = "calibrate"
+    calib_tokens: int = 2048
+    kmeans_iters: int = 20
+    seed: int = 42
+    price: Literal["kv", "keys"] = "kv"
+    window: int = 32
+    n_sink: int = 4
+    recent: int = 32
+    page_size: int = 128
+    refresh: int = 16
+    ema: float = 0.9
+    reference: bool = False
+
+    name = "sphericalkv"
+    summary = "Radius + direction-code keys with lookup-table logits, rate-distortion tiers under a byte budget (Chauhan et al., 2026)"
+    needs_decode_probs = True
+    decodes = True
+    lossy: ClassVar[bool] = True
+
+    def validate(self) -> None:
+        cls = type(self).__name__
+        self.tier_spec = parse_tiers(self.tiers)
+        for field in ("window", "page_size", "refresh", "calib_tokens"):
+            check_range(cls, field, getattr(self, field), 1)
+        for field in ("n_sink", "recent", "kmeans_iters"):
+            check_range(cls, field, getattr(self, field), 0)
+        check_range(cls, "ema", self.ema, 0.0, 1.0)
+
+    def setup(self, cache) -> None:
+        super().setup(cache)
+        self._books: Codebooks | None = None
+        self._prompt_books: dict = {}
+        self._prompt_chord: dict = {}
+        self._qbar: dict = {}
+        self._budget_scale: dict = {}
+        cfg = cache.config
+        d = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        # CHOICE: a group larger than the head is the whole head (tiny test models)
+        self.tier_spec = tuple((min(g, d), b) for g, b in parse_tiers(self.tiers))
+        for g, bits in self.tier_spec:
+            if d % g or (d // g) * bits > 64:
+                raise ValueError(f"SphericalKV: tier {g}:{bits} does not fit head dim {d} of {cfg.model_type} "
+                                 f"(need head_dim % group == 0 and (head_dim / group) * bits <= 64)")
+        if self.codebooks == "calibrate":
+            model = cache.model_ref()
+            self._books = calibrate(model, self.tier_spec, self.calib_tokens, self.kmeans_iters, self.seed)
+
+    def store_class(self):
+        params = self
+
+        class BoundSphericalHeadStore(SphericalHeadStore):
+            pass
+
+        BoundSphericalHeadStore.params = params
+        return BoundSphericalHeadStore
+
+    def shared_bytes(self) -> int:
+        return self._books.nbytes() if self._books is not None else 0
+
+    def state_bytes(self, layer) -> int:
+        books = self._prompt_books.get(layer.layer_idx)
+        return sum(t.numel() * t.element_size() for t in books) if books is not None else 0
+
+    # -- costs ----------------------------------------------------------------------------------------------
+    def _costs(self, d: int, dv: int, elsize: int, meta: int) -> list[float]:
+        """Bytes of one (token, head) at tier 0..T (0 = dropped), page header and scales amortised."""
+        out = [0.0]
+        for g, bits in self.tier_spec:
+            G = d // g
+            key = code_bytes(G, bits) + G + (8 + 4 * G) / self.page_size
+            out.append(key + (dv * elsize + meta if self.price == "kv" else 0.0))
+        return out
+
+    def _page_reserve(self, d: int, H: int, B: int = 1) -> float:
+        """Worst-case bytes of the last, partly filled page of every (head, tier) beyond the amortised share."""
+        return H * sum(8 + 4 * (d // g) for g, _ in self.tier_spec) * B
+
+    def _layer_budget(self, seen: float, d: int, dv: int, elsize: int, meta: int, H: int) -> float:
+        """Bytes one row of a layer may hold after ``seen`` real tokens, less the last-page reserve and the room the
+        dense entries of the next ``refresh`` steps need (so that the budget also holds between refreshes).
+
+        A ratio budget is ``ratio * seen`` dense entries (exact, not rounded up); an absolute one a fixed count."""
+        per = (d + dv) * elsize if self.price == "kv" else d * elsize  # what one dense entry is priced at
+        dense_cost = ((d + dv) * elsize + meta) if self.price == "kv" else d * elsize  # what an appended one holds
+        budget_obj = self.cache.budget
+        if budget_obj.is_ratio:
+            tokens, growth = seen * budget_obj.value, budget_obj.value * per
+        else:
+            tokens, growth = float(budget_obj.value), 0.0
+        budget = tokens * per * H - self._page_reserve(d, H) - self.refresh * H * max(0.0, dense_cost - growth)
+        if self.codebooks == "prompt":
+            budget -= sum(t.numel() * t.element_size() for t in self._prompt_books.get(self._layer_idx, []))
+        return budget
+
+    # -- prefill --------------------------------------------------------------------------------------------
+    def prefill(self, ctx: PrefillContext) -> Selection:
+        B, H, n, d = ctx.keys.shape
+        dv = ctx.values.shape[-1]
+        if self.codebooks == "prompt":
+            keys = {ctx.layer.layer_idx: ctx.keys[0][:, ctx.real[0]]}
+            fitted = fit_codebooks(keys, self.tier_spec, self.kmeans_iters, self.seed)
+            self._prompt_books[ctx.layer.layer_idx] = fitted.books[ctx.layer.layer_idx]
+            chord = self._prompt_chord[ctx.layer.layer_idx] = fitted.chord[ctx.layer.layer_idx]
+        else:
+            chord = self._chords(ctx.layer.layer_idx)
+        rows_idx = torch.arange(max(0, n - self.window), n, device=ctx.keys.device)
+        probs = _probs(ctx.query, ctx.keys, ctx.scaling, rows_idx, ctx.real)  # [B, Hq, w, n]
+        G_q = ctx.query.shape[1] // H
+        p = probs.view(B, H, G_q * rows_idx.numel(), n).mean(2)  # mean attention per window query
+        wq = (ctx.query[:, :, rows_idx].float() * ctx.scaling).reshape(B, H, -1, d)
+        self._qbar[ctx.layer.layer_idx] = [
+            wq.unflatten(-1, (d // g, g)).norm(dim=-1).pow(2).mean(2).sqrt() for g, _ in self.tier_spec]  # [B, H, G]
+        tiers = self._allocate_prefill(ctx, p, chord)
+        keep_mask = tiers > 0
+        idx = torch.where(keep_mask, torch.arange(n, device=keep_mask.device).expand(B, H, n), torch.full_like(tiers, n))
+        kmax = int(keep_mask.sum(-1).max())
+        idx = idx.sort(-1).values[..., :kmax]
+        idx = torch.where(idx == n, torch.full_like(idx, -1), idx)
+        return Selection(idx, extras={"tier": tiers.float(), "omega": p})
+
+    def _distortion(self, p, values, keys, qbar, chord, obar) -> torch.Tensor:
+        """[..., n, T+1] distortion of tier 0..T (proxy (b)); p [..., n], values/keys [..., n, d], qbar [per tier:
+        [..., G]], chord [per tier: [..., G]], obar [..., d]."""
+        util = p * (values.float() - obar[..., None, :]).norm(dim=-1)
+        out = [util]
+        for t, (g, _) in enumerate(self.tier_spec):
+            r = keys.float().unflatten(-1, (keys.shape[-1] // g, g)).norm(dim=-1)  # [..., n, G]
+            dl = (r * (qbar[t][..., None, :] * (chord[t][..., None, :] + 1 / 255))).sum(-1)
+            out.append(util * dl.clamp(max=1.0))
+        return torch.stack(out, -1)
+
+    def _chain(self) -> tuple[int, ...]:
+        T = len(self.tier_spec)
+        if self.mode == "keep_drop":
+            return (1, 0)
+        if self.mode == "quant_only":
+            return tuple(range(1, T + 1))
+        return (*range(1, T + 1), 0)
+
+    def _allocate(self, D, C, start, protected, budget, H):
+        """One row: D [H, n, T+1], C [T+1], start/protected [H, n] -> tiers [H, n] (0 for absent)."""
+        if self.mode == "top":
+            return start
+        Cm = C.expand(*D.shape)
+        out = greedy_allocate(D.reshape(-1, D.shape[-1]), Cm.reshape(-1, D.shape[-1]), start.reshape(-1),
+                              ~protected.reshape(-1) & (start.reshape(-1) > 0), budget, self._chain())
+        return out.view_as(start)
+
+    def _protect(self, budget: float, C1: float, H: int) -> tuple[int, int]:
+        """(sinks, recent) protected per head, shrunk to what ``budget`` can hold at tier 1."""
+        allowed = int(budget // (C1 * H)) if C1 > 0 else self.n_sink + self.recent
+        if allowed < 1:
+            raise ValueError(f"SphericalKV: the byte budget ({budget:.0f} bytes for this layer) cannot hold one "
+                             f"top-tier entry per KV head ({C1 * H:.0f} bytes); raise the budget")
+        sinks = min(self.n_sink, allowed)
+        recent = min(self.recent, allowed - sinks)
+        return sinks, recent
+
+    def _allocate_prefill(self, ctx, p, chord) -> torch.Tensor:
+        B, H, n, d = ctx.keys.shape
+        self._layer_idx = ctx.layer.layer_idx
+        dv = ctx.values.shape[-1]
+        elsize = ctx.values.element_size()
+        meta = 4 + 1 + 1 + 4 * 2  # pos, mod, valid, tier and omega extras
+        C = torch.tensor(self._costs(d, dv, elsize, meta), device=ctx.keys.device)
+        obar = (p[..., None] * ctx.values.float()).sum(-2) / p.sum(-1, keepdim=True).clamp(min=1e-12)
+        tiers = torch.zeros(B, H, n, dtype=torch.long, device=ctx.keys.device)
+        for b in range(B):
+            real = ctx.real[b]
+            budget = self._layer_budget(float(ctx.n_real[b]), d, dv, elsize, meta, H)
+            if self.mode != "top":
+                sinks, recent = self._protect(budget, float(C[1]), H)
+            else:
+                sinks, recent = self.n_sink, self.recent
+            prot = first_real(real[None], sinks)[0] | last_real(real[None], recent)[0]
+            start = torch.where(real, 1, 0).expand(H, n)
+            D = self._distortion(p[b], ctx.values[b], ctx.keys[b], [q[b] for q in self._qbar[ctx.layer.layer_idx]],
+                                 chord, obar[b])
+            tiers[b] = self._allocate(D, C, start, prot.expand(H, n), budget, H)
+        return tiers
+
+    def after_prefill(self, layer) -> None:
+        books = self._prompt_books.get(layer.layer_idx) if self.codebooks == "prompt" else \
+            self._books.books[layer.layer_idx]
+        for h, store in enumerate(layer.heads):
+            tiers = store.extras["tier"][:, : store.n].long()
+            store.encode([b[h] for b in books], tiers)
+
+    # -- decode ---------------------------------------------------------------------------------------------
+    def decode(self, layer, probs) -> None:
+        for h, store in enumerate(layer.heads):
+            att = probs[h].amax(1)[:, -1].float()  # [B, n] max over the group's query heads, current query
+            om = store.extras["omega"][:, : store.n]
+            om.mul_(self.ema).add_((1 - self.ema) * att)
+        tail = layer.heads[0].n - layer.heads[0].tail_start
+        if tail >= self.refresh:
+            self._refresh(layer)
+
+    def _refresh(self, layer) -> None:
+        """Re-allocate the layer under the budget of the tokens seen so far (see the class docstring)."""
+        self._layer_idx = layer.layer_idx
+        store0 = layer.heads[0]
+        B, H = store0.batch, len(layer.heads)
+        d, dv = store0.d, store0.dv
+        elsize = store0.values.element_size()
+        meta = store0.meta_bytes_per_entry()
+        C = torch.tensor(self._costs(d, dv, elsize, meta), device=store0.pos.device)
+        seen_real = layer.prompt_real + (layer.seen - layer.prompt_len)
+        qbar = self._qbar[layer.layer_idx]
+        chord = self._chords(layer.layer_idx)
+        newest = layer.seen - 1
+        sink_end = None
+        per_head = []
+        for h, store in enumerate(layer.heads):
+            K, V = store.kv()
+            per_head.append((K, V, store.tiers(), store.extras["omega"][:, : store.n], store.pos[:, : store.n].long(),
+                             store.valid[:, : store.n]))
+        width = max(x[0].shape[1] for x in per_head)
+        for b in range(B):
+            budget = self._layer_budget(float(seen_real[b]), d, dv, elsize, meta, H)
+            sinks, recent = (self.n_sink, self.recent) if self.mode == "top" else \
+                self._protect(budget, float(C[1]), H)
+            D = torch.zeros(H, width, len(C), device=C.device)
+            start = torch.zeros(H, width, dtype=torch.long, device=C.device)
+            prot = torch.zeros(H, width, dtype=torch.bool, device=C.device)
+            for h, (K, V, tier, om, pos, valid) in enumerate(per_head):
+                m = K.shape[1]
+                obar = (om[b, :, None] * V[b].float()).sum(0) / om[b].sum().clamp(min=1e-12)
+                D[h, :m] = self._distortion(om[b], V[b], K[b], [q[b, h] for q in qbar], [c[h] for c in chord], obar)
+                start[h, :m] = torch.where(valid[b], torch.where(tier[b] == 0, 1, tier[b]), 0)
+                rank_first = pos[b].masked_fill(~valid[b], BIG).argsort().argsort()
+                prot[h, :m] = valid[b] & ((pos[b] > newest - recent) | (rank_first < sinks))
+            tiers = self._allocate(D, C, start, prot, budget, H)
+            for h, store in enumerate(layer.heads):
+                m = store.n
+                if b == 0:
+                    store._new_tiers = torch.zeros(B, m, dtype=torch.long, device=C.device)
+                store._new_tiers[b] = tiers[h, :m]
+        for store in layer.heads:
+            store.encode(store.books, store._new_tiers)
+            del store._new_tiers
+
+    def _chords(self, layer_idx: int) -> list:
+        return self._prompt_chord[layer_idx] if self.codebooks == "prompt" else self._books.chord[layer_idx]
