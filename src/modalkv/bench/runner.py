@@ -6,7 +6,9 @@ budget then builds its cache and decodes greedily, timed step by step. The full 
 every ratio is against the full cache on the same input in the same run.
 
 Columns of a result row: the cell's keys; ``score`` (task metric in [0, 1]); ``output``; ``kv_full_bytes``,
-``kv_kept_bytes`` (payload + metadata), ``kv_allocated_bytes``, ``compression``; ``prefill_s`` (the shared forward
+``kv_kept_bytes`` (payload + metadata + per-sequence method state), ``kv_allocated_bytes``, ``compression``,
+``kv_state_bytes`` (RetentiveKV's state memories, inside ``kv_kept_bytes``), ``kv_shared_bytes`` (model-level
+constants such as Spherical KV's codebooks, not per sequence and not in ``kv_kept_bytes``); ``prefill_s`` (the shared forward
 plus this method's compression); ``compress_s``; ``decode_ms`` (median step, first token excluded) and
 ``tokens_per_s``; ``rss_bytes`` (process RSS once the cell's cache is built) and ``peak_rss_bytes`` (process peak so
 far); for the fidelity task ``kl`` and ``top1`` (mean KL(full || method) and top-1 agreement over a teacher-forced
@@ -29,8 +31,8 @@ import torch
 KEYS = ["library", "model", "task", "length", "seed", "method", "budget"]
 COLUMNS = KEYS + [
     "prompt_tokens", "score", "kl", "top1", "output", "kv_full_bytes", "kv_kept_bytes", "kv_allocated_bytes",
-    "compression", "prefill_s", "compress_s", "decode_ms", "tokens_per_s", "decode_steps", "rss_bytes",
-    "peak_rss_bytes", "cell_peak_rss_bytes",
+    "compression", "kv_state_bytes", "kv_shared_bytes", "prefill_s", "compress_s", "decode_ms", "tokens_per_s",
+    "decode_steps", "rss_bytes", "peak_rss_bytes", "cell_peak_rss_bytes",
 ]
 
 
@@ -279,6 +281,7 @@ class ModelRunner:
             **cell, "prompt_tokens": n_prompt, **extra,
             "kv_full_bytes": mem["full_bytes"], "kv_kept_bytes": mem["kept_bytes"],
             "kv_allocated_bytes": mem["allocated_bytes"], "compression": mem["compression_ratio"],
+            "kv_state_bytes": mem.get("state_bytes", 0), "kv_shared_bytes": mem.get("shared_bytes", 0),
             "prefill_s": forward_s + compress_s, "compress_s": compress_s, "decode_ms": decode_ms,
             "tokens_per_s": 1e3 / decode_ms if decode_ms == decode_ms else float("nan"),
             "decode_steps": len(step_ms), "rss_bytes": psutil.Process().memory_info().rss,

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from .base import Method, PrefillContext, check_range, first_real, last_real
 from ..cache import Selection
 from ..modality import TEXT
-from ..scoring import group_reduce, window_scores
+from ..scoring import group_reduce, pool1d, window_scores
 
 _TINY = 1e-30
 
@@ -78,6 +78,9 @@ class RetentiveKV(Method):
     ----------
     window : int
         Observation window and protected recent window (CHOICE: 32).
+    kernel : int
+        CHOICE (not in the paper, default off): max-pool the window attention over neighbouring tokens before
+        scoring, as SnapKV does (keeps whole spans such as the digits of a number).
     n_sink : int
         Protected first tokens (CHOICE: 4).
     lam : float
@@ -108,6 +111,7 @@ class RetentiveKV(Method):
     """
 
     window: int = 32
+    kernel: int = 1
     n_sink: int = 4
     lam: float = 0.5
     tau: float = 0.1
@@ -137,6 +141,7 @@ class RetentiveKV(Method):
     def validate(self) -> None:
         cls = type(self).__name__
         check_range(cls, "window", self.window, 1)
+        check_range(cls, "kernel", self.kernel, 1)
         check_range(cls, "n_sink", self.n_sink, 0)
         check_range(cls, "lam", self.lam, 0.0, 1.0)
         check_range(cls, "tau", self.tau, 0.0)
@@ -240,6 +245,8 @@ class RetentiveKV(Method):
         k = ctx.budget_tokens
         rows = min(self.window, n)
         alpha = group_reduce(window_scores(ctx.query, ctx.keys, ctx.scaling, self.window, ctx.real), H, "mean") / rows
+        if self.kernel > 1:
+            alpha = pool1d(alpha, self.kernel, "max")
         visual = ((ctx.modality != TEXT) & ctx.real)[:, None, :]
         text = ((ctx.modality == TEXT) & ctx.real)[:, None, :]
         R = normalised_entropy_score(alpha, visual, self.lam) + normalised_entropy_score(alpha, text, self.lam)

@@ -19,7 +19,7 @@ import torch
 
 from .base import Method, PrefillContext, check_range, first_real, last_real
 from ..cache import HeadStore, Selection
-from ..scoring import _probs
+from ..scoring import _probs, pool1d
 
 BIG = 1 << 40
 
@@ -50,29 +50,38 @@ def code_bytes(groups: int, bits: int) -> int:
     return (groups * bits + 7) // 8
 
 
+def _bit_layout(groups: int, bits: int, device):
+    offset = torch.arange(groups, device=device, dtype=torch.int64) * bits
+    return offset // 8, offset % 8  # byte index and bit shift of each code (a code spans at most two bytes)
+
+
 def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """Direction codes [..., G] (each < 2**bits) -> uint8 [..., ceil(G*bits/8)], little-endian bit order."""
+    """Direction codes [..., G] (each < 2**bits) -> one little-endian bit stream uint8 [..., ceil(G*bits/8)]."""
     G = codes.shape[-1]
-    shifts = torch.arange(G, device=codes.device, dtype=torch.int64) * bits
-    word = (codes.to(torch.int64) << shifts).sum(-1)  # G * bits <= 64 (checked by the method)
+    byte, shift = _bit_layout(G, bits, codes.device)
+    word = codes.to(torch.int32) << shift.to(torch.int32)  # < 2**15
     nbytes = code_bytes(G, bits)
-    byte_shifts = torch.arange(nbytes, device=codes.device, dtype=torch.int64) * 8
-    return ((word[..., None] >> byte_shifts) & 0xFF).to(torch.uint8)
+    out = torch.zeros(*codes.shape[:-1], nbytes + 1, dtype=torch.int32, device=codes.device)
+    index = byte.expand(*codes.shape[:-1], G)
+    out.scatter_add_(-1, index, word & 0xFF)
+    out.scatter_add_(-1, index + 1, word >> 8)
+    return out[..., :nbytes].to(torch.uint8)
 
 
 def unpack_codes(packed: torch.Tensor, bits: int, groups: int) -> torch.Tensor:
     """Inverse of :func:`pack_codes`: uint8 [..., nbytes] -> int64 codes [..., groups]."""
-    byte_shifts = torch.arange(packed.shape[-1], device=packed.device, dtype=torch.int64) * 8
-    word = (packed.to(torch.int64) << byte_shifts).sum(-1)
-    shifts = torch.arange(groups, device=packed.device, dtype=torch.int64) * bits
-    return (word[..., None] >> shifts) & ((1 << bits) - 1)
+    byte, shift = _bit_layout(groups, bits, packed.device)
+    p = torch.nn.functional.pad(packed.to(torch.int64), (0, 1))
+    lo = p.index_select(-1, byte)
+    hi = p.index_select(-1, byte + 1)
+    return ((lo | (hi << 8)) >> shift) & ((1 << bits) - 1)
 
 
 def spherical_kmeans(x: torch.Tensor, K: int, iters: int = 20, seed: int = 42) -> torch.Tensor:
     """Unit-norm centroids [NB, K, g] of unit vectors x [NB, N, g] (cosine k-means, one bucket per leading index).
 
-    Initialisation: K distinct points per bucket drawn with a seeded generator; an empty cluster is re-seeded with
-    the point worst served by its centroid. CHOICE: flat k-means, one restart (the authors: hierarchical for K = 64
+    Initialisation: farthest points (a seeded first point, then the point least similar to all chosen so far); an
+    empty cluster (duplicate points) is re-seeded with the point worst served by its centroid. CHOICE: flat k-means, one restart (the authors: hierarchical for K = 64
     and K = 16, 8 to 20 restarts).
     """
     NB, N, g = x.shape
@@ -80,10 +89,16 @@ def spherical_kmeans(x: torch.Tensor, K: int, iters: int = 20, seed: int = 42) -
     if N == 0:
         c = torch.randn(NB, K, g, generator=gen)
         return (c / c.norm(dim=-1, keepdim=True)).to(x.device)
-    pick = torch.stack([torch.randperm(N, generator=gen)[: min(K, N)] for _ in range(NB)]).to(x.device)
-    if pick.shape[1] < K:  # fewer points than centroids: repeat points (duplicates become empty clusters)
-        pick = pick.repeat(1, math.ceil(K / pick.shape[1]))[:, :K]
-    c = x.gather(1, pick[..., None].expand(-1, -1, g)).clone()
+    # farthest-point initialisation: a seeded first point, then repeatedly the point least similar to those chosen
+    first = torch.randint(0, N, (NB,), generator=gen).to(x.device)
+    chosen = [first]
+    best = torch.bmm(x, x.gather(1, first.view(NB, 1, 1).expand(-1, 1, g)).transpose(1, 2))[..., 0]  # [NB, N]
+    for _ in range(1, K):
+        nxt = best.argmin(-1)
+        chosen.append(nxt)
+        sim = torch.bmm(x, x.gather(1, nxt.view(NB, 1, 1).expand(-1, 1, g)).transpose(1, 2))[..., 0]
+        best = torch.maximum(best, sim)
+    c = x.gather(1, torch.stack(chosen, 1)[..., None].expand(-1, -1, g)).clone()
     for _ in range(iters):
         sim = torch.bmm(x, c.transpose(1, 2))  # [NB, N, K]
         best, assign = sim.max(-1)
@@ -167,7 +182,8 @@ def calibration_ids(model, tokens: int, seed: int = 42) -> torch.Tensor:
 
         from ..data import wiki_summaries
 
-        path = getattr(model, "name_or_path", "") or getattr(model.config, "_name_or_path", "")
+        path = (getattr(model, "name_or_path", "") or getattr(model.config, "_name_or_path", "")
+                or getattr(model.config.get_text_config(decoder=True), "_name_or_path", ""))  # a VLM's language model
         tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
         texts = wiki_summaries()
         text = "\n\n".join(texts[t] for t in sorted(texts)[5000:5200])
@@ -525,8 +541,17 @@ class SphericalKV(Method):
     calib_tokens, kmeans_iters, seed : int
         Calibration text length, k-means iterations, seed.
     price : "kv" | "keys"
+    proxy : "rms" | "bound"
+        How the logit error of a tier is estimated. ``bound`` is METHODS.md's proxy (b) as written,
+        ``sum_j ||q_bar_j|| r_ij (e_jb + 1/255)``, which assumes every group's error points along the query; on
+        SmolLM2 it exceeds 1 for every tier, so the clamp makes keeping as bad as dropping and the allocator drops at
+        random. CHOICE (default ``rms``): the expected size of independent group errors,
+        ``sqrt(sum_j (||q_bar_j|| r_ij)^2 (e_jb^2 / g + 1 / (12 * 255^2)))``.
     window : int
         Observation window for the prefill proxy (32).
+    kernel : int
+        CHOICE: max-pooling kernel over the window attention ``p_i`` (SnapKV's smoothing, which keeps the
+        neighbours of attended tokens, e.g. all digits of a number); 1 disables it.
     n_sink, recent : int
         Protected sinks and recent window.
     page_size : int
@@ -538,14 +563,16 @@ class SphericalKV(Method):
         Dense-reconstruction logits instead of lookup tables.
     """
 
-    tiers: str = "16:6,16:4,32:3"
+    tiers: str = "2:6,2:4,4:6"
     mode: Literal["rd", "top", "quant_only", "keep_drop"] = "rd"
     codebooks: Literal["calibrate", "prompt"] = "calibrate"
-    calib_tokens: int = 2048
-    kmeans_iters: int = 20
+    calib_tokens: int = 1024
+    kmeans_iters: int = 15
     seed: int = 42
     price: Literal["kv", "keys"] = "kv"
+    proxy: Literal["rms", "bound"] = "rms"
     window: int = 32
+    kernel: int = 7
     n_sink: int = 4
     recent: int = 32
     page_size: int = 128
@@ -562,7 +589,7 @@ class SphericalKV(Method):
     def validate(self) -> None:
         cls = type(self).__name__
         self.tier_spec = parse_tiers(self.tiers)
-        for field in ("window", "page_size", "refresh", "calib_tokens"):
+        for field in ("window", "kernel", "page_size", "refresh", "calib_tokens"):
             check_range(cls, field, getattr(self, field), 1)
         for field in ("n_sink", "recent", "kmeans_iters"):
             check_range(cls, field, getattr(self, field), 0)
@@ -580,9 +607,9 @@ class SphericalKV(Method):
         # CHOICE: a group larger than the head is the whole head (tiny test models)
         self.tier_spec = tuple((min(g, d), b) for g, b in parse_tiers(self.tiers))
         for g, bits in self.tier_spec:
-            if d % g or (d // g) * bits > 64:
+            if d % g:
                 raise ValueError(f"SphericalKV: tier {g}:{bits} does not fit head dim {d} of {cfg.model_type} "
-                                 f"(need head_dim % group == 0 and (head_dim / group) * bits <= 64)")
+                                 f"(need head_dim % group == 0)")
         if self.codebooks == "calibrate":
             model = cache.model_ref()
             self._books = calibrate(model, self.tier_spec, self.calib_tokens, self.kmeans_iters, self.seed)
@@ -649,6 +676,7 @@ class SphericalKV(Method):
         probs = _probs(ctx.query, ctx.keys, ctx.scaling, rows_idx, ctx.real)  # [B, Hq, w, n]
         G_q = ctx.query.shape[1] // H
         p = probs.view(B, H, G_q * rows_idx.numel(), n).mean(2)  # mean attention per window query
+        p = pool1d(p, self.kernel, "max") if self.kernel > 1 else p  # SnapKV's smoothing (CHOICE)
         wq = (ctx.query[:, :, rows_idx].float() * ctx.scaling).reshape(B, H, -1, d)
         self._qbar[ctx.layer.layer_idx] = [
             wq.unflatten(-1, (d // g, g)).norm(dim=-1).pow(2).mean(2).sqrt() for g, _ in self.tier_spec]  # [B, H, G]
@@ -667,7 +695,12 @@ class SphericalKV(Method):
         out = [util]
         for t, (g, _) in enumerate(self.tier_spec):
             r = keys.float().unflatten(-1, (keys.shape[-1] // g, g)).norm(dim=-1)  # [..., n, G]
-            dl = (r * (qbar[t][..., None, :] * (chord[t][..., None, :] + 1 / 255))).sum(-1)
+            qr = r * qbar[t][..., None, :]  # ||q_bar_j|| r_ij
+            e = chord[t][..., None, :]
+            if self.proxy == "bound":  # METHODS.md (b): every group's error aligned with the query
+                dl = (qr * (e + 1 / 255)).sum(-1)
+            else:  # expected size: independent errors, a chord error meets the query at a random angle
+                dl = (qr.pow(2) * (e.pow(2) / g + 1 / (12 * 255**2))).sum(-1).sqrt()
             out.append(util * dl.clamp(max=1.0))
         return torch.stack(out, -1)
 
