@@ -36,7 +36,7 @@ def test_softmax_readout_reads_one_absorbed_token_exactly(second_order):
     st["scale"][:, 0, 1] = 0.5  # a decayed state: its three identical tokens now weigh 1.5
     m._states = {0: st}
     q, K, V = torch.randn(B, r, d), torch.randn(B, n, d), torch.randn(B, n, d)
-    out, probs = m.readout(types.SimpleNamespace(rank=0), 0, q, q @ K.transpose(1, 2), V)
+    out, probs = m.readout(types.SimpleNamespace(rank=0, heads=[None]), 0, q, q @ K.transpose(1, 2), V)
     K2 = torch.cat([K, k_abs[:, 0]], 1)
     logits = torch.cat([q @ K.transpose(1, 2), q @ k_abs[:, 0].transpose(1, 2) + torch.log(torch.tensor(1.5))], -1)
     want = torch.softmax(logits, -1) @ torch.cat([V, v_abs[:, 0]], 1)

@@ -210,7 +210,7 @@ def test_ablation_modes_use_only_their_tiers(mode, allowed):
 
 @torch.no_grad()
 def test_prompt_codebooks_are_counted_per_sequence():
-    model, cache = _prefilled(0.5, codebooks="prompt")
+    model, cache = _prefilled(0.5, codebooks="prompt", tiers="16:4,16:2")
     rep = cache.memory_report()
     assert rep["shared_bytes"] == 0 and rep["state_bytes"] > 0
     assert rep["kept_bytes"] <= 0.5 * rep["full_bytes"]

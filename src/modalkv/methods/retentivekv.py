@@ -153,6 +153,7 @@ class RetentiveKV(Method):
         super().setup(cache)
         self._states: dict[int, dict[str, torch.Tensor]] = {}
         self._sink_end: torch.Tensor | None = None  # [B] first position after each row's sinks
+        self._derived: dict = {}  # per-step working terms of the first-order readout (one layer at a time)
 
     # -- state storage ----------------------------------------------------------------------------------------
     @property
@@ -175,6 +176,7 @@ class RetentiveKV(Method):
                 head: int | None = None) -> None:
         """Add tokens to state ``g``: w [B, H', m] weights, keys [B, H', m, d], values [B, H', m, dv]
         (H' = all heads, or one head ``head``)."""
+        st["_version"] = st.get("_version", 0) + 1
         sl = (slice(None), slice(None) if head is None else slice(head, head + 1), g)
         w = w.float() / st["scale"][sl][..., None]  # sums are stored divided by the lazy decay scale
         k, v = keys.float(), values.float()
@@ -192,7 +194,7 @@ class RetentiveKV(Method):
 
     def state_bytes(self, layer) -> int:
         st = self._states.get(layer.rank, {})
-        return sum(t.numel() * t.element_size() for t in st.values())
+        return sum(t.numel() * t.element_size() for name, t in st.items() if not name.startswith("_"))
 
     # -- prefill ----------------------------------------------------------------------------------------------
     def _grid(self, ctx: PrefillContext):
@@ -289,6 +291,12 @@ class RetentiveKV(Method):
     def decode(self, layer, probs) -> None:
         st = self._states.get(layer.rank)
         newest = layer.seen - 1
+        heads = layer.heads
+        if heads[0].batch == 1 and probs[0].shape[2] == 1 and all(s.all_valid and s.n == heads[0].n for s in heads):
+            over = [layer.over_budget(h) for h in range(len(heads))]
+            if all(isinstance(o, int) and o == over[0] for o in over):
+                self._decode_one(layer, probs, st, max(0, over[0]), newest)
+                return
         for h, store in enumerate(layer.heads):
             n = store.n
             p = probs[h].mean(1)  # [B, q, n]
@@ -318,10 +326,69 @@ class RetentiveKV(Method):
                 scale = st["scale"][:, h]
                 scale *= h_t[:, None]
                 if bool((scale < 1e-20).any()):  # fold the lazy scale back into the sums before it underflows
-                    for name, t in st.items():
-                        if name != "scale":
-                            t[:, h] *= scale.view(*scale.shape, *([1] * (t.dim() - 3)))
-                    scale.fill_(1.0)
+                    self._fold_scale(st)
+
+    def _decode_one(self, layer, probs, st, over: int, newest: int) -> None:
+        """The common decode step (one sequence, one new token, every head the same size and over its target by the
+        same count), vectorised over the layer's KV heads. Same result as the general per-head path."""
+        heads = layer.heads
+        n = heads[0].n
+        p = torch.stack([x[0, :, 0] for x in probs]).mean(1).float()  # [H, n] the current query's attention
+        acc = torch.stack([s.extras["acc"][0, :n] for s in heads]) + p
+        for s, a in zip(heads, acc):
+            s.extras["acc"][0, :n] = a
+        mod = torch.stack([s.mod[0, :n] for s in heads])
+        visual = mod != TEXT
+        if st is not None and self.decay:
+            among = torch.where(visual.sum(-1, keepdim=True) > 1, visual, torch.ones_like(visual))
+            h_t = self.h_min + (1 - self.h_min) * torch.sigmoid(self.beta * (self._row_entropy(p, among) - 0.5))
+        if over > 0:
+            pos = torch.stack([s.pos[0, :n] for s in heads]).long()
+            protected = pos > newest - self.window
+            if self._sink_end is not None:
+                protected |= pos < int(self._sink_end[0])
+            score = acc.masked_fill(protected, float("inf"))
+            victims = score.topk(over, dim=-1, largest=False, sorted=True).indices  # [H, over]
+            use = torch.isfinite(score.gather(1, victims))
+            if st is not None:
+                text = ~visual
+                R = normalised_entropy_score(p, visual, self.lam) + normalised_entropy_score(p, text, self.lam)
+                r_v, is_vis = R.gather(1, victims), visual.gather(1, victims)
+                sw = torch.stack([s.extras["sw"][0, :n] for s in heads]).gather(1, victims)
+                w_vis = sw * is_vis * use
+                if self.gate_visual:
+                    w_vis = w_vis * (r_v >= self.tau)
+                w_txt = (~is_vis & use & (r_v >= self.tau)).float()
+                if self.absorb_by_attention:
+                    rel = p.gather(1, victims) * n
+                    w_vis, w_txt = w_vis * rel, w_txt * rel
+                k = torch.stack([s.keys[0].index_select(0, v) for s, v in zip(heads, victims)])[None]
+                v = torch.stack([s.values[0].index_select(0, v) for s, v in zip(heads, victims)])[None]
+                weights = [w_vis, w_txt] if self.num_states == 2 else [w_vis + w_txt]
+                for g, w in enumerate(weights):
+                    if bool((w > 0).any()):
+                        self._absorb(st, g, w[None], k, v)
+            for s, vic, ok in zip(heads, victims, use):
+                if over == 1 and bool(ok[0]):
+                    s.remove(vic[:1])
+                else:
+                    sc = score.new_full((1, n), float("inf"))
+                    sc[0, vic[ok]] = 0.0
+                    s.evict_lowest(sc, ok.sum().view(1))
+        if st is not None and self.decay:
+            scale = st["scale"][0]  # [H, S]
+            scale *= h_t[:, None]
+            if bool((scale < 1e-20).any()):
+                self._fold_scale(st)
+
+    def _fold_scale(self, st) -> None:
+        """Multiply the lazy decay scale into the sums (before it underflows) and reset it to 1."""
+        scale = st["scale"]
+        for name, t in st.items():
+            if name != "scale" and not name.startswith("_"):
+                t *= scale.view(*scale.shape, *([1] * (t.dim() - 3)))
+        scale.fill_(1.0)
+        st["_version"] = st.get("_version", 0) + 1
 
     def _absorb_decode(self, st, h, store, last, valid, visual, victims, use) -> None:
         """Fold the decode-time victims [B, m] (``use`` marks real ones) of head ``h`` into the states."""
@@ -361,6 +428,8 @@ class RetentiveKV(Method):
             gamma = gamma * (den > 0)  # an empty state contributes nothing
             out = (1 - gamma[..., None]) * local + gamma[..., None] * o_s if self.mix == "convex" else local + gamma[..., None] * o_s
             return out.to(values.dtype), probs.to(values.dtype)
+        if not self.gated and "C" not in st:
+            return self._readout_first_order(layer, h, q, logits, values, st)
         m = st["m"][:, h]  # [B, S]
         kbar = st["s"][:, h] / m.clamp(min=_TINY)[..., None]
         z = torch.einsum("brd,bsd->brs", q, kbar)
@@ -384,4 +453,28 @@ class RetentiveKV(Method):
         out = out + (p[..., n:, None] * torch.nan_to_num(value)).sum(-2)
         local = p[..., :n]
         local = local / local.sum(-1, keepdim=True).clamp(min=_TINY)  # attention over the cached entries, for scoring
+        return out.to(values.dtype), local.to(values.dtype)
+
+    def _readout_first_order(self, layer, h, q, logits, values, st):
+        """The first-order softmax readout as one pseudo-entry per state with a query-affine value: logit
+        ``q.k_bar + log(m scale)``, value ``u/m + q^T (M - k_bar u^T) / m``. The per-state terms are derived once per
+        layer and step for all heads (working memory, dropped after the layer's last head)."""
+        if h == 0 or self._derived.get("rank") != layer.rank:
+            m = st["m"]  # [B, H, S]
+            safe = m.clamp(min=_TINY)[..., None]
+            kbar = st["s"] / safe
+            b = st["u"] / safe
+            A = (st["M"] - kbar[..., :, None] * st["u"][..., None, :]) / safe[..., None]
+            logm = torch.where(m > 0, torch.log(safe[..., 0] * st["scale"]), torch.full_like(m, float("-inf")))
+            self._derived = {"rank": layer.rank, "kbar": kbar, "b": b, "A": A, "logm": logm}
+        d = self._derived
+        z = torch.matmul(q, d["kbar"][:, h].transpose(1, 2)) + d["logm"][:, h, None, :]  # [B, r, S]
+        value = d["b"][:, h, None] + torch.einsum("brd,bsde->brse", q, d["A"][:, h])  # [B, r, S, dv]
+        n = logits.shape[-1]
+        p = torch.softmax(torch.cat([logits.float(), z], -1), dim=-1)
+        out = torch.matmul(p[..., :n].to(values.dtype), values).float() + (p[..., n:, None] * value).sum(-2)
+        if h == len(layer.heads) - 1:
+            self._derived = {}
+        local = p[..., :n]
+        local = local / local.sum(-1, keepdim=True).clamp(min=_TINY)
         return out.to(values.dtype), local.to(values.dtype)
