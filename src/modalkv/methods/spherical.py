@@ -22,6 +22,7 @@ from ..cache import HeadStore, Selection
 from ..scoring import _probs, pool1d
 
 BIG = 1 << 40
+PRESETS = {"paper": "16:6,16:4,32:3"}  # the authors' b1, b2, b3 (g = 16 / 16 / 32 dims, 6 / 4 / 3 bits)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -30,7 +31,8 @@ BIG = 1 << 40
 
 
 def parse_tiers(spec: str) -> tuple[tuple[int, int], ...]:
-    """``"16:6,16:4,32:3"`` -> ((group size, direction bits) of b1, b2, b3)."""
+    """``"16:6,16:4,32:3"`` -> ((group size, direction bits) of b1, b2, b3); ``"paper"`` is the authors' tiers."""
+    spec = PRESETS.get(spec, spec)
     tiers = []
     for part in spec.split(","):
         g, colon, b = part.strip().partition(":")
