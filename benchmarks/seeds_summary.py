@@ -1,7 +1,8 @@
-"""Tables of docs/results/seeds_hae_madakv.md from the issue-5 sweeps (bench_seeds_vlm.csv, bench_seeds_text.csv):
-score per task and budget, KV kept vs full, decode and prefill time vs the full cache of the same prompt.
+"""Tables of the seed-method result pages from their sweeps: score per task and budget, KV kept vs full, decode and
+prefill time vs the full cache of the same prompt.
 
-    PYTHONPATH=src .venv/bin/python benchmarks/seeds_summary.py
+    PYTHONPATH=src .venv/bin/python benchmarks/seeds_summary.py            # issue 5: seeds_hae_madakv.md
+    PYTHONPATH=src .venv/bin/python benchmarks/seeds_summary.py --issue 6  # issue 6: seeds_retentive_spherical.md
 """
 
 from __future__ import annotations
@@ -14,6 +15,13 @@ import pandas as pd
 from modalkv.bench.runner import add_ratios
 
 ORDER = ["full", "hae", "madakv", "snapkv", "adakv", "h2o", "lookm"]
+ISSUES = {
+    5: (ORDER, ["bench_seeds_vlm.csv", "bench_seeds_text.csv"],
+        ["bench_seeds_hae_variants.csv", "bench_seeds_madakv_ablation.csv"]),
+    6: (["full", "retentivekv", "retentivekv(state_readout=none)", "sphericalkv", "sphericalkv(tiers=paper)",
+         "snapkv", "adakv", "kivi-4", "hae", "madakv"],
+        ["bench_seeds2_vlm.csv", "bench_seeds2_text.csv", "bench_seeds2_gemma3.csv"], []),
+}
 
 
 def load(path: Path) -> pd.DataFrame:
@@ -29,7 +37,7 @@ def table(df: pd.DataFrame, value: str, tasks=None, fmt="{:.2f}") -> str:
     rows = []
     for m in [m for m in ORDER if m in set(d.method)]:
         dm = d[d.method == m]
-        if m == "full":
+        if m == "full" or not (dm.budget < 1.0).any():  # one setting only (full, KIVI): the same in every column
             rows.append([m, *[fmt.format(dm[value].mean())] * len(budgets)])
             continue
         rows.append([m, *[fmt.format(dm[dm.budget == b][value].mean()) for b in budgets]])
@@ -42,10 +50,11 @@ def speed(df: pd.DataFrame) -> str:
     d = df[df.method != "full"].copy()
     d["prefill_vs_full"] = d.full_prefill_s / d.prefill_s
     g = d.groupby(["method", "budget"]).agg(decode=("speedup_vs_full", "median"), prefill=("prefill_vs_full", "median"))
-    budgets = sorted(d.budget.unique())
+    budgets = sorted(b for b in d.budget.unique() if b < 1.0)
     out = "| method | " + " | ".join(f"{b:g}" for b in budgets) + " |\n|---|" + "---|" * len(budgets) + "\n"
     for m in [m for m in ORDER if m in set(d.method)]:
-        cells = [f"{g.loc[(m, b), 'decode']:.2f}× / {g.loc[(m, b), 'prefill']:.2f}×" for b in budgets]
+        bs = budgets if (m, budgets[0]) in g.index else [1.0] * len(budgets)
+        cells = [f"{g.loc[(m, b), 'decode']:.2f}× / {g.loc[(m, b), 'prefill']:.2f}×" for b in bs]
         out += f"| {m} | " + " | ".join(cells) + " |\n"
     full = df[df.method == "full"]
     return out + f"\nfull cache: decode {full.decode_ms.median():.1f} ms/token, prefill {full.prefill_s.median():.2f} s (medians)\n"
@@ -72,11 +81,18 @@ def variants(path: Path) -> str:
 
 
 def main() -> None:
+    import argparse
+
+    global ORDER
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--issue", type=int, default=5, choices=sorted(ISSUES))
+    args = ap.parse_args()
+    ORDER, sweeps, extra = ISSUES[args.issue]
     root = Path("docs/results")
-    for name in ("bench_seeds_hae_variants.csv", "bench_seeds_madakv_ablation.csv"):
+    for name in extra:
         if (root / name).exists():
             print(f"## {name}\n\n{variants(root / name)}")
-    for name in ("bench_seeds_vlm.csv", "bench_seeds_text.csv"):
+    for name in sweeps:
         path = root / name
         if not path.exists():
             print(f"(missing {path})", file=sys.stderr)
@@ -92,6 +108,14 @@ def main() -> None:
         if "fidelity" in set(df.task):
             print(f"### fidelity: KL(full || method) over 48 teacher-forced tokens\n\n{table(df, 'kl', ['fidelity'], '{:.4f}')}\n")
         print(f"### KV kept / full (bytes, end of generation)\n\n{table(df, 'kv_ratio_vs_full')}\n")
+        if "kv_state_bytes" in df and df.kv_state_bytes.fillna(0).any():
+            d = df[df.kv_state_bytes.fillna(0) > 0]
+            print("### state / shared bytes (MiB; state is inside KV kept, shared is one copy per model)\n")
+            for m, dm in d.groupby("method"):
+                print(f"- {m}: state {dm.kv_state_bytes.median() / 2**20:.2f} MiB")
+            for m, dm in df[df.kv_shared_bytes.fillna(0) > 0].groupby("method"):
+                print(f"- {m}: shared {dm.kv_shared_bytes.median() / 2**20:.2f} MiB")
+            print()
         print(f"### decode / prefill speed-up vs the full cache of the same prompt (median)\n\n{speed(df)}")
         if "length" in df and df.length.nunique() > 1:
             for L in sorted(df.length.unique()):

@@ -98,6 +98,11 @@ def test_nan_scores_raise(model):
     )
     with pytest.raises(FloatingPointError, match=r"snapkv: eviction scores contain NaN"):
         SnapKV(window=4).prefill(ctx)
+    for name in ("retentivekv", "sphericalkv"):  # the seed methods that score tokens refuse NaN too
+        cache = KVCache(model, name, 0.5, window=4, **({"calib_tokens": 64} if name == "sphericalkv" else {}))
+        ctx.layer = cache.layers[0]
+        with pytest.raises(FloatingPointError, match=rf"{name}: eviction scores contain NaN"):
+            cache.method.prefill(ctx)
 
 
 def test_mismatched_modality_ids(model):

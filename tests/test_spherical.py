@@ -233,3 +233,23 @@ def test_too_small_budget_and_quantize_are_refused():
         _prefilled(1, n=60, calib_tokens=128)
     with pytest.raises(ValueError, match="own entry format"):
         KVCache(model, "sphericalkv", 0.3, quantize="kivi-4")
+
+
+@torch.no_grad()
+def test_left_padded_batch_matches_single_rows():
+    """Rows of a left-padded batch get the same codes and logits as each row alone (padding never kept)."""
+    from conftest import left_pad
+
+    model = tiny_llama()
+    rows = [prompt(90, seed=2)[0], prompt(70, seed=3)[0]]
+    ids, mask = left_pad(rows)
+    batch = KVCache(model, "sphericalkv", 1.0, mode="top", **SMALL)
+    got, fed = run_steps(model, ids, mask, batch, 3)
+    for b, row in enumerate(rows):
+        single = KVCache(model, "sphericalkv", 1.0, mode="top", **SMALL)
+        want, _ = run_steps(model, row[None], None, single, 3, feed=[f[b : b + 1] for f in fed])
+        for g, w in zip(got, want):
+            assert (g[b] - w[0]).abs().max() < 1e-3
+    for layer in batch.managed_layers:
+        for s in layer.heads:
+            assert int(s.valid[1, : s.n].sum()) == 70 + 3  # row 1: its 70 real tokens and 3 new ones

@@ -19,7 +19,7 @@ import torch
 
 from .base import Method, PrefillContext, check_range, first_real, last_real
 from ..cache import HeadStore, Selection
-from ..scoring import _probs, pool1d
+from ..scoring import _probs, check_finite, pool1d
 
 BIG = 1 << 40
 PRESETS = {"paper": "16:6,16:4,32:3"}  # the authors' b1, b2, b3 (g = 16 / 16 / 32 dims, 6 / 4 / 3 bits)
@@ -679,6 +679,7 @@ class SphericalKV(Method):
         G_q = ctx.query.shape[1] // H
         p = probs.view(B, H, G_q * rows_idx.numel(), n).mean(2)  # mean attention per window query
         p = pool1d(p, self.kernel, "max") if self.kernel > 1 else p  # SnapKV's smoothing (CHOICE)
+        check_finite(p, self.name)
         wq = (ctx.query[:, :, rows_idx].float() * ctx.scaling).reshape(B, H, -1, d)
         self._qbar[ctx.layer.layer_idx] = [
             wq.unflatten(-1, (d // g, g)).norm(dim=-1).pow(2).mean(2).sqrt() for g, _ in self.tier_spec]  # [B, H, G]
