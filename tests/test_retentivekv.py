@@ -188,3 +188,16 @@ def test_generate_works_with_states():
     out = model.generate(ids, max_new_tokens=6, do_sample=False, **cache_kwargs(model, cache))
     assert out.shape[1] == 46
     assert cache.memory_report()["state_bytes"] > 0
+
+
+@pytest.mark.parametrize("kw", [{}, {"state_readout": "linear"}, {"states": "single", "absorb_by_attention": True}])
+def test_one_sequence_fast_path_equals_the_batched_path(kw):
+    """The layer-vectorised one-sequence step (_decode_one) and the per-head path give the same logits: a batch of
+    two identical rows takes the per-head path."""
+    model = tiny_llama()
+    ids = prompt(56)
+    one, fed = run_steps(model, ids, None, KVCache(model, "retentivekv", 0.3, tau=0.0, **SMALL, **kw), STEPS)
+    two, _ = run_steps(model, ids.repeat(2, 1), None, KVCache(model, "retentivekv", 0.3, tau=0.0, **SMALL, **kw),
+                       STEPS, feed=[f.repeat(2) for f in fed])
+    for a, b in zip(one, two):
+        assert (a[0] - b[0]).abs().max() < 1e-4 and (a[0] - b[1]).abs().max() < 1e-4
