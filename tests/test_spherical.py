@@ -253,3 +253,17 @@ def test_left_padded_batch_matches_single_rows():
     for layer in batch.managed_layers:
         for s in layer.heads:
             assert int(s.valid[1, : s.n].sum()) == 70 + 3  # row 1: its 70 real tokens and 3 new ones
+
+
+@torch.no_grad()
+def test_small_budget_refreshes_sooner_and_still_holds():
+    """A short prompt at a small budget: the room for 16 dense decode steps would not fit, so the layer re-allocates
+    more often, and the byte budget still holds at every step."""
+    model = tiny_llama()
+    cache = KVCache(model, "sphericalkv", 0.1, **{**SMALL, "refresh": 16})
+    model(prompt(80), **cache_kwargs(model, cache))
+    assert min(cache.method._every.values()) < 16
+    for step in range(24):
+        model(input_ids=torch.tensor([[step + 5]]), **cache_kwargs(model, cache))
+        rep = cache.memory_report()
+        assert rep["kept_bytes"] <= 0.1 * rep["full_bytes"]

@@ -558,7 +558,9 @@ class SphericalKV(Method):
         Protected sinks and recent window.
     page_size : int
     refresh : int
-        Decode steps between re-allocations (1 = every step).
+        Decode steps between re-allocations (1 = every step). CHOICE: when the room the dense entries of
+        ``refresh`` steps need would take more than half of a layer's budget (short prompts at small budgets), the
+        layer re-allocates more often, down to every step.
     ema : float
         EMA factor of omega (the authors: 0.9).
     reference : bool
@@ -603,7 +605,7 @@ class SphericalKV(Method):
         self._prompt_books: dict = {}
         self._prompt_chord: dict = {}
         self._qbar: dict = {}
-        self._budget_scale: dict = {}
+        self._every: dict = {}  # per layer: decode steps between re-allocations (<= refresh for small budgets)
         cfg = cache.config
         d = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         # CHOICE: a group larger than the head is the whole head (tiny test models)
@@ -658,10 +660,14 @@ class SphericalKV(Method):
             tokens, growth = seen * budget_obj.value, budget_obj.value * per
         else:
             tokens, growth = float(budget_obj.value), 0.0
-        budget = tokens * per * H - self._page_reserve(d, H) - self.refresh * H * max(0.0, dense_cost - growth)
+        base = tokens * per * H - self._page_reserve(d, H)
         if self.codebooks == "prompt":
-            budget -= sum(t.numel() * t.element_size() for t in self._prompt_books.get(self._layer_idx, []))
-        return budget
+            base -= sum(t.numel() * t.element_size() for t in self._prompt_books.get(self._layer_idx, []))
+        per_step = H * max(0.0, dense_cost - growth)  # what one more dense step costs beyond the budget's growth
+        # refresh sooner when the room for `refresh` dense steps would take more than half of a small budget
+        every = self.refresh if per_step == 0 else min(self.refresh, max(1, int(0.5 * base // per_step)))
+        self._every[self._layer_idx] = every
+        return base - every * per_step
 
     # -- prefill --------------------------------------------------------------------------------------------
     def prefill(self, ctx: PrefillContext) -> Selection:
@@ -771,7 +777,7 @@ class SphericalKV(Method):
             om = store.extras["omega"][:, : store.n]
             om.mul_(self.ema).add_((1 - self.ema) * att)
         tail = layer.heads[0].n - layer.heads[0].tail_start
-        if tail >= self.refresh:
+        if tail >= self._every.get(layer.layer_idx, self.refresh):
             self._refresh(layer)
 
     def _refresh(self, layer) -> None:
