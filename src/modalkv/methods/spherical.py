@@ -9,7 +9,6 @@ coded entry store (:class:`SphericalHeadStore`).
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import weakref
 from dataclasses import dataclass
@@ -698,7 +697,6 @@ class SphericalKV(Method):
     # -- prefill --------------------------------------------------------------------------------------------
     def prefill(self, ctx: PrefillContext) -> Selection:
         B, H, n, d = ctx.keys.shape
-        dv = ctx.values.shape[-1]
         if self.codebooks == "prompt":
             keys = {ctx.layer.layer_idx: ctx.keys[0][:, ctx.real[0]]}
             fitted = fit_codebooks(keys, self.tier_spec, self.kmeans_iters, self.seed, pairs=self.pairs)
@@ -819,7 +817,6 @@ class SphericalKV(Method):
         qbar = self._qbar[layer.layer_idx]
         chord = self._chords(layer.layer_idx)
         newest = layer.seen - 1
-        sink_end = None
         per_head = []
         for h, store in enumerate(layer.heads):
             K, V = store.kv()
