@@ -586,8 +586,8 @@ class SphericalKV(Method):
     mode: Literal["rd", "top", "quant_only", "keep_drop"] = "rd"
     codebooks: Literal["calibrate", "prompt"] = "calibrate"
     pairs: Literal["contiguous", "rope"] = "contiguous"
-    calib_tokens: int = 1024
-    kmeans_iters: int = 15
+    calib_tokens: int = 2048
+    kmeans_iters: int = 20
     seed: int = 42
     price: Literal["kv", "keys"] = "kv"
     proxy: Literal["rms", "bound"] = "rms"
