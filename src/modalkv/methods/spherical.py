@@ -186,9 +186,9 @@ _CALIBRATED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 def calibration_ids(model, tokens: int, seed: int = 42) -> torch.Tensor:
-    """Deterministic calibration input: Wikipedia summaries (titles sorted, from the 5000th on, so not the ones the
-    benchmark prompts use) through the model's own tokenizer when both are available offline, else seeded random
-    token ids (tiny test models)."""
+    """Deterministic calibration input: 200 Wikipedia summaries (titles sorted, from the 5000th on; not the demo
+    articles, though the needle haystacks, which draw from all summaries, may include some) through the model's own
+    tokenizer when both are available offline, else seeded random token ids (tiny test models)."""
     try:
         from transformers import AutoTokenizer
 
@@ -509,13 +509,16 @@ class SphericalKV(Method):
     instead (the authors' ``sphkv_recon`` ablation and the test oracle). CHOICE (RoPE): keys are encoded after
     RoPE, with codebooks fitted on post-RoPE keys, so one table serves every position.
 
-    **Tiers** (``tiers``, group:bits, best first): b1 16:6, b2 16:4, b3 32:3 (the authors'); b0 = dropped.
+    **Tiers** (``tiers``, group:bits, best first; b0 = dropped). CHOICE (default ``"2:6,2:4,4:6"``): the authors'
+    b1 16:6, b2 16:4, b3 32:3 (``tiers="paper"``) leave an RMS chord error of 0.65 on SmolLM2's keys and break the
+    model even with every token at b1; 2-dimensional groups bring it to ~0.06 (docs/results/spherical_tiers.md).
 
     **Codebooks** (``codebooks``). CHOICE: ``"calibrate"`` (default) fits them once per model with spherical
-    k-means on the post-RoPE keys of a fixed calibration text (Wikipedia summaries the benchmarks do not use, read
-    by the model's own tokenizer; seeded random token ids when no tokenizer is available offline), remembered per
-    model and reported as ``shared_bytes`` (a model constant, like the authors' codebook files); ``"prompt"``
-    fits them on each prompt's own keys, counted in the sequence's ``state_bytes`` and inside its byte budget.
+    k-means on the post-RoPE keys of a fixed calibration text (200 Wikipedia summaries read by the model's own
+    tokenizer; seeded random token ids when no tokenizer is available offline; the needle haystacks draw from all
+    summaries, so they may share articles with it), remembered per model and reported as ``shared_bytes`` (a model
+    constant, like the authors' codebook files); ``"prompt"`` fits them on each prompt's own keys (the first batch
+    row's), counted in the sequence's ``state_bytes`` and inside its byte budget.
 
     **RDR.** Per layer (CHOICE: the authors allocate over all layers at once; here each layer is allocated when
     its prefill ends, so layers need not be held dense together), every (token, KV head) gets a tier under the
@@ -545,7 +548,7 @@ class SphericalKV(Method):
     Parameters
     ----------
     tiers : str
-        ``"16:6,16:4,32:3"``.
+        ``group:bits`` per tier, best first (default ``"2:6,2:4,4:6"``; ``"paper"`` = ``"16:6,16:4,32:3"``).
     mode : "rd" | "top" | "quant_only" | "keep_drop"
         ``rd``: the full allocator; ``top``: every entry at b1, nothing dropped (ignores the budget); ``quant_only``:
         tiers only, no drops; ``keep_drop``: b1 or dropped (the authors' ablations).
@@ -556,7 +559,8 @@ class SphericalKV(Method):
         (transformers pairs dim i with i + d/2). Measured on SmolLM2 with the top tier everywhere: KL to the full
         cache 0.020 (contiguous) vs 0.216 (rope) over 24 teacher-forced tokens, so ``rope`` is not the default.
     calib_tokens, kmeans_iters, seed : int
-        Calibration text length, k-means iterations, seed.
+        Calibration text length (2048), k-means iterations (20), seed. CHOICE: 1024 / 15 lost needles on real
+        weights (docs/results/seeds_retentive_spherical.md).
     price : "kv" | "keys"
     proxy : "rms" | "bound"
         How the logit error of a tier is estimated. ``bound`` is METHODS.md's proxy (b) as written,
