@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -11,7 +10,7 @@ import torch.nn.functional as F
 
 from .base import Method, PrefillContext, check_range, first_real, last_real
 from ..cache import Selection
-from ..modality import TEXT
+from ..modality import IMAGE, TEXT, VIDEO, ModalityLayout, _place_square, _runs
 from ..scoring import group_reduce, pool1d, window_scores
 
 _TINY = 1e-30
@@ -207,22 +206,15 @@ class RetentiveKV(Method):
         if layout is not None and layout.ids.shape[0] == B and int(pos.max()) < layout.ids.shape[1]:
             p = pos.long().cpu()
             return tuple(getattr(layout, f).gather(1, p).to(dev) for f in ("item", "row", "col"))
-        item = torch.full((B, n), -1, dtype=torch.long)
-        row, col = torch.zeros(B, n, dtype=torch.long), torch.zeros(B, n, dtype=torch.long)
-        visual = (ctx.modality != TEXT).cpu()
+        ids = ctx.modality.cpu()
+        layout = ModalityLayout(ids, *(torch.full((B, n), -1, dtype=torch.int32) for _ in range(4)))
         for b in range(B):
-            x = torch.cat([torch.zeros(1, dtype=torch.int8), visual[b].to(torch.int8), torch.zeros(1, dtype=torch.int8)])
-            d = torch.diff(x)
-            starts, stops = torch.nonzero(d == 1).flatten(), torch.nonzero(d == -1).flatten()
-            for i, (a, e) in enumerate(zip(starts.tolist(), stops.tolist())):
-                k = torch.arange(e - a)
-                side = math.isqrt(e - a)
-                item[b, a:e] = i
-                if side * side == e - a:
-                    row[b, a:e], col[b, a:e] = k // side, k % side
-                else:
-                    col[b, a:e] = k
-        return item.to(dev), row.to(dev), col.to(dev)
+            for mid in (IMAGE, VIDEO):  # each run of visual tokens is one item, a square when its length is one
+                runs = _runs(ids[b] == mid)
+                if runs:
+                    _place_square(layout, b, runs, None, mid)
+        item = layout.item.long() + n * (ids == VIDEO)  # videos numbered apart from images
+        return item.to(dev), layout.row.long().clamp(min=0).to(dev), layout.col.long().clamp(min=0).to(dev)
 
     def _spatial_weights(self, ctx: PrefillContext, R: torch.Tensor) -> torch.Tensor:
         """[B, H, n] spatial weight of every visual token (0 for text): gamma_s ** Manhattan distance to its image's
@@ -351,20 +343,10 @@ class RetentiveKV(Method):
             victims = score.topk(over, dim=-1, largest=False, sorted=True).indices  # [H, over]
             use = torch.isfinite(score.gather(1, victims))
             if st is not None:
-                text = ~visual
-                R = normalised_entropy_score(p, visual, self.lam) + normalised_entropy_score(p, text, self.lam)
-                r_v, is_vis = R.gather(1, victims), visual.gather(1, victims)
-                sw = torch.stack([s.extras["sw"][0, :n] for s in heads]).gather(1, victims)
-                w_vis = sw * is_vis * use
-                if self.gate_visual:
-                    w_vis = w_vis * (r_v >= self.tau)
-                w_txt = (~is_vis & use & (r_v >= self.tau)).float()
-                if self.absorb_by_attention:
-                    rel = p.gather(1, victims) * n
-                    w_vis, w_txt = w_vis * rel, w_txt * rel
+                sw = torch.stack([s.extras["sw"][0, :n] for s in heads])
+                weights = self._victim_weights(p, visual, ~visual, sw, victims, use, n)
                 k = torch.stack([s.keys[0].index_select(0, v) for s, v in zip(heads, victims)])[None]
                 v = torch.stack([s.values[0].index_select(0, v) for s, v in zip(heads, victims)])[None]
-                weights = [w_vis, w_txt] if self.num_states == 2 else [w_vis + w_txt]
                 for g, w in enumerate(weights):
                     if bool((w > 0).any()):
                         self._absorb(st, g, w[None], k, v)
@@ -390,24 +372,29 @@ class RetentiveKV(Method):
         scale.fill_(1.0)
         st["_version"] = st.get("_version", 0) + 1
 
-    def _absorb_decode(self, st, h, store, last, valid, visual, victims, use) -> None:
-        """Fold the decode-time victims [B, m] (``use`` marks real ones) of head ``h`` into the states."""
-        text = (store.mod[:, : store.n] == TEXT) & valid
-        R = normalised_entropy_score(last, visual, self.lam) + normalised_entropy_score(last, text, self.lam)
-        r_v = R.gather(1, victims)
-        is_vis = visual.gather(1, victims)
-        sw = store.extras["sw"][:, : store.n].gather(1, victims)
-        w_vis = sw * is_vis * use
+    def _victim_weights(self, att, visual, text, sw, victims, use, count) -> list[torch.Tensor]:
+        """Absorption weights of the victims [X, m] per state, from the current attention rows att [X, n]: visual
+        victims by their spatial weight ``sw`` (gated by tau with ``gate_visual``), text victims 1 when their R >= tau;
+        ``count`` entries the attention is spread over (for ``absorb_by_attention``)."""
+        R = normalised_entropy_score(att, visual, self.lam) + normalised_entropy_score(att, text, self.lam)
+        r_v, is_vis = R.gather(1, victims), visual.gather(1, victims)
+        w_vis = sw.gather(1, victims) * is_vis * use
         if self.gate_visual:
             w_vis = w_vis * (r_v >= self.tau)
         w_txt = (~is_vis & use & (r_v >= self.tau)).float()
         if self.absorb_by_attention:
-            rel = last.gather(1, victims) * valid.sum(-1, keepdim=True)
+            rel = att.gather(1, victims) * count
             w_vis, w_txt = w_vis * rel, w_txt * rel
+        return [w_vis, w_txt] if self.num_states == 2 else [w_vis + w_txt]
+
+    def _absorb_decode(self, st, h, store, last, valid, visual, victims, use) -> None:
+        """Fold the decode-time victims [B, m] (``use`` marks real ones) of head ``h`` into the states."""
+        text = (store.mod[:, : store.n] == TEXT) & valid
+        weights = self._victim_weights(last, visual, text, store.extras["sw"][:, : store.n], victims, use,
+                                       valid.sum(-1, keepdim=True))
         K, V = store.kv()
         k = K.gather(1, victims[..., None].expand(-1, -1, K.shape[-1]))[:, None]
         v = V.gather(1, victims[..., None].expand(-1, -1, V.shape[-1]))[:, None]
-        weights = [w_vis, w_txt] if self.num_states == 2 else [w_vis + w_txt]
         for g, w in enumerate(weights):
             if bool((w > 0).any()):
                 self._absorb(st, g, w[:, None], k, v, head=h)

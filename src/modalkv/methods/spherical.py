@@ -18,7 +18,7 @@ import torch
 
 from .base import Method, PrefillContext, check_range, first_real, last_real
 from ..cache import HeadStore, Selection
-from ..scoring import _probs, check_finite, pool1d
+from ..scoring import _probs, check_finite, mask_to_sorted, pool1d
 
 BIG = 1 << 40
 PRESETS = {"paper": "16:6,16:4,32:3"}  # the authors' b1, b2, b3 (g = 16 / 16 / 32 dims, 6 / 4 / 3 bits)
@@ -718,12 +718,9 @@ class SphericalKV(Method):
         self._qbar[ctx.layer.layer_idx] = [
             wq.unflatten(-1, (d // g, g)).norm(dim=-1).pow(2).mean(2).sqrt() for g, _ in self.tier_spec]  # [B, H, G]
         tiers = self._allocate_prefill(ctx, p, chord)
-        keep_mask = tiers > 0
-        idx = torch.where(keep_mask, torch.arange(n, device=keep_mask.device).expand(B, H, n), torch.full_like(tiers, n))
-        kmax = int(keep_mask.sum(-1).max())
-        idx = idx.sort(-1).values[..., :kmax]
-        idx = torch.where(idx == n, torch.full_like(idx, -1), idx)
-        return Selection(idx, extras={"tier": tiers.float(), "omega": p})
+        keep = tiers > 0
+        idx = mask_to_sorted(torch.arange(n, device=keep.device).expand(B, H, n), keep, n)
+        return Selection(idx[..., : int(keep.sum(-1).max())], extras={"tier": tiers.float(), "omega": p})
 
     def _distortion(self, p, values, keys, qbar, chord, obar) -> torch.Tensor:
         """[..., n, T+1] distortion of tier 0..T (proxy (b)); p [..., n], values/keys [..., n, d], qbar [per tier:
@@ -749,7 +746,7 @@ class SphericalKV(Method):
             return tuple(range(1, T + 1))
         return (*range(1, T + 1), 0)
 
-    def _allocate(self, D, C, start, protected, budget, H):
+    def _allocate(self, D, C, start, protected, budget):
         """One row: D [H, n, T+1], C [T+1], start/protected [H, n] -> tiers [H, n] (0 for absent)."""
         if self.mode == "top":
             return start
@@ -788,7 +785,7 @@ class SphericalKV(Method):
             start = torch.where(real, 1, 0).expand(H, n)
             D = self._distortion(p[b], ctx.values[b], ctx.keys[b], [q[b] for q in self._qbar[ctx.layer.layer_idx]],
                                  chord, obar[b])
-            tiers[b] = self._allocate(D, C, start, prot.expand(H, n), budget, H)
+            tiers[b] = self._allocate(D, C, start, prot.expand(H, n), budget)
         return tiers
 
     def after_prefill(self, layer) -> None:
@@ -841,7 +838,7 @@ class SphericalKV(Method):
                 start[h, :m] = torch.where(valid[b], torch.where(tier[b] == 0, 1, tier[b]), 0)
                 rank_first = pos[b].masked_fill(~valid[b], BIG).argsort().argsort()
                 prot[h, :m] = valid[b] & ((pos[b] > newest - recent) | (rank_first < sinks))
-            tiers = self._allocate(D, C, start, prot, budget, H)
+            tiers = self._allocate(D, C, start, prot, budget)
             for h, store in enumerate(layer.heads):
                 m = store.n
                 if b == 0:
