@@ -71,3 +71,24 @@ def test_generate_with_images_on_the_vlm():
     text = runner.invoke(app, ["generate", "--image", paths[i], "--prompt", "hi", "--max-new-tokens", "2"],
                          terminal_width=200)
     assert text.exit_code == 2 and "needs a vision-language model" in text.output
+
+
+@pytest.mark.real
+def test_continual_runs_and_writes_the_report(tmp_path):
+    out = tmp_path / "cont"
+    result = runner.invoke(app, ["continual", "--learners", "frozen,inducekv", "--per-task", "2",
+                                 "--budget-entries", "2", "--ell", "32", "--top-k", "1", "--param",
+                                 "calib_steps=2", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    import json
+
+    summary = json.loads(out.with_suffix(".json").read_text())
+    s = summary["learners"]
+    assert len(s["inducekv"]["acc"]) == 4 and len(set(s["inducekv"]["bytes_per_stage"])) == 1
+    assert s["frozen"]["final_bytes"] == 0 and s["inducekv"]["latency_vs_frozen"] > 0
+    assert out.with_suffix(".md").is_file() and (tmp_path / "cont_accuracy.png").is_file()
+
+
+def test_continual_rejects_unknown_learner(tmp_path):
+    result = runner.invoke(app, ["continual", "--learners", "frozen,ewc", "--out", str(tmp_path / "x")])
+    assert result.exit_code != 0 and "unknown continual learner" in str(result.exception)

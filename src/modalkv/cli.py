@@ -285,6 +285,35 @@ def report(
     console.print(f"wrote {md}")
 
 
+@app.command()
+def continual(
+    learners: str = typer.Option(",".join(["frozen", "growing", "inducekv", "inducekv-bilevel", "inducekv-random",
+                                           "lora"]), help="Comma-separated learners to run in the same run."),
+    model: str = typer.Option("smollm2-135m", help="A text model (InduceKV needs full-attention RoPE layers)."),
+    per_task: int = typer.Option(32, help="Facts per task (4 tasks: cities, scientists, artists, leaders)."),
+    budget_entries: int = typer.Option(32, help="InduceKV's fixed byte budget, as this many entries + calibration."),
+    ell: int = typer.Option(64, help="Payload tokens per layer and KV head of one entry."),
+    top_k: int = typer.Option(2, help="Entries retrieved and placed before each query."),
+    query: str = typer.Option("q_train", help="Test question template: q_train (held-in) or q_test (paraphrase)."),
+    param: list[str] = typer.Option([], help="Extra InduceKV parameter KEY=VALUE (repeatable), e.g. bilevel_steps=5."),
+    seed: int = typer.Option(0),
+    threads: int = typer.Option(2),
+    out: Path = typer.Option(Path("continual_results"), help="Output stem: writes .csv, .json, .md and plots."),
+) -> None:
+    """Continual benchmark: InduceKV's fixed-size memory bank against frozen, growing memory and sequential LoRA."""
+    from .bench.continual import ContinualConfig, run, write_report
+
+    cfg = ContinualConfig(model=model, learners=[x.strip() for x in learners.split(",") if x.strip()],
+                          per_task=per_task, seed=seed, budget_entries=budget_entries, ell=ell, top_k=top_k,
+                          selection_kwargs=_parse_params(param), query=query, threads=threads)
+    res = run(cfg, out, log=console.print)
+    md = write_report(Path(out).with_suffix(".json"))
+    for name, s in res["summary"]["learners"].items():
+        console.print(f"{name:18s} Avg {s['avg']:.3f}  Last {s['last']:.3f}  BWT {s['bwt']:+.3f}  "
+                      f"final state {s['final_bytes'] / 2**20:.1f} MiB")
+    console.print(f"wrote {md}")
+
+
 def main() -> None:  # pragma: no cover
     app()
 

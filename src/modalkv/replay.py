@@ -39,6 +39,7 @@ class CapturedPrefill:
     seen: int = 0
     modality: torch.Tensor | None = None
     layout: object = None  # the prompt's ModalityLayout (visual grid coordinates) for a VLM
+    hidden_states: tuple | None = None  # every layer's hidden states, when asked with output_hidden_states=True
 
     def build_cache(self, model, method="full", budget: float | int = 1.0, **kwargs) -> KVCache:
         """The cache a prefill with ``method`` at ``budget`` would leave (kwargs as for :class:`KVCache`)."""
@@ -78,4 +79,5 @@ def capture_prefill(model, input_ids, attention_mask=None, position_ids=None, **
                 **cache_kwargs(model, cache), **model_kwargs)
     others = {i: layer for i, layer in enumerate(cache.layers) if not isinstance(layer, CompressedLayer)}
     seen = max(layer.seen for layer in cache.managed_layers)
-    return CapturedPrefill(out.logits[:, -1:], cache.method.captured, others, seen, cache._modality, cache.layout)
+    return CapturedPrefill(out.logits[:, -1:], cache.method.captured, others, seen, cache._modality, cache.layout,
+                           getattr(out, "hidden_states", None))

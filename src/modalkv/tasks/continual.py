@@ -1,0 +1,143 @@
+"""Continual-learning task streams for InduceKV (and the baselines it is compared with).
+
+**Wikipedia facts by topic** (text, SmolLM2): four tasks drawn from the offline Wikipedia summaries (see
+:mod:`modalkv.data`): the country of a city, and the nationality of scientists, of artists and writers, and of
+political and military leaders. The fact is read off the summary's first sentence by a pattern ("Accra is the
+capital and largest city of Ghana", "Niels Henrik Abel was a Norwegian mathematician"). A training example is the
+chat turn asking ``q_train`` with the summary's first sentences as context, answered; the model is then asked the same
+fact with a question template it never saw in training (``q_test``), without the context, and is right when the
+answer appears in its first generated line. A third template (``q_calib``) is what the training query looks like.
+
+**easy-VQA by question type** (vision-language, modalkv's VLM): colour, shape and yes/no questions as separate tasks
+(see :func:`vqa_tasks`).
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from dataclasses import dataclass
+
+PERSON = re.compile(r"^(?P<t>[A-Z][^.()]{2,40}?) (?:was|is) an? (?P<a>[A-Z][a-z]+(?:-[A-Z][a-z]+)?) (?P<rest>[^.]{3,120})")
+CITY = re.compile(r"^(?P<t>[A-Z][^.()]{1,40}?) is (?:a|an|the) (?:[a-z-]+ ){0,4}(?:city|town|capital|port|municipality)"
+                  r"(?: and [a-z ]+?)? (?:in|of) (?:the )?(?:[a-z]+ )?(?P<a>[A-Z][a-z]+(?: [A-Z][a-z]+){0,2})[ ,.]")
+OCCUPATIONS = {
+    "scientists": ("physicist", "chemist", "mathematician", "astronomer", "biologist", "scientist", "engineer",
+                   "inventor", "naturalist", "geologist", "physician", "economist", "botanist", "zoologist"),
+    "artists": ("painter", "composer", "novelist", "poet", "writer", "playwright", "sculptor", "architect", "singer",
+                "musician", "actor", "actress", "author", "director", "pianist"),
+    "leaders": ("politician", "statesman", "king", "queen", "emperor", "general", "military", "president", "ruler",
+                "monarch", "prime minister", "dictator", "revolutionary", "conqueror", "pharaoh"),
+}
+COUNTRY = re.compile(r"^(?:The )?(?P<t>[^.()]{2,40}?)(?: \([^)]*\))?,? (?:officially [^,]*, )?is an? (?:[a-z-]+ ){0,4}"
+                     r"(?:country|nation|state|kingdom|republic)\b")
+MAJOR_COUNTRIES = ("China", "India", "Japan", "France", "Germany", "Italy", "Spain", "Russia", "Brazil", "Mexico",
+                   "Canada", "Australia", "Egypt", "Nigeria", "Turkey", "Iran", "Pakistan", "Indonesia", "Ghana",
+                   "Ethiopia", "United States", "United Kingdom", "Argentina", "Peru", "Colombia", "Poland", "Greece")
+DEMONYM = re.compile(r"(?:an|ese|ish|ch|i|ic)$")
+TEMPLATES = {  # (train, calib, test)
+    "cities": ("Which country is {t} in?", "In which country is {t} located?", "Where is {t}? Name the country."),
+    "person": ("What nationality was {t}?", "What was the nationality of {t}?", "Give the nationality of {t}."),
+}
+
+
+@dataclass
+class Fact:
+    title: str
+    answer: str
+    context: str
+    q_train: str
+    q_calib: str
+    q_test: str
+
+
+@dataclass
+class FactTask:
+    name: str
+    facts: list[Fact]
+
+
+def _context(summary: str, min_chars: int = 250, max_chars: int = 400) -> str:
+    """Whole sentences from the start of the summary: at least ``min_chars`` when possible, cut at ``max_chars``."""
+    sentences = re.split(r"(?<=[.!?])\s+", summary.strip())
+    out = sentences[0]
+    for s in sentences[1:]:
+        if len(out) >= min_chars:
+            break
+        out += " " + s
+    return out[:max_chars]
+
+
+def fact_tasks(per_task: int = 32, seed: int = 0, names=("cities", "scientists", "artists", "leaders")) -> list[FactTask]:
+    """The Wikipedia fact tasks, ``per_task`` facts each (sampled with ``seed``; no title in two tasks)."""
+    from ..data import wiki_summaries
+
+    texts = wiki_summaries()
+    countries = set(MAJOR_COUNTRIES) | {m.group("t") for m in map(COUNTRY.match, texts.values()) if m}
+    pools: dict[str, list[Fact]] = {name: [] for name in names}
+    for title, summary in sorted(texts.items()):
+        if len(summary) < 250:  # the context must give the payload enough tokens
+            continue
+        city = CITY.match(summary)
+        if city and city.group("t").lower() == title.lower() and city.group("a") in countries and "cities" in pools:
+            tpl = TEMPLATES["cities"]
+            pools["cities"].append(Fact(title, city.group("a"), _context(summary), *(q.format(t=title) for q in tpl)))
+            continue
+        person = PERSON.match(summary)
+        if not person or person.group("t").lower() != title.lower() or not DEMONYM.search(person.group("a")):
+            continue
+        rest = person.group("rest").lower()
+        for name in names:
+            if name in OCCUPATIONS and any(re.search(rf"\b{o}\b", rest) for o in OCCUPATIONS[name]):
+                tpl = TEMPLATES["person"]
+                pools[name].append(Fact(title, person.group("a"), _context(summary), *(q.format(t=title) for q in tpl)))
+                break
+    rng = random.Random(seed)
+    tasks = []
+    for name in names:
+        if len(pools[name]) < per_task:
+            raise ValueError(f"topic {name!r} has {len(pools[name])} facts, fewer than per_task={per_task}")
+        tasks.append(FactTask(name, rng.sample(pools[name], per_task)))
+    return tasks
+
+
+def fact_examples(tok, task: FactTask, task_id: int = 0):
+    """InduceKV :class:`~modalkv.inducekv.Example` objects for a fact task (training prefixes + calibration query)."""
+    import torch
+
+    from ..inducekv import Example
+
+    out = []
+    for f in task.facts:
+        head = _ids(tok, CHAT_HEAD)
+        question = _ids(tok, f.q_train)
+        ctx = _ids(tok, f"\nContext: {f.context}{CHAT_TAIL}")
+        ans = _ids(tok, f.answer)
+        prefix = head + question + ctx + ans
+        query, span = fact_query(tok, f, f.q_calib)
+        out.append(Example(prefix=torch.tensor(prefix), key_span=(len(head), len(head) + len(question)),
+                           answer_span=(len(prefix) - len(ans), len(prefix)), query=query, target=torch.tensor(ans),
+                           query_span=span))
+    return out
+
+
+CHAT_HEAD = "<|im_start|>system\nAnswer with one word.<|im_end|>\n<|im_start|>user\n"
+CHAT_TAIL = "<|im_end|>\n<|im_start|>assistant\n"
+
+
+def _ids(tok, text: str) -> list[int]:
+    return tok(text, add_special_tokens=False).input_ids
+
+
+def fact_query(tok, fact: Fact, question: str | None = None):
+    """(ids, retrieval span) of a chat prompt asking ``question`` (default: the test template) about ``fact``."""
+    import torch
+
+    head, q, tail = _ids(tok, CHAT_HEAD), _ids(tok, question or fact.q_test), _ids(tok, CHAT_TAIL)
+    return torch.tensor(head + q + tail), (len(head), len(head) + len(q))
+
+
+def is_correct(generated: str, answer: str) -> bool:
+    """The answer appears (case-insensitive) in the first line of the generated text."""
+    first = generated.strip().split("\n")[0].lower()
+    return answer.lower() in first
