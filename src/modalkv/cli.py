@@ -289,8 +289,12 @@ def report(
 def continual(
     learners: str = typer.Option(",".join(["frozen", "growing", "inducekv", "inducekv-bilevel", "inducekv-random",
                                            "lora"]), help="Comma-separated learners to run in the same run."),
-    model: str = typer.Option("smollm2-135m", help="A text model (InduceKV needs full-attention RoPE layers)."),
-    per_task: int = typer.Option(32, help="Facts per task (4 tasks: cities, scientists, artists, leaders)."),
+    suite: str = typer.Option("facts", help="facts: Wikipedia facts by topic (cities, scientists, artists, leaders) "
+                                             "on a text model; vqa: easy-VQA by question type on the VLM."),
+    model: Optional[str] = typer.Option(None, help="Default smollm2-135m (facts) or modalkv-vlm (vqa); InduceKV "
+                                                   "needs full-attention RoPE layers."),
+    per_task: int = typer.Option(32, help="Training examples per task."),
+    test_per_task: int = typer.Option(32, help="vqa: test questions per task (facts are asked back)."),
     budget_entries: int = typer.Option(32, help="InduceKV's fixed byte budget, as this many entries + calibration."),
     ell: int = typer.Option(64, help="Payload tokens per layer and KV head of one entry."),
     top_k: int = typer.Option(2, help="Entries retrieved and placed before each query."),
@@ -303,7 +307,8 @@ def continual(
     """Continual benchmark: InduceKV's fixed-size memory bank against frozen, growing memory and sequential LoRA."""
     from .bench.continual import ContinualConfig, run, write_report
 
-    cfg = ContinualConfig(model=model, learners=[x.strip() for x in learners.split(",") if x.strip()],
+    cfg = ContinualConfig(suite=suite, model=model or ("modalkv-vlm" if suite == "vqa" else "smollm2-135m"),
+                          test_per_task=test_per_task, learners=[x.strip() for x in learners.split(",") if x.strip()],
                           per_task=per_task, seed=seed, budget_entries=budget_entries, ell=ell, top_k=top_k,
                           selection_kwargs=_parse_params(param), query=query, threads=threads)
     res = run(cfg, out, log=console.print)

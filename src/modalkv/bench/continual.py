@@ -24,6 +24,7 @@ LEARNERS = ("frozen", "growing", "inducekv", "inducekv-bilevel", "inducekv-rando
 
 @dataclass
 class ContinualConfig:
+    suite: str = "facts"  # facts (Wikipedia facts by topic, text model) or vqa (easy-VQA by question type, VLM)
     model: str = "smollm2-135m"
     learners: list = field(default_factory=lambda: list(LEARNERS))
     per_task: int = 32
@@ -32,7 +33,8 @@ class ContinualConfig:
     ell: int = 64
     top_k: int = 2
     selection_kwargs: dict = field(default_factory=dict)  # extra InduceKV parameters (all InduceKV learners)
-    query: str = "q_train"  # which question template is asked at test: q_train (held-in facts) or q_test (paraphrase)
+    query: str = "q_train"  # facts: the question template asked at test, q_train (held-in) or q_test (paraphrase)
+    test_per_task: int = 32  # vqa: test-split questions per task
     max_new_tokens: int = 8
     lora_rank: int = 8
     lora_epochs: int = 8
@@ -60,7 +62,8 @@ class _Lora:
         from peft import LoraConfig, get_peft_model
 
         self.cfg = cfg
-        targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+        # the language model's projections only (a VLM's vision tower has q/k/v projections too)
+        targets = r".*(?:language_model|model\.layers)\.\d+\..*(?:q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
         self.model = get_peft_model(copy.deepcopy(model), LoraConfig(r=cfg.lora_rank, lora_alpha=2 * cfg.lora_rank,
                                                                      target_modules=targets, lora_dropout=0.0))
         self.opt = None
@@ -77,7 +80,11 @@ class _Lora:
         for _ in range(self.cfg.lora_epochs):
             order = torch.randperm(len(examples), generator=gen).tolist()
             for s in range(0, len(order), self.cfg.lora_batch):
-                batch = [examples[i].prefix for i in order[s : s + self.cfg.lora_batch]]
+                chosen = [examples[i] for i in order[s : s + self.cfg.lora_batch]]
+                batch = [ex.prefix for ex in chosen]
+                extra = {}
+                if "pixel_values" in chosen[0].model_kwargs:
+                    extra["pixel_values"] = torch.cat([ex.model_kwargs["pixel_values"] for ex in chosen])
                 n = max(b.numel() for b in batch)
                 ids = torch.zeros(len(batch), n, dtype=torch.long)
                 mask = torch.zeros(len(batch), n, dtype=torch.long)
@@ -85,16 +92,16 @@ class _Lora:
                     ids[r, : b.numel()] = b
                     mask[r, : b.numel()] = 1
                 labels = ids.masked_fill(mask == 0, -100)
-                loss = self.model(input_ids=ids, attention_mask=mask, labels=labels).loss
+                loss = self.model(input_ids=ids, attention_mask=mask, labels=labels, **extra).loss
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
         self.model.eval()
 
     @torch.no_grad()
-    def generate(self, ids, max_new_tokens: int) -> list[int]:
+    def generate(self, ids, max_new_tokens: int, **model_kwargs) -> list[int]:
         out = self.model.generate(input_ids=ids[None], attention_mask=torch.ones(1, ids.numel(), dtype=torch.long),
-                                  max_new_tokens=max_new_tokens, do_sample=False)
+                                  max_new_tokens=max_new_tokens, do_sample=False, **model_kwargs)
         return out[0, ids.numel():].tolist()
 
 
@@ -104,27 +111,39 @@ def run(cfg: ContinualConfig, out: Path | None = None, log=print) -> dict:
 
     from ..measure import pin_threads
     from ..models import load_model
-    from ..tasks.continual import fact_examples, fact_query, fact_tasks, is_correct
+    from ..tasks import continual as ct
 
     unknown = [x for x in cfg.learners if x not in LEARNERS]
     if unknown:
         raise ValueError(f"unknown continual learner(s) {unknown}; choose from {', '.join(LEARNERS)}")
     if cfg.query not in ("q_train", "q_calib", "q_test"):
         raise ValueError(f"query template {cfg.query!r}: use q_train, q_calib or q_test")
+    if cfg.suite not in ("facts", "vqa"):
+        raise ValueError(f"unknown continual suite {cfg.suite!r}; use 'facts' or 'vqa'")
     pin_threads(cfg.threads)
     model, tok = load_model(cfg.model)
-    tasks = fact_tasks(cfg.per_task, cfg.seed)
-    examples = [fact_examples(tok, t, i) for i, t in enumerate(tasks)]
-    queries = [[fact_query(tok, f, getattr(f, cfg.query)) for f in t.facts] for t in tasks]
+    if cfg.suite == "facts":
+        fact_tasks = ct.fact_tasks(cfg.per_task, cfg.seed)
+        names = [t.name for t in fact_tasks]
+        examples = [ct.fact_examples(tok, t, i) for i, t in enumerate(fact_tasks)]
+        queries = [ct.fact_queries(tok, t, cfg.query) for t in fact_tasks]
+        check = ct.is_correct
+    else:
+        if not hasattr(model.config, "image_seq_length"):
+            raise ValueError(f"suite 'vqa' needs a vision-language model (modalkv-vlm); {cfg.model!r} is not one")
+        names, examples, queries = ct.vqa_tasks(tok, model.config.image_seq_length, cfg.per_task,
+                                                cfg.test_per_task, cfg.seed)
+        check = ct.first_word_correct
+        tok = tok.tokenizer
     rows: list[dict] = []
-    summary: dict = {"config": asdict(cfg), "tasks": [t.name for t in tasks], "learners": {}}
+    summary: dict = {"config": asdict(cfg), "tasks": names, "learners": {}}
     for learner in cfg.learners:
         torch.manual_seed(cfg.seed)
         state = None if learner == "frozen" else _Lora(cfg, model) if learner == "lora" else _inducekv(cfg, learner,
                                                                                                          model)
         acc: list[list[float]] = []
         latency: list[float] = []
-        for stage, task in enumerate(tasks):
+        for stage, task in enumerate(names):
             t0 = time.perf_counter()
             info: dict = {}
             if isinstance(state, InduceKV):
@@ -137,30 +156,30 @@ def run(cfg: ContinualConfig, out: Path | None = None, log=print) -> dict:
             for j in range(stage + 1):
                 ok = 0
                 routed = 0
-                for fact, (ids, span) in zip(tasks[j].facts, queries[j]):
+                for q in queries[j]:
                     t1 = time.perf_counter()
                     if isinstance(state, InduceKV):
-                        toks, ginfo = state.generate(model, ids, cfg.max_new_tokens, span=span)
+                        toks, ginfo = state.generate(model, q.ids, cfg.max_new_tokens, span=q.span, **q.model_kwargs)
                         routed += sum(t == j for t in ginfo["tasks"])
                     elif isinstance(state, _Lora):
-                        toks = state.generate(ids, cfg.max_new_tokens)
+                        toks = state.generate(q.ids, cfg.max_new_tokens, **q.model_kwargs)
                     else:
                         with torch.no_grad():
-                            toks = model.generate(input_ids=ids[None], max_new_tokens=cfg.max_new_tokens,
-                                                  do_sample=False)[0, ids.numel():].tolist()
-                    if stage == len(tasks) - 1:
+                            toks = model.generate(input_ids=q.ids[None], max_new_tokens=cfg.max_new_tokens,
+                                                  do_sample=False, **q.model_kwargs)[0, q.ids.numel():].tolist()
+                    if stage == len(names) - 1:
                         latency.append((time.perf_counter() - t1) * 1e3 / max(1, len(toks)))
-                    ok += is_correct(tok.decode(toks, skip_special_tokens=True), fact.answer)
-                a = ok / len(tasks[j].facts)
+                    ok += check(tok.decode(toks, skip_special_tokens=True), q.answer)
+                a = ok / len(queries[j])
                 row_acc.append(a)
-                rows.append({"learner": learner, "stage": stage, "stage_task": task.name, "task": tasks[j].name,
+                rows.append({"learner": learner, "stage": stage, "stage_task": task, "task": names[j],
                              "task_id": j, "accuracy": a, "state_bytes": nbytes, "learn_s": round(learn_s, 2),
                              "entries": len(state.bank) if isinstance(state, InduceKV) else 0,
                              "entries_of_task": (state.bank.tasks().get(j, 0) if isinstance(state, InduceKV) else 0),
-                             "routed_to_task": routed / (len(tasks[j].facts) * max(1, cfg.top_k))
+                             "routed_to_task": routed / (len(queries[j]) * max(1, cfg.top_k))
                              if isinstance(state, InduceKV) else None})
             acc.append(row_acc)
-            log(f"{learner:18s} stage {stage} ({task.name}): acc {[round(x, 3) for x in row_acc]} "
+            log(f"{learner:18s} stage {stage} ({task}): acc {[round(x, 3) for x in row_acc]} "
                 f"bytes {nbytes / 2**20:.1f} MiB learn {learn_s:.1f}s {info.get('per_task', '')}")
         summary["learners"][learner] = {**continual_metrics(acc), "acc": acc, "ms_per_token_median":
                                         statistics.median(latency) if latency else None,

@@ -129,6 +129,15 @@ def _ids(tok, text: str) -> list[int]:
     return tok(text, add_special_tokens=False).input_ids
 
 
+def fact_queries(tok, task: FactTask, template: str = "q_train") -> list:
+    """The evaluation :class:`Query` objects of a fact task, asked with ``template`` (q_train, q_calib or q_test)."""
+    out = []
+    for f in task.facts:
+        ids, span = fact_query(tok, f, getattr(f, template))
+        out.append(Query(ids, span, f.answer, {}))
+    return out
+
+
 def fact_query(tok, fact: Fact, question: str | None = None):
     """(ids, retrieval span) of a chat prompt asking ``question`` (default: the test template) about ``fact``."""
     import torch
@@ -141,3 +150,71 @@ def is_correct(generated: str, answer: str) -> bool:
     """The answer appears (case-insensitive) in the first line of the generated text."""
     first = generated.strip().split("\n")[0].lower()
     return answer.lower() in first
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# easy-VQA by question type (the VLM)
+# ---------------------------------------------------------------------------------------------------------------
+
+VQA_TASKS = ("colour", "shape", "yes/no shape", "yes/no colour")
+
+
+def _vqa_kind(question: str, answer: str) -> str:
+    from ..vlm import SHAPES
+
+    if answer in ("yes", "no"):
+        return "yes/no shape" if any(s in question for s in SHAPES) else "yes/no colour"
+    return "shape" if answer in SHAPES else "colour"
+
+
+@dataclass
+class Query:
+    """One evaluation question: token ids, the span pooled for retrieval, the gold answer, extra model inputs."""
+
+    ids: object
+    span: tuple[int, int]
+    answer: str
+    model_kwargs: dict
+
+
+def vqa_tasks(processor, tokens_per_image: int, per_task: int = 32, test_per_task: int = 32, seed: int = 0):
+    """easy-VQA as four continual tasks (colour, shape, yes/no about a shape, yes/no about a colour): per task,
+    ``per_task`` training examples (InduceKV :class:`~modalkv.inducekv.Example` with the image) and
+    ``test_per_task`` test-split :class:`Query` objects. Returns (names, examples per task, queries per task)."""
+    import torch
+
+    from ..inducekv import Example
+    from ..vlm import easy_vqa_split, load_images, prompt_ids
+
+    tok = processor.tokenizer
+    rng = random.Random(seed)
+    out_examples, out_queries = [], []
+    splits = {s: easy_vqa_split(s) for s in ("train", "test")}
+    for name in VQA_TASKS:
+        picked = {}
+        for split, n in (("train", per_task), ("test", test_per_task)):
+            q, a, paths = splits[split]
+            idx = [i for i in range(len(q)) if _vqa_kind(q[i], a[i]) == name]
+            picked[split] = [(q[i], a[i], paths[i]) for i in rng.sample(idx, n)]
+        exs = []
+        for question, answer, path in picked["train"]:
+            prompt = prompt_ids(tok, question, tokens_per_image)
+            ans = _ids(tok, answer)
+            exs.append(Example(prefix=torch.tensor(prompt + ans), key_span=(0, len(prompt)),
+                               answer_span=(len(prompt), len(prompt) + len(ans)), query=torch.tensor(prompt),
+                               target=torch.tensor(ans), query_span=(0, len(prompt)),
+                               model_kwargs={"pixel_values": load_images([path], processor)}))
+        queries = []
+        for question, answer, path in picked["test"]:
+            prompt = prompt_ids(tok, question, tokens_per_image)
+            queries.append(Query(torch.tensor(prompt), (0, len(prompt)), answer,
+                                 {"pixel_values": load_images([path], processor)}))
+        out_examples.append(exs)
+        out_queries.append(queries)
+    return list(VQA_TASKS), out_examples, out_queries
+
+
+def first_word_correct(generated: str, answer: str) -> bool:
+    """easy-VQA's exact match: the first generated word is the answer."""
+    words = generated.strip().lower().split()
+    return bool(words) and words[0].strip(".,!") == answer
