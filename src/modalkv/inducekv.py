@@ -690,7 +690,8 @@ class InduceKV:
             bank.anchor_task[at : at + a.shape[0]] = t
             at += a.shape[0]
 
-    def _calibrate(self, bank: MemoryBank, pool: Candidates, q, own, task: int, logw: torch.Tensor) -> None:
+    def _calibrate(self, bank: MemoryBank, pool: Candidates, q, own, task: int, logw: torch.Tensor,
+                   steps: int | None = None) -> None:
         """Inner problem: refit φ = (W, mu, task bias) by the retrieval likelihood of the task's queries (positive:
         the query's own candidate, or its task's entries if that one was prefiltered away) and of the anchors of
         earlier tasks (positive: their task's entries), warm-started from the current φ."""
@@ -704,13 +705,14 @@ class InduceKV:
         pos[q.shape[0]:] = bank.anchor_task[old][:, None] == pool.task[None, :]
         usable = pos.any(1)
         queries, pos = queries[usable], pos[usable]
-        if not self.calib_steps or queries.shape[0] == 0:
+        steps = self.calib_steps if steps is None else steps
+        if not steps or queries.shape[0] == 0:
             return
         W = bank.W.clone().requires_grad_(True)
         b = bank.task_bias.clone().requires_grad_(True)
         eye = torch.eye(W.shape[0])
         opt = torch.optim.Adam([W, b], lr=self.calib_lr)
-        for _ in range(self.calib_steps):
+        for _ in range(steps):
             s = bank.scores(queries, pool.keys, pool.task, W=W, bias=b) + logw
             loss = -(torch.logsumexp(s.masked_fill(~pos, float("-inf")), 1) - torch.logsumexp(s, 1)).mean()
             loss = loss + self.calib_decay * (W - eye).pow(2).sum() / W.shape[0]
@@ -745,10 +747,7 @@ class InduceKV:
         inner = max(1, self.calib_steps // max(1, self.bilevel_steps))
         try:
             for _ in range(self.bilevel_steps):
-                saved = self.calib_steps
-                self.calib_steps = inner
-                self._calibrate(bank, pool, q, own, task, torch.log(w.clamp(min=1e-6)))
-                self.calib_steps = saved
+                self._calibrate(bank, pool, q, own, task, torch.log(w.clamp(min=1e-6)), steps=inner)
                 wv = w.clone().requires_grad_(True)
                 logw = torch.log(wv.clamp(min=1e-6))
                 J = torch.zeros(())
