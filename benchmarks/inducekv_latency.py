@@ -66,10 +66,10 @@ def main():
                 if k:
                     z, ms = timed(lambda: embed(model, q.ids, q.span))
                     parts["embed"].append(ms)
-                    (cache, M), ms = timed(lambda: kv.bank.memory_cache(model, kv.bank.retrieve(z, k)[0]))
+                    (cache, _), ms = timed(lambda: kv.bank.memory_cache(model, kv.bank.retrieve(z, k)[0]))
                     parts["place"].append(ms)
                 else:
-                    cache, M = DynamicCache(), 0
+                    cache = DynamicCache()
                     parts["embed"].append(0.0)
                     parts["place"].append(0.0)
                 pre, dec = decode(model, q.ids, cache, args.steps)

@@ -566,10 +566,7 @@ class InduceKV:
         if self.soft_bias and M:
             bias = self._entry_bias(s, torch.ones(len(idx)))
             mask = _memory_mask(bias, query.numel(), next(model.parameters()).dtype)
-        if mask is None:
-            out = _forward(model, query.view(1, -1), cache, None, **model_kwargs)
-        else:
-            out = _forward(model, query.view(1, -1), cache, mask, **model_kwargs)
+        out = _forward(model, query.view(1, -1), cache, mask, **model_kwargs)
         tokens: list[int] = []
         nxt = int(out.logits[0, -1].argmax())
         while True:
