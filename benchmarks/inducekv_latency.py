@@ -57,25 +57,26 @@ def main():
     kv = InduceKV(budget_bytes=None, selection="all", ell=args.ell)
     kv.add_task(model, 0, fact_examples(tok, task, 0))
     queries = fact_queries(tok, task)[: args.queries]
-    rows = {}
-    for k in [0, *args.top_k]:
-        kv.top_k = k
-        parts = {"embed": [], "place": [], "prefill": [], "decode": []}
-        for _ in range(args.repeats):
-            for q in queries:
+    ks = [0, *args.top_k]
+    parts = {k: {"embed": [], "place": [], "prefill": [], "decode": []} for k in ks}
+    for _ in range(args.repeats):  # every top_k measured on each query in turn: machine noise spreads evenly
+        for q in queries:
+            for k in ks:
+                p = parts[k]
                 if k:
                     z, ms = timed(lambda: embed(model, q.ids, q.span))
-                    parts["embed"].append(ms)
+                    p["embed"].append(ms)
                     (cache, _), ms = timed(lambda: kv.bank.memory_cache(model, kv.bank.retrieve(z, k)[0]))
-                    parts["place"].append(ms)
+                    p["place"].append(ms)
                 else:
                     cache = DynamicCache()
-                    parts["embed"].append(0.0)
-                    parts["place"].append(0.0)
+                    p["embed"].append(0.0)
+                    p["place"].append(0.0)
                 pre, dec = decode(model, q.ids, cache, args.steps)
-                parts["prefill"].append(pre)
-                parts["decode"].append(dec)
-        rows[k] = {name: statistics.median(v) for name, v in parts.items()} | {"memory_tokens": k * args.ell}
+                p["prefill"].append(pre)
+                p["decode"].append(dec)
+    rows = {k: {name: statistics.median(v) for name, v in parts[k].items()} | {"memory_tokens": k * args.ell}
+            for k in ks}
     base = rows[0]
     first = base["prefill"]
     lines = [f"InduceKV added latency, SmolLM2-135M, {args.threads} threads, ell={args.ell}, "
