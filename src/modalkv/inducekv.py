@@ -36,6 +36,7 @@ be read by every layer; sliding-window layers such as Gemma-3's would forget it)
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from dataclasses import dataclass, field, fields
@@ -143,6 +144,18 @@ def unrotate(keys, cos, sin, scale: float = 1.0):
 # ---------------------------------------------------------------------------------------------------------------
 # Forward passes through the frozen model
 # ---------------------------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _no_weight_grads(model):
+    """Gradients may flow *through* the model (to memory payloads or selection weights), never into its weights."""
+    flags = [p.requires_grad for p in model.parameters()]
+    model.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in zip(model.parameters(), flags):
+            p.requires_grad_(flag)
 
 
 def _forward(model, ids: torch.Tensor, cache=None, mask=None, **model_kwargs):
@@ -314,17 +327,17 @@ class MemoryBank:
         return {int(i): int(c) for i, c in zip(ids, counts)}
 
     # -- retrieval -----------------------------------------------------------------------------------------------
-    def project(self, x: torch.Tensor, W=None, mu=None) -> torch.Tensor:
+    def project(self, x: torch.Tensor, W=None) -> torch.Tensor:
+        """Calibrated retrieval space: unit-norm W (x - mu)."""
         W = self.W if W is None else W
-        mu = self.mu if mu is None else mu
-        return F.normalize((x.float() - mu) @ W.T, dim=-1)
+        return F.normalize((x.float() - self.mu) @ W.T, dim=-1)
 
-    def scores(self, q: torch.Tensor, keys=None, tasks=None, W=None, mu=None, bias=None) -> torch.Tensor:
+    def scores(self, q: torch.Tensor, keys=None, tasks=None, W=None, bias=None) -> torch.Tensor:
         """Retrieval scores [Q, N] of queries ``q`` [Q, D] against ``keys`` (default: the bank's entries)."""
         keys = self.entries.keys if keys is None else keys
         tasks = self.entries.task if tasks is None else tasks
         bias = self.task_bias if bias is None else bias
-        return self.project(q, W, mu) @ self.project(keys, W, mu).T / self.tau + bias[tasks]
+        return self.project(q, W) @ self.project(keys, W).T / self.tau + bias[tasks]
 
     def retrieve(self, q: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(indices, scores) of the ``top_k`` best entries for one query embedding [D], best first."""
@@ -564,7 +577,7 @@ class InduceKV:
         cache, M = self._bank(model).memory_cache(model, idx, order=self.order)
         mask = None
         if self.soft_bias and M:
-            bias = self._entry_bias(s, torch.ones(len(idx)))
+            bias = self._entry_bias(s)
             mask = _memory_mask(bias, query.numel(), next(model.parameters()).dtype)
         out = _forward(model, query.view(1, -1), cache, mask, **model_kwargs)
         tokens: list[int] = []
@@ -583,9 +596,10 @@ class InduceKV:
         return tokens, {"entries": idx.tolist(), "tasks": self.bank.entries.task[idx].tolist() if len(idx) else [],
                         "memory_tokens": M}
 
-    def _entry_bias(self, scores: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        """Per memory token log of the normalised retrieval weight of its entry (``order`` respected)."""
-        lw = torch.log_softmax(scores + torch.log(w.clamp(min=1e-6)), dim=0)
+    def _entry_bias(self, scores: torch.Tensor) -> torch.Tensor:
+        """Per memory token, the log of its entry's normalised retrieval weight (softmax over the placed entries'
+        scores, which already include log w during selection); ``order`` respected."""
+        lw = torch.log_softmax(scores, dim=0)
         if self.order == "ascending":
             lw = lw.flip(0)
         return lw.repeat_interleave(self.ell)
@@ -651,9 +665,7 @@ class InduceKV:
 
     def _refine(self, model, bank, cand: Candidates, examples) -> None:
         """Gradient refinement of each new payload on its own answer's NLL; the backbone stays frozen."""
-        flags = [p.requires_grad for p in model.parameters()]
-        model.requires_grad_(False)
-        try:
+        with _no_weight_grads(model):
             for i, ex in enumerate(examples):
                 k = cand.k[i : i + 1].float().clone().requires_grad_(True)
                 v = cand.v[i : i + 1].float().clone().requires_grad_(True)
@@ -666,9 +678,6 @@ class InduceKV:
                     opt.step()
                 cand.k[i] = k.detach()[0].to(cand.k.dtype)
                 cand.v[i] = v.detach()[0].to(cand.v.dtype)
-        finally:
-            for p, flag in zip(model.parameters(), flags):
-                p.requires_grad_(flag)
 
     def _add_anchors(self, bank: MemoryBank, task: int, keys: torch.Tensor) -> None:
         """Keep ``anchors_per_task`` k-centre keys of the new task; shrink every task's share to fit the slots."""
@@ -739,10 +748,8 @@ class InduceKV:
         probes = torch.randperm(len(examples), generator=gen)[: self.probes].tolist()
         live = bank.anchor_task >= 0
         old = live & (bank.anchor_task != task)
-        flags = [p.requires_grad for p in model.parameters()]
-        model.requires_grad_(False)
         inner = max(1, self.calib_steps // max(1, self.bilevel_steps))
-        try:
+        with _no_weight_grads(model):
             for _ in range(self.bilevel_steps):
                 self._calibrate(bank, pool, q, own, task, torch.log(w.clamp(min=1e-6)), steps=inner)
                 wv = w.clone().requires_grad_(True)
@@ -753,7 +760,7 @@ class InduceKV:
                     s = bank.scores(q[i : i + 1], pool.keys, pool.task)[0] + logw
                     top = s.topk(min(self.top_k, P)).indices
                     cache, _ = bank.memory_cache(model, top, payload=(pool.k, pool.v), order=self.order)
-                    bias = self._entry_bias(s[top], torch.ones(top.numel()))
+                    bias = self._entry_bias(s[top])
                     J = J - sequence_nll(model, cache, ex.query, ex.target, bias=bias, **ex.model_kwargs) / len(probes)
                 if bool(old.any()):
                     sa = bank.scores(bank.anchors[old], pool.keys, pool.task) + logw
@@ -767,9 +774,6 @@ class InduceKV:
                 (grad,) = torch.autograd.grad(J, wv)
                 step = self.bilevel_lr * grad / grad.abs().max().clamp(min=1e-12)
                 w = project_capped_simplex(w + step, float(cap))
-        finally:
-            for p, flag in zip(model.parameters(), flags):
-                p.requires_grad_(flag)
         self._calibrate(bank, pool, q, own, task, torch.zeros(P))
         return w.topk(cap).indices.sort().values
 
