@@ -44,9 +44,7 @@ def example(seed, n=24, answer=4, q=10, t=3):
 def method(model, entries, **kw):
     """An InduceKV whose budget admits exactly ``entries`` entries."""
     kw.setdefault("ell", 8)
-    shape = {k: kw[k] for k in ("ell", "max_anchors", "max_tasks", "dtype") if k in kw}
-    bank = InduceKV(budget_bytes=None, selection="all", **shape)._bank(model)
-    m = InduceKV(budget_bytes=bank.reserved_bytes + entries * bank.entry_bytes, **kw)
+    m = InduceKV(budget_bytes=InduceKV.budget_for(model, entries, **kw), **kw)
     assert m._bank(model).capacity == entries
     return m
 

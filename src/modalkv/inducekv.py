@@ -90,31 +90,29 @@ class Example:
             raise ValueError("Example needs a non-empty query and target")
 
 
-def _text_config(model):
-    cfg = model.config
-    return getattr(cfg, "text_config", None) or cfg
-
-
 def geometry(model) -> tuple[int, int, int, int]:
     """(layers, KV heads, head dim, hidden size) of the language model."""
-    cfg = _text_config(model)
-    heads = cfg.num_attention_heads
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
-    return cfg.num_hidden_layers, getattr(cfg, "num_key_value_heads", None) or heads, head_dim, cfg.hidden_size
+    from .models import model_info
+
+    info = model_info(model)
+    hidden = model.config.get_text_config(decoder=True).hidden_size
+    return info["num_layers"], info["num_kv_heads"], info["head_dim"], hidden
 
 
 def _rope(model):
     """The language model's single rotary embedding, or an error naming why memories cannot be placed."""
-    cfg = _text_config(model)
-    kinds = set(getattr(cfg, "layer_types", None) or ["full_attention"])
+    from .models import model_info
+
+    info = model_info(model)
+    kinds = set(info["layer_types"])
     if kinds != {"full_attention"}:
         raise ValueError(
-            f"InduceKV: {cfg.model_type} has {sorted(kinds - {'full_attention'})} layers; a memory must be read by "
-            "every layer, so only models whose layers all use full attention are supported")
+            f"InduceKV: {info['model_type']} has {sorted(kinds - {'full_attention'})} layers; a memory must be read "
+            "by every layer, so only models whose layers all use full attention are supported")
     ropes = [m for name, m in model.named_modules() if name.endswith("rotary_emb")]
     if len(ropes) != 1:
         raise ValueError(f"InduceKV re-rotates memory keys and needs exactly one rotary embedding (RoPE) module; "
-                         f"{cfg.model_type} has {len(ropes)}")
+                         f"{info['model_type']} has {len(ropes)}")
     return ropes[0]
 
 
@@ -547,6 +545,13 @@ class InduceKV:
                 raise ValueError(f"InduceKV {name} must be >= 1, got {getattr(self, name)}")
         if self.dtype not in ("float16", "bfloat16", "float32"):
             raise ValueError(f"InduceKV dtype {self.dtype!r}: use float16, bfloat16 or float32")
+
+    @classmethod
+    def budget_for(cls, model, entries: int, **kwargs) -> int:
+        """The ``budget_bytes`` that holds exactly ``entries`` entries (plus the fixed part) for these parameters."""
+        kwargs = {k: v for k, v in kwargs.items() if k not in ("budget_bytes", "selection")}
+        bank = cls(budget_bytes=None, selection="all", **kwargs)._bank(model)
+        return bank.reserved_bytes + entries * bank.entry_bytes
 
     def config(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "bank"}

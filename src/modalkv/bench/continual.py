@@ -48,9 +48,7 @@ def _inducekv(cfg: ContinualConfig, learner: str, model) -> InduceKV:
         return InduceKV(budget_bytes=None, selection="all", ell=cfg.ell, top_k=cfg.top_k, seed=cfg.seed,
                         **cfg.selection_kwargs)
     selection = {"inducekv": "greedy", "inducekv-bilevel": "bilevel", "inducekv-random": "random"}[learner]
-    probe = InduceKV(budget_bytes=None, selection="all", ell=cfg.ell, **cfg.selection_kwargs)
-    bank = probe._bank(model)
-    budget = bank.reserved_bytes + cfg.budget_entries * bank.entry_bytes
+    budget = InduceKV.budget_for(model, cfg.budget_entries, ell=cfg.ell, **cfg.selection_kwargs)
     return InduceKV(budget_bytes=budget, selection=selection, ell=cfg.ell, top_k=cfg.top_k, seed=cfg.seed,
                     **cfg.selection_kwargs)
 

@@ -121,8 +121,15 @@ def fact_examples(tok, task: FactTask, task_id: int = 0):
     return out
 
 
-CHAT_HEAD = "<|im_start|>system\nAnswer with one word.<|im_end|>\n<|im_start|>user\n"
-CHAT_TAIL = "<|im_end|>\n<|im_start|>assistant\n"
+def _chat_parts() -> tuple[str, str]:
+    """The text before and after the user's content in the VLM's chat turn (SmolLM2 ChatML, one-word system line)."""
+    from ..vlm import chat_text
+
+    head, tail = chat_text("\x00").split("\x00")
+    return head, tail
+
+
+CHAT_HEAD, CHAT_TAIL = _chat_parts()
 
 
 def _ids(tok, text: str) -> list[int]:
