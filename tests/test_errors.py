@@ -55,12 +55,6 @@ def test_budget_out_of_range(model, budget, exc, message):
         KVCache(model, "snapkv", budget)
 
 
-def test_absolute_budget_larger_than_prompt(model):
-    cache = KVCache(model, "snapkv", 100)
-    with pytest.raises(ValueError, match=r"absolute budget of 100 tokens is larger than the prompt \(20 tokens\)"):
-        model(prompt(20), **cache_kwargs(model, cache))
-
-
 def test_unknown_modality_cap(model):
     with pytest.raises(ValueError, match=r"unknown modality 'smell' in modality_caps"):
         KVCache(model, "snapkv", 0.5, modality_caps={"smell": 0.1})

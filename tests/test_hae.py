@@ -254,7 +254,8 @@ def test_visual_tokens_are_evicted_first_while_decoding():
 def test_errors():
     from test_modality import gemma3, gemma3_inputs
 
-    run_steps(tiny_gemma3(), prompt(30), None, KVCache(tiny_gemma3(), "hae", 0.5), 2)  # text only: nothing to prune
+    text_model = tiny_gemma3()
+    run_steps(text_model, prompt(30), None, KVCache(text_model, "hae", 0.5), 2)  # text only: nothing to prune
     model = gemma3()
     ids, extra = gemma3_inputs()
     with pytest.raises(ValueError, match="kv_only"):  # sliding-window layers cannot run on pruned hidden states

@@ -46,7 +46,7 @@ def base_attention(module, query, key, value, attention_mask, **kwargs):
 def modalkv_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     from .cache import active_layer
 
-    layer = active_layer(getattr(module, "layer_idx", None))
+    layer = active_layer(getattr(module, "layer_idx", None), key, module)
     if layer is None:
         return base_attention(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
     if kwargs.get("softcap") is not None:
@@ -122,8 +122,10 @@ def attend_stored(layer, query: torch.Tensor, mask, scaling: float) -> torch.Ten
     heads = layer.heads
     H = len(heads)
     G = Hq // H
-    method = layer.cache.method
-    want_probs = method.needs_decode_probs
+    cache = layer.cache
+    method = cache.method
+    core_evicts = cache.core_decode_eviction
+    want_probs = method.needs_decode_probs or core_evicts == "attention"
     block = _block_mask(mask, q)
     if block is not None:  # the new slots of a padded multi-token chunk: mark padding invalid
         real_new = block[:, -1, :] if block.shape[0] == B else block[:, -1, :].expand(B, q)
@@ -157,8 +159,10 @@ def attend_stored(layer, query: torch.Tensor, mask, scaling: float) -> torch.Ten
             if hidden is not None:  # the method scores every stored entry, hidden ones included
                 probs = torch.softmax(scored, dim=-1, dtype=torch.float32).to(V.dtype)
             probs_per_head.append(probs.view(B, G, q, n))
-    if want_probs or method.decodes:
-        method.decode(layer, probs_per_head if want_probs else None)
+    if method.needs_decode_probs or method.decodes:
+        method.decode(layer, probs_per_head if method.needs_decode_probs else None)
+    if core_evicts is not None:
+        layer.enforce_decode_budget(probs_per_head)
     return out
 
 

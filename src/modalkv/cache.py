@@ -24,6 +24,7 @@ The cache reports the true number of tokens seen (``get_seq_length``), so positi
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import threading
 import weakref
@@ -33,18 +34,31 @@ import torch
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
 from . import attention, pruning
-from .budget import Budget
+from .budget import Budget, parse_caps
 from .modality import TEXT, as_modality_ids
 
 _ACTIVE = threading.local()  # the managed layer whose update() ran last: the attention function reads it
 
 
-def active_layer(layer_idx: int) -> "CompressedLayer | None":
-    """The managed layer that ``update`` just filled for ``layer_idx`` (consumed once), else None."""
+def active_layer(layer_idx: int, key: torch.Tensor | None = None, module=None) -> "CompressedLayer | None":
+    """The managed layer whose ``update`` just returned ``key`` for ``layer_idx`` (consumed once), else None.
+
+    The key tensor is the handshake: a layer is handed to the attention function only for the very tensor its
+    ``update`` returned, so a layer left behind by a forward that did not consume it can never be picked up by a
+    later, unrelated forward (another cache, another model). A layer whose cache was built for another model than
+    ``module``'s raises.
+    """
     layer = getattr(_ACTIVE, "layer", None)
-    if layer is None or layer.layer_idx != layer_idx:
+    if layer is None or layer.layer_idx != layer_idx or (key is not None and layer.returned_key is not key):
         return None
     _ACTIVE.layer = None
+    layer.returned_key = None
+    cache = layer.cache
+    if module is not None and id(module) not in cache.module_ids:
+        raise RuntimeError(
+            f"this KVCache was built for another model ({cache.model_name}); a cache holds one model's keys and "
+            "values and can only be used with the model it was built for"
+        )
     return layer
 
 
@@ -168,6 +182,15 @@ class HeadStore:
         self.n = m
         self.all_valid = bool(self.valid[:, :m].all())
 
+    def shrink(self, reserve: int) -> None:
+        """Release the slots beyond ``n + reserve`` (after a method kept fewer entries than the store holds)."""
+        cap = self.n + max(0, reserve)
+        if cap >= self.pos.shape[1]:
+            return
+        for name in self.slot_arrays:
+            setattr(self, name, getattr(self, name)[:, :cap].clone())
+        self.extras = {name: t[:, :cap].clone() for name, t in self.extras.items()}
+
     def add_extra(self, name: str, init: torch.Tensor | float = 0.0) -> torch.Tensor:
         """Attach a per-entry float32 array (method state) that moves with the entries."""
         t = torch.zeros(self.keys.shape[:2], dtype=torch.float32, device=self.keys.device)
@@ -179,6 +202,37 @@ class HeadStore:
         for name in ("keys", "values", "pos", "mod", "valid"):
             setattr(self, name, getattr(self, name).index_select(0, index))
         self.extras = {k: v.index_select(0, index) for k, v in self.extras.items()}
+
+    # -- saving (modalkv.saved) -----------------------------------------------------------------------------
+    def state(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """The store as :func:`modalkv.save_cache` writes it: tensors of slots [0, n) only (no reserve) and plain
+        scalars. Stores holding entries in another form extend this and :meth:`restore`."""
+        tensors = {name: getattr(self, name)[:, : self.n] for name in self.slot_arrays}
+        tensors.update({"extra." + name: t[:, : self.n] for name, t in self.extras.items()})
+        return tensors, {"n": self.n, "all_valid": self.all_valid}
+
+    @classmethod
+    def from_state(cls, tensors: dict[str, torch.Tensor], scalars: dict, reserve: int) -> "HeadStore":
+        """A store rebuilt from :meth:`state`, with ``reserve`` free slots."""
+        store = cls.__new__(cls)
+        store.restore(tensors, scalars, reserve)
+        return store
+
+    def restore(self, tensors: dict[str, torch.Tensor], scalars: dict, reserve: int) -> None:
+        n = int(scalars["n"])
+
+        def slots(t):
+            if t.shape[1] != n:
+                raise ValueError(f"a saved store holds {t.shape[1]} slots where its header says {n}")
+            out = t.new_zeros(t.shape[0], n + reserve, *t.shape[2:])
+            out[:, :n] = t
+            return out
+
+        for name in self.slot_arrays:
+            setattr(self, name, slots(tensors[name]))
+        self.extras = {name[6:]: slots(t) for name, t in tensors.items() if name.startswith("extra.")}
+        self.n = n
+        self.all_valid = bool(scalars["all_valid"])
 
     # -- reading ------------------------------------------------------------------------------------------
     def kv(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -246,13 +300,25 @@ class CompressedLayer(DynamicLayer):
 
     def __init__(self, cache: "KVCache", layer_idx: int, rank: int):
         super().__init__()
-        self.cache = cache
+        self._cache = weakref.ref(cache)  # no reference cycle: a dropped cache is freed at once, not by the GC
         self.layer_idx = layer_idx
         self.rank = rank  # index among the managed layers
         self.heads: list[HeadStore] | None = None
         self.pending: tuple[torch.Tensor, torch.Tensor] | None = None
         self.seen = 0
         self._row_targets = None  # (prefill kept per head, real prompt length) as ints, for batch 1
+        self.returned_key = None  # the key tensor update() last returned (the handshake with the attention function)
+
+    @property
+    def cache(self) -> "KVCache":
+        cache = self._cache()
+        if cache is None:
+            raise RuntimeError("this cache layer's KVCache no longer exists")
+        return cache
+
+    @property
+    def is_croppable(self) -> bool:  # type: ignore[override]
+        return self.cache.croppable
 
     # -- transformers layer contract ---------------------------------------------------------------------
     def lazy_initialization(self, key_states, value_states) -> None:
@@ -264,6 +330,19 @@ class CompressedLayer(DynamicLayer):
             self.lazy_initialization(key_states, value_states)
         if key_states.shape[-1] != value_states.shape[-1] and self.heads is None and key_states.dim() != 4:
             raise ValueError("modalkv supports key/value states shaped [batch, kv_heads, tokens, head_dim]")
+        stale = getattr(_ACTIVE, "layer", None)
+        _ACTIVE.layer = None
+        if stale is not None and stale._cache() is self._cache():
+            # this cache's previous managed layer was updated but never read by modalkv's attention (a stale layer of
+            # another cache is harmless: the attention function only takes the key tensor its update returned)
+            raise RuntimeError(
+                f"layer {stale.layer_idx} of a modalkv KVCache was updated but its attention did not go through "
+                "modalkv's attention function, so it attended only to the new tokens: the cache was passed to a "
+                "model it was not built for, or the model's attention implementation was changed after the cache "
+                "was built (build the KVCache after set_attn_implementation, with the model that uses it)"
+            )
+        if self.rank == 0:
+            self.cache.check_model()
         q = key_states.shape[-2]
         if self.heads is None:
             self.pending = (key_states, value_states)  # compressed by the attention function after attending
@@ -280,6 +359,7 @@ class CompressedLayer(DynamicLayer):
                 store.append(key_states[:, h], value_states[:, h], pos, mod, valid)
         self.seen += q
         _ACTIVE.layer = self
+        self.returned_key = key_states
         return key_states, value_states
 
     def get_seq_length(self) -> int:
@@ -299,10 +379,48 @@ class CompressedLayer(DynamicLayer):
         self.pending = None
         self.seen = 0
         self.is_initialized = False
+        self.returned_key = None
+        self._row_targets = None
 
     def crop(self, tokens_to_remove: int) -> None:
-        if tokens_to_remove:
-            raise NotImplementedError("cropping a compressed cache is not supported: evicted entries cannot return")
+        """Remove the last ``-tokens_to_remove`` tokens (transformers' convention: a negative count), as assisted
+        and prompt-lookup decoding do after rejecting draft tokens.
+
+        Defined only while those tokens' entries are all still stored, in order, at the end of every head store
+        (caches whose method neither evicts nor rescores while decoding: ``KVCache.croppable``); otherwise a
+        ValueError says why. Cropping into the prompt works only if the prefill kept the whole prompt: a compressed
+        prompt was selected with the removed tokens among its queries. (``generate(prompt_lookup_num_tokens=...)``
+        feeds draft tokens with the prompt; with a compressing method, prefill the context first, then generate.)
+        """
+        if tokens_to_remove > 0:
+            raise ValueError(f"crop takes a negative number of tokens to remove (got {tokens_to_remove})")
+        count = -int(tokens_to_remove)
+        if count == 0 or not self.heads:
+            return
+        if not self.cache.croppable:
+            raise ValueError(f"cannot crop a {self.cache.method.name} cache: {self.cache.not_croppable_reason()}")
+        cut = self.seen - count
+        from_prompt = max(0, self.prompt_len - cut)
+        if from_prompt and not all(bool((k == self.prompt_real).all()) for k in self.prefill_kept):
+            raise ValueError(
+                f"cannot crop {count} tokens: that reaches into the compressed prompt ({self.prompt_len} tokens, "
+                "selected with those tokens among its queries); for assisted or prompt-lookup decoding with a "
+                "compressing method, run the context through the model with the cache first, then generate"
+            )
+        expected = torch.arange(cut, self.seen, dtype=torch.int32, device=self.heads[0].pos.device)
+        for store in self.heads:
+            tail = store.pos[:, store.n - count : store.n] if store.n >= count else None
+            if tail is None or not bool((tail == expected).all()):
+                raise ValueError(f"cannot crop {count} tokens: their entries are no longer all stored")
+        for store in self.heads:
+            store.n -= count
+            store.all_valid = bool(store.valid[:, : store.n].all())
+        self.seen = cut
+        if from_prompt:  # the whole prompt was kept: it simply ends earlier
+            self.prompt_len -= from_prompt
+            self.prompt_real = self.prompt_real - from_prompt
+            self.prefill_kept = [k - from_prompt for k in self.prefill_kept]
+            self._row_targets = None
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self.batch_select_indices(beam_idx)
@@ -405,7 +523,7 @@ class CompressedLayer(DynamicLayer):
     def decode_targets(self, h: int) -> torch.Tensor:
         """Per-row number of valid entries a decode-time evicting method may keep in head ``h`` now ([B])."""
         generated = self.seen - self.prompt_len
-        return self.cache.budget.decode_targets(self.prefill_kept[h], self.prompt_real + generated)
+        return self.cache.budget.decode_targets(self.prefill_kept[h], self.prompt_real + generated, self.prompt_real)
 
     def over_budget(self, h: int):
         """Entries head ``h`` holds beyond its decode target: a Python int for one sequence whose store has no holes
@@ -415,8 +533,37 @@ class CompressedLayer(DynamicLayer):
             if self._row_targets is None:
                 self._row_targets = ([int(k) for k in self.prefill_kept], int(self.prompt_real[0]))
             kept, real = self._row_targets
-            return store.n - self.cache.budget.decode_target(kept[h], real + self.seen - self.prompt_len)
+            return store.n - self.cache.budget.decode_target(kept[h], real + self.seen - self.prompt_len, real)
         return (store.valid[:, : store.n].sum(-1) - self.decode_targets(h)).clamp(min=0)
+
+    def enforce_decode_budget(self, probs) -> None:
+        """Evict down to ``decode_budget`` entries per (row, KV head) for a method that keeps every generated token
+        (``KVCache.decode_policy``: least decode-time attention outside the recent half, or oldest after 4 sinks).
+        ``probs``: the step's attention rows per KV head ([B, G, q, n] each) for the attention policy."""
+        cap = self.cache.budget.decode
+        by_attention = self.cache.decode_policy == "attention"
+        for h, store in enumerate(self.heads):
+            n = store.n
+            if by_attention:
+                acc = store.extras.get("decode_attention")
+                if acc is None:
+                    acc = store.add_extra("decode_attention")
+                acc[:, :n] += probs[h].sum((1, 2)).float()
+            if n <= cap:
+                continue
+            valid = store.valid[:, :n]
+            over = (valid.sum(-1) - cap).clamp(min=0)
+            if not bool(over.any()):
+                continue
+            pos = store.pos[:, :n]
+            if by_attention:
+                newest = pos.masked_fill(~valid, -1).amax(-1, keepdim=True)
+                score = store.extras["decode_attention"][:, :n].masked_fill(pos > newest - cap // 2, float("inf"))
+            else:
+                order = pos.float().masked_fill(~valid, float("inf"))
+                rank = order.argsort(-1).argsort(-1)
+                score = order.masked_fill(rank < min(4, cap - 1), float("inf"))
+            store.evict_lowest(score, over)
 
     def budget_entries(self) -> int:
         """Valid entries over all heads and rows."""
@@ -441,20 +588,53 @@ class KVCache(Cache):
     quantize : str or Quantizer, optional
         Quantized storage for kept entries (``"kivi-2"``, ``"kivi-4"``, ``"kivi-8"`` or a ``KIVI`` instance);
         composes with any eviction method.
+    decode_budget : int, optional
+        A bound on the entries each (layer, KV head) holds while decoding, whatever the method. Methods that evict
+        while decoding (H2O, StreamingLLM, HAE, RetentiveKV, Spherical KV) evict with their own scores down to it;
+        for the others (the papers keep every generated token) the cache evicts by ``decode_policy``. None (the
+        default): each method's own decode behaviour (see ``docs/decoding.md``).
+    decode_policy : "attention" | "recent"
+        CHOICE, used with ``decode_budget`` for methods that do not evict while decoding: ``"attention"`` evicts the
+        entry with the least attention accumulated over the decode steps, outside a protected recent half (H2O's
+        rule, with decode-time scores only); ``"recent"`` evicts the oldest entry after 4 attention sinks.
     reserve : int
         Slots reserved per store after prefill for appended tokens (grows by at least 64 when full).
     **params
         Parameters of the method's dataclass.
+
+    A cache belongs to the model it was built for: a forward of another model, or of this model after its attention
+    implementation changed, raises instead of attending to the new tokens only. Caches are not picklable; save one
+    with :func:`modalkv.save_cache`.
     """
 
-    def __init__(self, model, method="full", budget: float | int = 1.0, *, modality_caps: dict | None = None,
-                 quantize=None, reserve: int = 64, **params):
+    def __init__(self, model, method="full", budget: float | int = 1.0, *, modality_caps: dict | str | None = None,
+                 quantize=None, decode_budget: int | None = None, decode_policy: str = "attention",
+                 reserve: int = 64, **params):
         from .methods import make_method, make_quantizer
 
         self.method = make_method(method, **params)
-        self.budget = Budget(budget, dict(modality_caps or {}))
-        self.reserve = int(reserve)
+        if isinstance(modality_caps, str):
+            modality_caps = parse_caps(modality_caps)
+        elif modality_caps is not None and not isinstance(modality_caps, dict):
+            raise TypeError(f"modality_caps must be a dict like {{'image': 0.1}} or a string like 'image=0.1', "
+                            f"got {type(modality_caps).__name__}")
+        if decode_budget is not None:
+            if isinstance(decode_budget, bool) or not isinstance(decode_budget, int) or decode_budget < 1:
+                raise ValueError(f"decode_budget must be a positive int (entries per layer and KV head) or None, "
+                                 f"got {decode_budget!r}")
+        if decode_policy not in ("attention", "recent"):
+            raise ValueError(f"decode_policy must be 'attention' or 'recent', got {decode_policy!r}")
+        if isinstance(reserve, bool) or not isinstance(reserve, int) or reserve < 0:
+            raise ValueError(f"reserve must be an int >= 0, got {reserve!r}")
+        self.budget = Budget(budget, dict(modality_caps or {}), decode_budget)
+        self.decode_policy = decode_policy
+        self.reserve = reserve
         self.quantizer = make_quantizer(quantize)
+        self.method.check_budget(self.budget)
+        # decode_budget for a method that does not evict while decoding: the cache evicts by decode_policy
+        self.core_decode_eviction = (
+            decode_policy if decode_budget is not None and not self.method.evicts_while_decoding else None
+        )
         config = model.config.get_text_config(decoder=True)
         attention.check_supported(config)
         base = DynamicCache(config=config)
@@ -487,9 +667,83 @@ class KVCache(Cache):
         self.prune_index: torch.Tensor | None = None  # set during a pruned prompt forward (see pruning.py)
         self.prune_len = 0
         self.prune_real: torch.Tensor | None = None
+        self.context_ids: torch.Tensor | None = None  # the token ids modalkv.prefill ran through the cache
         self.model_ref = weakref.ref(model)
+        self.model_name = f"{type(model).__name__} {getattr(config, 'name_or_path', '') or config.model_type}".strip()
+        self.module_ids = frozenset(id(m) for m in model.modules())
         attention.install(model)
         self.method.setup(self)
+
+    # -- the model the cache belongs to ----------------------------------------------------------------------
+    def check_model(self) -> None:
+        """Raise unless the model this cache was built for still exists and still routes attention through
+        modalkv (called at the start of every forward)."""
+        model = self.model_ref()
+        if model is None:
+            raise RuntimeError("the model this KVCache was built for no longer exists")
+        text = getattr(model.config, "text_config", None)
+        impl = (text if text is not None else model.config)._attn_implementation
+        if impl not in attention.NAMES:
+            raise RuntimeError(
+                f"the model's attention implementation is {impl!r}, not modalkv's: it was changed after this "
+                "KVCache was built (set_attn_implementation); build the cache after changing the implementation"
+            )
+
+    def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
+        if layer_idx >= len(self.layers):
+            raise ValueError(
+                f"layer {layer_idx} is beyond this KVCache's {len(self.layers)} layers: the cache was built for "
+                f"another model ({self.model_name})"
+            )
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
+    @property
+    def croppable(self) -> bool:
+        """Can ``crop`` remove the last tokens exactly? (see :meth:`not_croppable_reason`)"""
+        return self.not_croppable_reason() is None
+
+    def not_croppable_reason(self) -> str | None:
+        m = self.method
+        if m.decodes or m.needs_decode_probs or m.has_readout:
+            return "the method rescores or evicts entries while decoding, so removed tokens leave a trace"
+        if m.store_class() is not None or self.quantizer is not None:
+            return "its entries are stored compressed while decoding"
+        if self.budget.decode is not None:
+            return "decode_budget evicts entries while decoding"
+        return None
+
+    def reset(self) -> None:
+        """Empty the cache for a new prompt: entries, modality ids and method state all go."""
+        super().reset()
+        self._modality = None
+        self.layout = None
+        self.prune_index = None
+        self.prune_len = 0
+        self.prune_real = None
+        self.context_ids = None
+        self.method.reset(self)
+
+    # -- saving: not by pickle -------------------------------------------------------------------------------
+    def __reduce_ex__(self, protocol):
+        raise TypeError(
+            "a modalkv KVCache cannot be pickled or torch.save()d (it is bound to its model); save it with "
+            "modalkv.save_cache(cache, path) and load it with modalkv.load_cache(path, model)"
+        )
+
+    def fork(self) -> "KVCache":
+        """An independent copy of this cache (only the kept bytes are copied): answer a question from a compressed
+        context without changing it (see :func:`modalkv.prefill`)."""
+        return copy.deepcopy(self)
+
+    def __deepcopy__(self, memo):
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        for name, value in self.__dict__.items():
+            setattr(new, name, copy.deepcopy(value, memo))
+        for layer in new.managed_layers:
+            layer._cache = weakref.ref(new)
+        new.method.cache = new
+        return new
 
     # -- modality -------------------------------------------------------------------------------------------
     def set_modality(self, mm_token_type_ids) -> None:

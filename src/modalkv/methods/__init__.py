@@ -8,8 +8,10 @@ import dataclasses
 from .adakv import AdaKV
 from .base import Method, PrefillContext
 from .full import Full
+from .expected_attention import ExpectedAttention
 from .h2o import H2O
 from .hae import HAE
+from .kvzip import KVzip
 from .lookm import LookM
 from .madakv import MadaKV
 from .pyramidkv import PyramidKV
@@ -19,7 +21,8 @@ from .snapkv import SnapKV
 from .streaming import StreamingLLM
 
 REGISTRY: dict[str, type[Method]] = {
-    cls.name: cls for cls in (Full, StreamingLLM, H2O, SnapKV, PyramidKV, AdaKV, LookM, MadaKV, HAE, RetentiveKV, SphericalKV)
+    cls.name: cls for cls in (Full, StreamingLLM, H2O, SnapKV, PyramidKV, AdaKV, LookM, MadaKV, HAE, RetentiveKV, SphericalKV,
+                               KVzip, ExpectedAttention)
 }
 
 
@@ -112,4 +115,5 @@ __all__ = [
     "QUANTIZERS", "REGISTRY", "Method", "PrefillContext", "available_methods", "make_method", "make_quantizer", "register",
     "parse_label", "split_label",
     "Full", "StreamingLLM", "H2O", "SnapKV", "PyramidKV", "AdaKV", "LookM", "MadaKV", "HAE", "RetentiveKV", "SphericalKV",
+    "KVzip", "ExpectedAttention",
 ]

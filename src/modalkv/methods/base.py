@@ -17,8 +17,10 @@ class variables say what it needs from the core:
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
+import weakref
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
@@ -104,6 +106,8 @@ class Method:
     replayable: ClassVar[bool] = True  # a captured full prefill (modalkv.replay) reproduces this method's cache
     lossy: ClassVar[bool] = False  # kept entries are approximated (codes), so budget 1.0 is not the full cache
     has_readout: ClassVar[bool] = False  # readout() replaces softmax(logits) @ V in decode attention
+    evicts_while_decoding: ClassVar[bool] = False  # decode() keeps each head within Budget.decode_targets itself
+    needs_context_pass: ClassVar[bool] = False  # finish_prefill() must run after the prompt forward (modalkv.prefill)
 
     def __post_init__(self) -> None:
         hints = typing.get_type_hints(type(self))
@@ -116,14 +120,36 @@ class Method:
                     f"{type(self).__name__}.{f.name} must be {_describe(hints[f.name])}, "
                     f"got {type(value).__name__} {value!r}"
                 )
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"{type(self).__name__}.{f.name} must be a finite number, got {value}")
         self.validate()
 
     def validate(self) -> None:
         """Range checks of the parameters (override)."""
 
+    def check_budget(self, budget) -> None:
+        """Refuse a :class:`~modalkv.budget.Budget` this method cannot honour, with a clear error (override)."""
+
     def setup(self, cache) -> None:
         """Called when a cache is built around this method."""
         self.cache = cache
+
+    @property
+    def cache(self):
+        """The :class:`~modalkv.cache.KVCache` this method serves (held weakly: no reference cycle)."""
+        ref = self.__dict__.get("_cache_ref")
+        return ref() if ref is not None else None
+
+    @cache.setter
+    def cache(self, cache) -> None:
+        self.__dict__["_cache_ref"] = weakref.ref(cache) if cache is not None else None
+
+    def finish_prefill(self, cache, model, input_ids, tokenizer=None, **model_kwargs) -> None:
+        """Called by :func:`modalkv.prefill` after the context's forward: methods that need passes of their own over
+        the context (``needs_context_pass``, e.g. KVzip's reconstruction) run them here."""
+
+    def reset(self, cache) -> None:
+        """Called by ``KVCache.reset()``: forget per-prompt state (override when the method keeps any)."""
 
     def prefill(self, ctx: PrefillContext) -> Selection:
         scores = torch.zeros(ctx.real.shape[0], ctx.num_kv_heads, ctx.n, device=ctx.keys.device)
@@ -154,6 +180,16 @@ class Method:
         """Bytes of model-level constants the method needs (codebooks), shared by every sequence."""
         return 0
 
+    def state_dict(self, layer=None) -> dict[str, torch.Tensor]:
+        """Per-sequence state outside the head stores that decoding relies on, as named tensors: of ``layer``, or
+        with ``layer=None`` the state shared by all layers. :func:`modalkv.save_cache` writes it. Default: none
+        (override when the method keeps such state)."""
+        return {}
+
+    def load_state_dict(self, layer, state: dict[str, torch.Tensor]) -> None:
+        """Restore what :meth:`state_dict` returned, on a cache rebuilt by :func:`modalkv.load_cache`: first with
+        ``layer=None``, then for each managed layer once its head stores exist."""
+
     def decode(self, layer, probs) -> None:
         pass
 
@@ -169,6 +205,8 @@ def _describe(hint) -> str:
 
 def check_range(cls_name: str, name: str, value, low=None, high=None, low_open=False) -> None:
     """Raise a ValueError naming the parameter when value is out of range."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{cls_name}.{name} must be a finite number, got {value}")
     bad = (low is not None and (value <= low if low_open else value < low)) or (high is not None and value > high)
     if bad:
         lo = "(" if low_open else "["

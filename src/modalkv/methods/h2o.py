@@ -53,6 +53,10 @@ class H2O(Method):
     def decodes(self) -> bool:  # type: ignore[override]
         return self.evict_during_decode
 
+    @property
+    def evicts_while_decoding(self) -> bool:  # type: ignore[override]
+        return self.evict_during_decode
+
     def validate(self) -> None:
         check_range(type(self).__name__, "recent_ratio", self.recent_ratio, 0.0, 1.0)
 

@@ -111,6 +111,10 @@ class HAE(Method):
         return self.ddes
 
     @property
+    def evicts_while_decoding(self) -> bool:  # type: ignore[override]
+        return self.ddes
+
+    @property
     def replayable(self) -> bool:
         """False when the prompt forward itself changes (pruned later layers): a captured prefill cannot stand in."""
         return not (self.dap and self.mode == "prune")
@@ -188,6 +192,27 @@ class HAE(Method):
                 mods = set(store.mod[0, : store.n].unique().tolist()) | {TEXT}
                 self._one[layer.rank] = {"n_bin": 0, "multi": len(mods) > 1, "kept": int(layer.prefill_kept[0][0]),
                                          "real": int(layer.prompt_real[0]), "sink": int(self._sink_limit[0])}
+
+    _ONE_FIELDS = ("n_bin", "multi", "kept", "real", "sink")  # the one-sequence bookkeeping, saved as int64
+
+    def state_dict(self, layer=None) -> dict[str, torch.Tensor]:
+        """The one-sequence recycle-bin bookkeeping of ``layer``; for ``layer=None`` each row's sink limit and the
+        DAP counts. (The bin itself is a per-entry extra of the stores.)"""
+        if layer is None:
+            names = {"sink_limit": "_sink_limit", "dap_visual": "dap_visual", "dap_evicted": "dap_evicted"}
+            return {key: getattr(self, attr) for key, attr in names.items() if getattr(self, attr, None) is not None}
+        one = getattr(self, "_one", {}).get(layer.rank)
+        return {} if one is None else {"one": torch.tensor([int(one[f]) for f in self._ONE_FIELDS])}
+
+    def load_state_dict(self, layer, state: dict[str, torch.Tensor]) -> None:
+        if layer is None:
+            self._one, self._bcast_removed, self._bcast_bin = {}, None, None
+            self._sink_limit = state.get("sink_limit")
+            self.dap_visual, self.dap_evicted = state.get("dap_visual"), state.get("dap_evicted")
+        elif "one" in state:
+            one = dict(zip(self._ONE_FIELDS, (int(v) for v in state["one"].tolist())))
+            one["multi"] = bool(one["multi"])
+            self._one[layer.rank] = one
 
     def _dap(self, ctx: PrefillContext) -> torch.Tensor:
         """[B, n] bool: the visual tokens Dual-Attention Pruning evicts (decided on this, the first, layer)."""
@@ -268,6 +293,8 @@ class HAE(Method):
         active = valid & ~binf
         if self.capacity == "prefill":
             target = layer.prefill_kept[0]
+            if self.cache.budget.decode is not None:
+                target = target.clamp(max=self.cache.budget.decode)
         else:
             target = layer.decode_targets(0)
         over = active.sum(-1) - target
@@ -326,9 +353,10 @@ class HAE(Method):
         acc = store.extras["acc"][0, :n]
         acc += col[0].float() / (len(probs) * probs[0].shape[1])
         if self.capacity == "prefill":
-            target = st["kept"]
+            target = st["kept"] if self.cache.budget.decode is None else min(st["kept"], self.cache.budget.decode)
         else:
-            target = self.cache.budget.decode_target(st["kept"], st["real"] + layer.seen - layer.prompt_len)
+            target = self.cache.budget.decode_target(st["kept"], st["real"] + layer.seen - layer.prompt_len,
+                                                     st["real"])
         over = n - st["n_bin"] - target
         if over <= 0 and st["n_bin"] == 0:
             if self.ddes_broadcast or not self.bin_attend:

@@ -253,16 +253,39 @@ class QuantizedHeadStore(HeadStore):
         self.all_valid = bool(self.valid[:, : self.n].all())
 
     def remove(self, slot: torch.Tensor) -> None:
-        """Evict one entry per row: it becomes a hole (see the CHOICE in :class:`KIVI`)."""
+        """Evict one entry per row. In the full-precision residual the entry is freed at once (the last slot moves
+        into it); inside a quantized group it becomes a hole (see the CHOICE in :class:`KIVI`)."""
+        if bool((slot >= self.nq).all()):
+            self._remove_residual(slot)
+            return
         rows = torch.arange(slot.shape[0], device=slot.device)
         self.valid[rows, slot] = False
         self.all_valid = False
         self.compact()
 
+    def _remove_residual(self, slot: torch.Tensor) -> None:
+        """Free one residual slot per row (slot [B], all >= nq): the last slot moves into it."""
+        last = self.n - 1
+        rows = torch.arange(slot.shape[0], device=slot.device)
+        for t in self._meta_tensors():
+            t[rows, slot] = t[:, last].clone()
+        r = slot - self.nq
+        self.rk[rows, r] = self.rk[:, last - self.nq].clone()
+        self.rv[rows, r] = self.rv[:, last - self.nq].clone()
+        self.n -= 1
+
     def compact(self) -> None:
-        """Repack once every row holds at least G holes (a whole group's worth)."""
+        """Free residual holes at once (while every row has one); repack once every row holds at least G holes
+        (a whole group's worth)."""
         if self.n == 0:
             return
+        while self.n > self.nq:
+            res_invalid = ~self.valid[:, self.nq : self.n]
+            if not bool(res_invalid.any(-1).all()):
+                break
+            self._remove_residual(res_invalid.float().argmax(-1) + self.nq)
+        if self.n and bool(self.valid[:, : self.n].all()):
+            self.all_valid = True
         invalid = ~self.valid[:, : self.n]
         m = int(invalid.sum(-1).min())
         if m < self.kivi.group_size:
@@ -290,6 +313,30 @@ class QuantizedHeadStore(HeadStore):
         for name in ("pos", "mod", "valid", "kc", "ks", "kz", "vc", "vs", "vz", "rk", "rv"):
             setattr(self, name, getattr(self, name).index_select(0, index))
         self.extras = {k: v.index_select(0, index) for k, v in self.extras.items()}
+
+    # -- saving (modalkv.saved) ---------------------------------------------------------------------------
+    def state(self):
+        """Per-slot metadata as ``HeadStore``, the packed codes, scales and zeros as stored, and the residual's
+        full-precision entries (no dequantisation)."""
+        tensors, scalars = super().state()
+        r = self.n - self.nq
+        tensors.update({name: getattr(self, name) for name in ("kc", "ks", "kz", "vc", "vs", "vz")})
+        tensors.update(rk=self.rk[:, :r], rv=self.rv[:, :r])
+        scalars["nq"] = self.nq
+        return tensors, scalars
+
+    def restore(self, tensors, scalars, reserve: int) -> None:
+        super().restore(tensors, scalars, reserve)
+        for name in ("kc", "ks", "kz", "vc", "vs", "vz"):
+            setattr(self, name, tensors[name])
+        self.nq = int(scalars["nq"])
+        rk, rv = tensors["rk"], tensors["rv"]
+        self.dtype, self.d, self.dv = rk.dtype, rk.shape[-1], rv.shape[-1]
+        self.vgroup = min(self.kivi.group_size, self.dv)
+        r = rk.shape[1]
+        self.rk = rk.new_empty(rk.shape[0], r + self.kivi.group_size + 8, self.d)
+        self.rv = rv.new_empty(rv.shape[0], r + self.kivi.group_size + 8, self.dv)
+        self.rk[:, :r], self.rv[:, :r] = rk, rv
 
     # -- accounting ---------------------------------------------------------------------------------------
     def dense_bytes_per_entry(self) -> int:

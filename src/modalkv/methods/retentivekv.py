@@ -132,6 +132,7 @@ class RetentiveKV(Method):
     summary = "Entropy-guided eviction; evicted tokens absorbed into visual/recall state-space memories (Liu et al., 2026)"
     needs_decode_probs = True
     decodes = True
+    evicts_while_decoding = True
 
     @property
     def has_readout(self) -> bool:  # type: ignore[override]
@@ -194,6 +195,19 @@ class RetentiveKV(Method):
     def state_bytes(self, layer) -> int:
         st = self._states.get(layer.rank, {})
         return sum(t.numel() * t.element_size() for name, t in st.items() if not name.startswith("_"))
+
+    def state_dict(self, layer=None) -> dict[str, torch.Tensor]:
+        """The layer's state memories (the sums and their lazy decay scale); for ``layer=None`` the sinks' end."""
+        if layer is None:
+            return {} if self._sink_end is None else {"sink_end": self._sink_end}
+        st = self._states.get(layer.rank, {})
+        return {name: t for name, t in st.items() if not name.startswith("_")}
+
+    def load_state_dict(self, layer, state: dict[str, torch.Tensor]) -> None:
+        if layer is None:
+            self._sink_end = state.get("sink_end")
+        elif state:
+            self._states[layer.rank] = dict(state)
 
     # -- prefill ----------------------------------------------------------------------------------------------
     def _grid(self, ctx: PrefillContext):
@@ -345,8 +359,9 @@ class RetentiveKV(Method):
             if st is not None:
                 sw = torch.stack([s.extras["sw"][0, :n] for s in heads])
                 weights = self._victim_weights(p, visual, ~visual, sw, victims, use, n)
-                k = torch.stack([s.keys[0].index_select(0, v) for s, v in zip(heads, victims)])[None]
-                v = torch.stack([s.values[0].index_select(0, v) for s, v in zip(heads, victims)])[None]
+                kv = [s.kv() for s in heads]  # dense views of slots [0, n) (dequantized by quantized stores)
+                k = torch.stack([K[0].index_select(0, i) for (K, _), i in zip(kv, victims)])[None]
+                v = torch.stack([V[0].index_select(0, i) for (_, V), i in zip(kv, victims)])[None]
                 for g, w in enumerate(weights):
                     if bool((w > 0).any()):
                         self._absorb(st, g, w[None], k, v)

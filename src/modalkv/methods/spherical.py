@@ -9,6 +9,7 @@ coded entry store (:class:`SphericalHeadStore`).
 
 from __future__ import annotations
 
+import hashlib
 import math
 import weakref
 from dataclasses import dataclass
@@ -127,6 +128,14 @@ class Codebooks:
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for per in self.books.values() for t in per)
+
+    def sha256(self) -> bytes:
+        """SHA-256 of every codebook and chord error, layer by layer (a saved cache checks it on load)."""
+        h = hashlib.sha256()
+        for layer_idx in sorted(self.books):
+            for t in (*self.books[layer_idx], *self.chord[layer_idx]):
+                h.update(t.detach().float().contiguous().cpu().numpy().tobytes())
+        return h.digest()
 
 
 def _directions(keys: torch.Tensor, g: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -426,6 +435,32 @@ class SphericalHeadStore(HeadStore):
             for name in ("codes", "rcode", "scale"):
                 sec[name] = sec[name].index_select(0, index)
 
+    # -- saving (modalkv.saved) -----------------------------------------------------------------------------
+    _SECTION_FIELDS = ("tier", "start", "width", "G", "g", "bits")
+
+    def state(self):
+        """Per-slot values and metadata as ``HeadStore``, each tier section's codes, radius codes and page scales as
+        stored, and the dense tail. The codebooks are the method's (restored by ``SphericalKV.load_state_dict``)."""
+        tensors, scalars = super().state()
+        tensors["tail_keys"] = self.tail_keys[:, : self.n - self.tail_start]
+        for sec in self.sections:  # one section per tier
+            tensors.update({f"tier{sec['tier']}.{name}": sec[name] for name in ("codes", "rcode", "scale")})
+        scalars["tail_start"] = self.tail_start
+        scalars["sections"] = [{name: sec[name] for name in self._SECTION_FIELDS} for sec in self.sections]
+        return tensors, scalars
+
+    def restore(self, tensors, scalars, reserve: int) -> None:
+        super().restore(tensors, scalars, reserve)
+        tail = tensors["tail_keys"]
+        self.d, self.dv, self.kdtype = tail.shape[-1], self.values.shape[-1], tail.dtype
+        self.reserve = max(0, reserve)
+        self.tail_start = int(scalars["tail_start"])
+        self.tail_keys = tail.new_empty(tail.shape[0], tail.shape[1] + self.reserve, self.d)
+        self.tail_keys[:, : tail.shape[1]] = tail
+        self.sections = [{**meta, **{name: tensors[f"tier{meta['tier']}.{name}"]
+                                     for name in ("codes", "rcode", "scale")}} for meta in scalars["sections"]]
+        self.books = None
+
     # -- accounting -----------------------------------------------------------------------------------------
     def dense_bytes_per_entry(self) -> int:
         return (self.d + self.dv) * torch.empty((), dtype=self.kdtype).element_size()
@@ -608,6 +643,7 @@ class SphericalKV(Method):
     summary = "Radius + direction-code keys with lookup-table logits, rate-distortion tiers under a byte budget (Chauhan et al., 2026)"
     needs_decode_probs = True
     decodes = True
+    evicts_while_decoding = True
     lossy: ClassVar[bool] = True
 
     def validate(self) -> None:
@@ -663,6 +699,41 @@ class SphericalKV(Method):
         books = self._prompt_books.get(layer.layer_idx)
         return sum(t.numel() * t.element_size() for t in books) if books is not None else 0
 
+    def state_dict(self, layer=None) -> dict[str, torch.Tensor]:
+        """Per layer: the window query norms, the refresh interval and prompt-fitted codebooks; for ``layer=None``
+        the SHA-256 of the calibrated codebooks (not saved: re-derived from the model when the cache is rebuilt)."""
+        if layer is None:
+            if self._books is None:
+                return {}
+            return {"codebooks_sha256": torch.tensor(list(self._books.sha256()), dtype=torch.uint8)}
+        i = layer.layer_idx
+        out = {f"qbar{t}": q for t, q in enumerate(self._qbar.get(i, []))}
+        if i in self._every:
+            out["every"] = torch.tensor(self._every[i])
+        for t, (book, chord) in enumerate(zip(self._prompt_books.get(i, []), self._prompt_chord.get(i, []))):
+            out[f"book{t}"], out[f"chord{t}"] = book, chord
+        return out
+
+    def load_state_dict(self, layer, state: dict[str, torch.Tensor]) -> None:
+        if layer is None:
+            saved = state.get("codebooks_sha256")
+            if (saved is None) != (self._books is None) or (
+                    saved is not None and bytes(saved.tolist()) != self._books.sha256()):
+                raise ValueError("SphericalKV: the codebooks calibrated on this model differ from those the cache was "
+                                 "saved with (another model, or other calibration settings)")
+            return
+        i = layer.layer_idx
+        T = len(self.tier_spec)
+        self._qbar[i] = [state[f"qbar{t}"] for t in range(T) if f"qbar{t}" in state]
+        if "every" in state:
+            self._every[i] = int(state["every"])
+        if self.codebooks == "prompt":
+            self._prompt_books[i] = [state[f"book{t}"] for t in range(T)]
+            self._prompt_chord[i] = [state[f"chord{t}"] for t in range(T)]
+        books = self._prompt_books[i] if self.codebooks == "prompt" else self._books.books[i]
+        for h, store in enumerate(layer.heads):
+            store.books = [b[h] for b in books]
+
     # -- costs ----------------------------------------------------------------------------------------------
     def _costs(self, d: int, dv: int, elsize: int, meta: int) -> list[float]:
         """Bytes of one (token, head) at tier 0..T (0 = dropped), page header and scales amortised."""
@@ -689,6 +760,8 @@ class SphericalKV(Method):
             tokens, growth = seen * budget_obj.value, budget_obj.value * per
         else:
             tokens, growth = float(budget_obj.value), 0.0
+        if budget_obj.decode is not None and tokens + self.refresh * growth / max(per, 1e-12) >= budget_obj.decode:
+            tokens, growth = float(min(tokens, budget_obj.decode)), 0.0  # decode_budget: a fixed byte ceiling
         base = tokens * per * H - self._page_reserve(d, H)
         if self.codebooks == "prompt":
             base -= sum(t.numel() * t.element_size() for t in self._prompt_books.get(self._layer_idx, []))

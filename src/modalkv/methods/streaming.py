@@ -29,6 +29,10 @@ class StreamingLLM(Method):
 
     Notes
     -----
+    CHOICE (budget not above ``n_sink``): an absolute budget (or ``decode_budget``) of at most ``n_sink`` tokens
+    is refused when the cache is built; a ratio budget that comes to at most ``n_sink`` tokens on a short prompt
+    clips the sinks to ``budget - 1`` so that the newest token always has a slot (the sinks are never evicted to
+    make room, they are fewer from the start).
     CHOICE: original positions are kept (no rolling re-rotation of RoPE inside the cache); the paper re-numbers
     positions to stay inside the training range, which matters only beyond the model's context length.
     """
@@ -43,12 +47,22 @@ class StreamingLLM(Method):
     def decodes(self) -> bool:  # type: ignore[override]
         return self.evict_during_decode
 
+    @property
+    def evicts_while_decoding(self) -> bool:  # type: ignore[override]
+        return self.evict_during_decode
+
     def validate(self) -> None:
         check_range(type(self).__name__, "n_sink", self.n_sink, 0)
 
+    def check_budget(self, budget) -> None:
+        for what, value in (("budget", budget.value), ("decode_budget", budget.decode)):
+            if isinstance(value, int) and not isinstance(value, bool) and value <= self.n_sink:
+                raise ValueError(f"StreamingLLM: an absolute {what} of {value} tokens leaves no room beside "
+                                 f"n_sink={self.n_sink} attention sinks; use a larger {what} or a smaller n_sink")
+
     def prefill(self, ctx: PrefillContext) -> Selection:
         k = ctx.budget_tokens
-        sinks = first_real(ctx.real, torch.minimum(k, torch.full_like(k, self.n_sink)))
+        sinks = first_real(ctx.real, torch.minimum((k - 1).clamp(min=0), torch.full_like(k, self.n_sink)))
         recent = last_real(ctx.real, (k - sinks.sum(-1)).clamp(min=0))
         keep = sinks | recent
         scores = keep.float()[:, None, :].expand(-1, ctx.num_kv_heads, -1)
@@ -60,9 +74,10 @@ class StreamingLLM(Method):
             if isinstance(over, int):  # one sequence, no holes: decided without a device round trip
                 if over <= 0:
                     continue
-                if over == 1 and store.n > self.n_sink:  # evict the oldest non-sink: the (n_sink+1)-th position
+                sinks = min(self.n_sink, store.n - over - 1)  # the sinks never take the newest token's slot
+                if over == 1 and sinks >= 0:  # evict the oldest non-sink: the (sinks+1)-th position
                     pos = store.pos[0, : store.n]
-                    victim = pos.kthvalue(self.n_sink + 1).indices if self.n_sink else pos.argmin()
+                    victim = pos.kthvalue(sinks + 1).indices if sinks else pos.argmin()
                     store.remove(victim.view(1))
                     continue
                 over = torch.tensor([over], device=store.pos.device)
@@ -70,9 +85,10 @@ class StreamingLLM(Method):
                 continue
             valid = store.valid[:, : store.n]
             pos = store.pos[:, : store.n].float().masked_fill(~valid, float("inf"))
-            # sinks: the n_sink smallest valid positions (positions are unique); evict the oldest valid non-sinks
-            if self.n_sink:
-                k = min(self.n_sink, pos.shape[-1])
-                last_sink = pos.kthvalue(k, dim=-1, keepdim=True).values
-                pos = pos.masked_fill(pos <= last_sink, float("inf"))
+            # sinks: the smallest valid positions (positions are unique), at most target - 1 of them; evict the
+            # oldest valid non-sinks
+            target = valid.sum(-1) - over
+            sinks = (target - 1).clamp(min=0, max=self.n_sink)
+            rank = pos.argsort(-1).argsort(-1)  # 0 = the oldest entry of the row
+            pos = pos.masked_fill(rank < sinks[:, None], float("inf"))
             store.evict_lowest(pos, over)

@@ -1,0 +1,194 @@
+"""KVzip: query-agnostic eviction, each KV pair scored by how much the model needs it to reconstruct the context."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from .base import Method, PrefillContext, check_range
+from ..cache import CompressedLayer, Selection
+from ..scoring import apply_caps, check_finite
+
+
+@dataclass
+class KVzip(Method):
+    """Score every cached KV pair by the attention it receives while the model repeats the context, keep the best.
+
+    Paper: Kim et al., "KVzip: Query-Agnostic KV Cache Compression with Context Reconstruction", NeurIPS 2025
+    (arXiv 2505.23416). The context is prefilled whole; then the model is teacher-forced through the cache on
+    ``repeat_prompt`` followed by the context itself, chunk by chunk. The importance of a pair is the largest
+    attention probability it receives from any reconstruction query of its KV group. The pairs with the lowest
+    importance are evicted, with budgets that differ per layer and head (``allocation``). Scoring costs about one more
+    forward over the context (reported as compression time), and needs :func:`modalkv.prefill`, which runs it: the
+    context is compressed once, before any question, and can then answer many.
+
+    Parameters
+    ----------
+    repeat_prompt : str
+        The instruction placed after the context before it is repeated (paper: "Repeat the previous context:").
+    chunk : int
+        CHOICE: context tokens reconstructed per forward (bounds the attention rows held at once; the paper uses
+        chunks of a few thousand tokens on a GPU).
+    allocation : "global" | "layer" | "head"
+        ``global`` (the paper): one ranking over every (layer, KV head, token), so layers and heads keep different
+        counts that sum to the budget of the whole cache; ``layer``: each layer keeps its share, split unevenly
+        across its heads; ``head``: every (layer, KV head) keeps the same count (what a paged serving engine needs).
+    n_sink : int
+        CHOICE (0, the paper protects nothing): the first tokens always kept.
+
+    Notes
+    -----
+    CHOICE: every chunk is preceded by ``repeat_prompt`` (the paper's chunks also restate it); positions continue
+    after the context, as if the instruction followed it. The reconstruction's own entries are removed after each
+    chunk. Each (layer, head) keeps at least one entry. One context at a time (batch 1).
+    """
+
+    repeat_prompt: str = "Repeat the previous context:"
+    chunk: int = 512
+    allocation: Literal["global", "layer", "head"] = "global"
+    n_sink: int = 0
+
+    name = "kvzip"
+    summary = "Query-agnostic: pairs scored by attention while the model repeats the context (Kim et al., 2025)"
+    needs_context_pass = True  # modalkv.prefill runs finish_prefill (the reconstruction) after the forward
+
+    def validate(self) -> None:
+        cls = type(self).__name__
+        check_range(cls, "chunk", self.chunk, 1)
+        check_range(cls, "n_sink", self.n_sink, 0)
+        if not self.repeat_prompt.strip():
+            raise ValueError(f"{cls}.repeat_prompt must not be empty")
+
+    @property
+    def needs_decode_probs(self) -> bool:  # type: ignore[override]
+        return bool(self.__dict__.get("_scoring", False))
+
+    @property
+    def decodes(self) -> bool:  # type: ignore[override]
+        """Only until the context is scored: decode() then refuses a cache that skipped modalkv.prefill."""
+        return not self.__dict__.get("_finished", True)
+
+    # -- the context's forward keeps everything ----------------------------------------------------------------
+    def prefill(self, ctx: PrefillContext) -> Selection:
+        if ctx.real.shape[0] != 1:
+            raise ValueError("kvzip compresses one context at a time (batch 1)")
+        self.__dict__["_finished"] = False
+        return super().prefill(ctx)
+
+    def after_prefill(self, layer) -> None:
+        for store in layer.heads:
+            store.add_extra("kvzip", 0.0)
+
+    # -- scoring by reconstruction ----------------------------------------------------------------------------
+    def decode(self, layer, probs) -> None:
+        if not self.__dict__.get("_scoring", False):
+            raise ValueError("kvzip compresses the context in a scoring pass after its forward: build the context "
+                             "with modalkv.prefill(model, cache, input_ids, tokenizer=tokenizer) before generating")
+        for h, store in enumerate(layer.heads):
+            n_ctx = self.__dict__["_n_ctx"][layer.rank][h]
+            best = probs[h][..., :n_ctx].float().amax(dim=(1, 2))  # [B, n_ctx]: over the group and the queries
+            score = store.extras["kvzip"][:, :n_ctx]
+            torch.maximum(score, best, out=score)
+
+    @torch.no_grad()
+    def finish_prefill(self, cache, model, input_ids: torch.Tensor, tokenizer=None, **_) -> None:
+        """Reconstruct the context through the cache, chunk by chunk, then keep the best-scored pairs."""
+        from ..cache import cache_kwargs
+
+        if tokenizer is None:
+            raise ValueError("kvzip builds its reconstruction prompt with the tokenizer: call "
+                             "modalkv.prefill(model, cache, input_ids, tokenizer=tokenizer)")
+        layers = cache.managed_layers
+        if input_ids.shape[0] != 1:
+            raise ValueError("kvzip compresses one context at a time (batch 1)")
+        prompt = tokenizer(self.repeat_prompt, add_special_tokens=False, return_tensors="pt").input_ids
+        ids = input_ids.to(prompt.device)  # everything the cache has seen (a later chat turn: the whole history)
+        if ids.shape[1] != layers[0].seen:
+            raise ValueError(f"kvzip: input_ids has {ids.shape[1]} tokens but the cache has seen {layers[0].seen}")
+        for layer in layers:
+            for store in layer.heads:
+                store.extras["kvzip"][:, : store.n] = 0.0
+        self.__dict__["_n_ctx"] = {layer.rank: [s.n for s in layer.heads] for layer in layers}
+        start = layers[0].seen
+        others = {i: copy.deepcopy(layer) for i, layer in enumerate(cache.layers) if not isinstance(layer, CompressedLayer)}
+        kw = cache_kwargs(model, cache)
+        core = cache.core_decode_eviction
+        cache.core_decode_eviction = None  # nothing is evicted while scoring
+        self.__dict__["_scoring"] = True
+        try:
+            for c0 in range(0, ids.shape[1], self.chunk):
+                piece = torch.cat([prompt, ids[:, c0 : c0 + self.chunk]], 1).to(ids.device)
+                q = piece.shape[1]
+                pos = torch.arange(start, start + q, device=piece.device)[None]
+                model(input_ids=piece, position_ids=pos, **kw)
+                for layer in layers:  # drop the reconstruction's own entries
+                    for store in layer.heads:
+                        store.n -= q
+                    layer.seen -= q
+                for i, layer in others.items():  # sliding-window layers: back to the context's window
+                    cache.layers[i] = copy.deepcopy(layer)
+        finally:
+            self.__dict__["_scoring"] = False
+            cache.core_decode_eviction = core
+        self._select(cache)
+        self.__dict__["_finished"] = True
+
+    def _select(self, cache) -> None:
+        layers = cache.managed_layers
+        first = layers[0]
+        real = first.prompt_real + (first.seen - first.prompt_len)  # [1] every real token seen
+        per_head = cache.budget.tokens(real)  # [1] entries per (layer, head)
+        H = len(first.heads)
+        L = len(layers)
+        width = max(s.n for layer in layers for s in layer.heads)
+        scores = torch.full((L, H, width), float("-inf"))
+        for li, layer in enumerate(layers):
+            for h, store in enumerate(layer.heads):
+                s = store.extras["kvzip"][0, : store.n].float()
+                check_finite(s, self.name)
+                s = s.masked_fill(~store.valid[0, : store.n], float("-inf"))
+                if self.n_sink:
+                    rank = store.pos[0, : store.n].argsort().argsort()
+                    s = s.masked_fill(rank < self.n_sink, float("inf"))
+                scores[li, h, : store.n] = s
+        if cache.budget.modality_caps:  # each head's cap over its own entries (all of the prompt's, before selection)
+            for li, layer in enumerate(layers):
+                for h, store in enumerate(layer.heads):
+                    mod = store.mod[:, : store.n]
+                    caps = cache.budget.caps(mod, store.valid[:, : store.n])
+                    scores[li, h, : store.n] = apply_caps(scores[li, h, None, None, : store.n], mod, caps)[0, 0]
+        # every (layer, head) keeps its best entry; the rest of the budget goes by allocation
+        best = scores.argmax(-1)
+        keep = torch.zeros(L, H, width, dtype=torch.bool)
+        keep.scatter_(-1, best[..., None], True)
+        k = int(per_head[0])
+        if self.allocation == "head":
+            groups = scores.view(L * H, width)
+            counts = torch.full((L * H,), k)
+        elif self.allocation == "layer":
+            groups = scores.view(L, H * width)
+            counts = torch.full((L,), k * H)
+        else:
+            groups = scores.view(1, L * H * width)
+            counts = torch.full((1,), k * H * L)
+        flat_keep = keep.view(groups.shape)
+        for g in range(groups.shape[0]):
+            room = int(counts[g]) - int(flat_keep[g].sum())
+            if room <= 0:
+                continue
+            s = groups[g].masked_fill(flat_keep[g], float("-inf"))
+            m = min(room, int((s > float("-inf")).sum()))
+            if m:
+                flat_keep[g, s.topk(m).indices] = True
+        for li, layer in enumerate(layers):
+            for h, store in enumerate(layer.heads):
+                slots = keep[li, h, : store.n].nonzero().view(1, -1)
+                store.keep_slots(slots)
+                store.shrink(cache.reserve)
+            layer.prefill_kept = [s.valid[:, : s.n].sum(-1) for s in layer.heads]
+            layer.prompt_real = layer.prompt_real + (layer.seen - layer.prompt_len)
+            layer.prompt_len = layer.seen  # the compressed history is the new prompt
+            layer._row_targets = None
