@@ -217,18 +217,6 @@ def test_backbone_is_never_updated_and_refinement_lowers_nll():
             assert b < a
 
 
-def test_soft_bias_of_a_single_entry_is_zero():
-    """With soft_bias the memory logits get log(normalised retrieval weight): one placed entry has weight 1, so
-    the output equals the unbiased one (and the bias path, with its per-step masks, runs end to end)."""
-    model = tiny_llama()
-    m = InduceKV(budget_bytes=None, selection="all", ell=8, calib_steps=0, top_k=1, soft_bias=True)
-    m.add_task(model, 0, [example(0)])
-    q = example(0).query
-    toks, info = m.generate(model, q, 4)
-    m.soft_bias = False
-    assert toks == m.generate(model, q, 4)[0]
-
-
 def test_projection_onto_capped_simplex():
     g = torch.Generator().manual_seed(0)
     for _ in range(50):
@@ -311,20 +299,23 @@ def test_nan_scores_are_refused():
 
 
 def test_vlm_prefix_with_images():
-    """Memories can be induced from image + question + answer prefixes of a LLaVA and used with an image query."""
+    """Memories are induced from image + question + answer prefixes of a LLaVA and retrieved by the image: two
+    examples with the same text and different images each route their own query to their own entry (without the
+    pixels their retrieval keys would tie)."""
     from test_hae import IMG, llava3
 
     model = llava3()
     g = torch.Generator().manual_seed(0)
-    pixels = torch.randn(1, 3, 32, 32, generator=g)
+    pixels = [torch.randn(1, 3, 32, 32, generator=g) for _ in range(2)]
     text = prompt(12, seed=3)[0] + 1  # token ids in [1, VOCAB], never the image token (IMG = 299)
     ids = torch.cat([torch.full((16,), IMG), text])
-    ex = Example(prefix=ids, key_span=(0, 22), answer_span=(25, 28), query=ids[:22], target=ids[22:25],
-                 model_kwargs={"pixel_values": pixels})
-    m = InduceKV(budget_bytes=None, selection="all", ell=12, calib_steps=2)
-    m.add_task(model, 0, [ex])
-    toks, info = m.generate(model, ids[:22], 3, pixel_values=pixels)
-    assert info["entries"] == [0] and info["memory_tokens"] == 12 and len(toks) == 3
+    examples = [Example(prefix=ids, key_span=(0, 22), answer_span=(25, 28), query=ids[:22], target=ids[22:25],
+                        model_kwargs={"pixel_values": p}) for p in pixels]
+    m = InduceKV(budget_bytes=None, selection="all", ell=12, calib_steps=2, top_k=1)
+    m.add_task(model, 0, examples)
+    for i, p in enumerate(pixels):
+        toks, info = m.generate(model, ids[:22], 3, pixel_values=p)
+        assert info["entries"] == [i] and info["memory_tokens"] == 12 and len(toks) == 3
 
 
 @pytest.mark.real

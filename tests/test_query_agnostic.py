@@ -259,3 +259,34 @@ def test_expected_attention_prefers_keys_aligned_with_the_mean_query(model):
                          positions=torch.arange(n), n_real=torch.tensor([n]), budget_tokens=torch.tensor([5]), caps={})
     scores = ExpectedAttention(n_future=32).scores(ctx)
     assert (scores[0, :, 17] == scores[0].amax(-1)).all()
+
+
+@pytest.mark.parametrize("images", ["reconstruct", "text"])
+def test_kvzip_on_a_vlm_scores_image_entries(images):
+    from test_hae import llava3
+    from test_modality import llava_inputs
+
+    model = llava3()
+    ids, extra = llava_inputs(images=2)
+    chunks = []
+    method = KVzip(images=images, chunk=24)
+    original = method._chunks
+
+    def spy(*args):
+        for piece, kw in original(*args):
+            chunks.append((piece, kw))
+            yield piece, kw
+
+    method._chunks = spy
+    cache = KVCache(model, method, 0.5)
+    modalkv.prefill(model, cache, ids, tokenizer=TOK, **extra)
+    repeated = torch.cat([p[0, len(REPEAT):] for p, _ in chunks])
+    image_tokens = int((repeated == model.config.image_token_id).sum())
+    assert image_tokens == (32 if images == "reconstruct" else 0)  # both images, whole (chunks never split one)
+    if images == "reconstruct":
+        assert sum(kw["pixel_values"].shape[0] for _, kw in chunks if kw) == 2
+    kept = [s.mod[0, : s.n] for layer in cache.managed_layers for s in layer.heads]
+    assert any(bool((m == 1).any()) for m in kept)  # image entries compete on their scores
+    out = model.generate(input_ids=torch.cat([ids, prompt(3, seed=5)], 1), max_new_tokens=2, do_sample=False,
+                         **cache_kwargs(model, cache.fork()))
+    assert out.shape[1] == ids.shape[1] + 5

@@ -29,6 +29,26 @@ def params_for(name: str) -> dict:
     return {**SMALL.get(name, {}), **(SPHERICAL if name == "sphericalkv" else {})}
 
 
+class RepeatTokenizer:
+    """KVzip's reconstruction prompt as fixed ids (all KVzip asks of a tokenizer)."""
+
+    def __call__(self, text, add_special_tokens=False, return_tensors=None):
+        return type("Out", (), {"input_ids": torch.tensor([[3, 4, 5]])})()
+
+
+def steps(model, ids, cache, n):
+    """run_steps, with KVzip's context pass (modalkv.prefill) for the methods that need one."""
+    if not cache.method.needs_context_pass:
+        return run_steps(model, ids, None, cache, n)
+    import modalkv
+
+    out = modalkv.prefill(model, cache, ids, tokenizer=RepeatTokenizer())
+    nxt, pos = out.logits[:, -1].argmax(-1), ids.shape[1]
+    for _ in range(n):
+        out = model(input_ids=nxt[:, None], position_ids=torch.tensor([[pos]]), **cache_kwargs(model, cache))
+        nxt, pos = out.logits[:, -1].argmax(-1), pos + 1
+
+
 @pytest.fixture(scope="module")
 def model():
     return tiny_llama()
@@ -295,7 +315,7 @@ def _max_entries(cache) -> int:
 @pytest.mark.parametrize("policy", ["attention", "recent"])
 def test_decode_budget_bounds_every_method(model, method, policy):
     cache = KVCache(model, method, 16, decode_budget=20, decode_policy=policy, **params_for(method))
-    run_steps(model, prompt(40), None, cache, 30)
+    steps(model, prompt(40), cache, 30)
     assert _max_entries(cache) <= 20
     assert cache.managed_layers[0].seen == 70
 
@@ -376,7 +396,7 @@ def test_a_dropped_cache_is_freed_without_the_garbage_collector(model, method):
     gc.disable()
     try:
         cache = KVCache(model, method, 0.5, **params_for(method))
-        run_steps(model, prompt(24), None, cache, 3)
+        steps(model, prompt(24), cache, 3)
         ref = weakref.ref(cache)
         store = weakref.ref(cache.managed_layers[0].heads[0])
         del cache

@@ -153,7 +153,7 @@ def test_visual_tokens_go_to_the_visual_state_with_spatial_weights():
 
 def test_spatial_weights_follow_the_manhattan_distance_to_the_root():
     m = RetentiveKV(gamma_s=0.5)
-    m.setup(types.SimpleNamespace(layout=None))
+    m.setup(type("Cache", (), {"layout": None})())  # a stand-in cache without a layout (held weakly)
     mod = torch.zeros(1, 12, dtype=torch.int8)
     mod[0, 2:11] = 1  # a 3 x 3 image at positions 2..10
     ctx = types.SimpleNamespace(modality=mod, positions=torch.arange(12))
@@ -172,6 +172,14 @@ def test_retention_score_rewards_dominant_and_uncertain_tokens():
     R = normalised_entropy_score(alpha, group, 0.5)
     assert float(R[0, 4]) == 0.0
     assert float(R[0, 0]) > float(R[0, 2]) and float(R[0, 1]) > float(R[0, 2])  # -p log p peaks near 1/e
+    # the entropy term reorders: B (p = 0.37, near the peak of -p log p) outranks the more attended A (p = 0.55)
+    # once the score weighs uncertainty (lam = 0.2), and not by attention alone (lam = 1)
+    alpha = torch.tensor([[0.55, 0.37, 0.08]])
+    group = torch.ones(1, 3, dtype=torch.bool)
+    mixed = normalised_entropy_score(alpha, group, 0.2)
+    assert float(mixed[0, 1]) > float(mixed[0, 0])
+    attention_only = normalised_entropy_score(alpha, group, 1.0)
+    assert float(attention_only[0, 0]) > float(attention_only[0, 1])
 
 
 @pytest.mark.parametrize("bad, message", [({"lam": 1.5}, "lam"), ({"gamma_s": 0.0}, "gamma_s"),

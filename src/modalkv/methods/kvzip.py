@@ -38,6 +38,12 @@ class KVzip(Method):
         across its heads; ``head``: every (layer, KV head) keeps the same count (what a paged serving engine needs).
     n_sink : int
         CHOICE (0, the paper protects nothing): the first tokens always kept.
+    images : "reconstruct" | "text"
+        CHOICE (the paper is text-only): how a vision-language context is repeated. ``reconstruct``: image
+        placeholders are repeated with their pixels, so the repeated image's tokens (re-encoded by the vision tower)
+        score the original image's entries, as the repeated text scores the text's; chunks never split an image
+        (needs one ``pixel_values`` row per image, as LLaVA-style models take). ``text``: image tokens are left out
+        of the repetition, so image entries are scored only by the text that is repeated after them.
 
     Notes
     -----
@@ -50,6 +56,7 @@ class KVzip(Method):
     chunk: int = 512
     allocation: Literal["global", "layer", "head"] = "global"
     n_sink: int = 0
+    images: Literal["reconstruct", "text"] = "reconstruct"
 
     name = "kvzip"
     summary = "Query-agnostic: pairs scored by attention while the model repeats the context (Kim et al., 2025)"
@@ -93,8 +100,41 @@ class KVzip(Method):
             score = store.extras["kvzip"][:, :n_ctx]
             torch.maximum(score, best, out=score)
 
+    def _chunks(self, model, ids: torch.Tensor, prompt: torch.Tensor, model_kwargs: dict):
+        """(repeat prompt + context chunk, its model inputs) for every chunk of the context."""
+        from ..modality import special_token_modalities
+
+        visual = special_token_modalities(model.config)
+        is_visual = torch.zeros_like(ids[0], dtype=torch.bool)
+        for token in visual:
+            is_visual |= ids[0] == token
+        pixels = model_kwargs.get("pixel_values")
+        runs = []  # [start, end) of each image's placeholder run, in order
+        if bool(is_visual.any()):
+            edges = torch.diff(torch.cat([torch.zeros(1, dtype=torch.int8), is_visual.to(torch.int8),
+                                          torch.zeros(1, dtype=torch.int8)]))
+            runs = list(zip((edges == 1).nonzero().view(-1).tolist(), (edges == -1).nonzero().view(-1).tolist()))
+        with_pixels = (self.images == "reconstruct" and pixels is not None and runs
+                       and pixels.shape[0] == len(runs))
+        n, c0 = ids.shape[1], 0
+        while c0 < n:
+            c1 = min(n, c0 + self.chunk)
+            for a, b in runs:  # never split an image
+                if a < c1 < b:
+                    c1 = b if with_pixels else c1
+            piece = ids[:, c0:c1]
+            extra = {}
+            inside = [i for i, (a, b) in enumerate(runs) if c0 <= a < c1]
+            if with_pixels and inside:
+                extra["pixel_values"] = pixels[inside[0] : inside[-1] + 1]
+            elif runs:  # repeat the text only
+                piece = piece[:, ~is_visual[c0:c1]]
+            if piece.shape[1]:
+                yield torch.cat([prompt.to(ids.device), piece], 1), extra
+            c0 = c1
+
     @torch.no_grad()
-    def finish_prefill(self, cache, model, input_ids: torch.Tensor, tokenizer=None, **_) -> None:
+    def finish_prefill(self, cache, model, input_ids: torch.Tensor, tokenizer=None, **model_kwargs) -> None:
         """Reconstruct the context through the cache, chunk by chunk, then keep the best-scored pairs."""
         from ..cache import cache_kwargs
 
@@ -119,11 +159,10 @@ class KVzip(Method):
         cache.core_decode_eviction = None  # nothing is evicted while scoring
         self.__dict__["_scoring"] = True
         try:
-            for c0 in range(0, ids.shape[1], self.chunk):
-                piece = torch.cat([prompt, ids[:, c0 : c0 + self.chunk]], 1).to(ids.device)
+            for piece, extra in self._chunks(model, ids, prompt, model_kwargs):
                 q = piece.shape[1]
                 pos = torch.arange(start, start + q, device=piece.device)[None]
-                model(input_ids=piece, position_ids=pos, **kw)
+                model(input_ids=piece, position_ids=pos, **extra, **kw)
                 for layer in layers:  # drop the reconstruction's own entries
                     for store in layer.heads:
                         store.n -= q
