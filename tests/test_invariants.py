@@ -305,3 +305,24 @@ def test_peak_rss_window_restarts():
     del big
     assert reset_peak_rss()
     assert window_peak_rss_bytes() < before - 300 * 2**20
+
+
+@pytest.mark.parametrize("method", ["h2o", "hae", "retentivekv"])
+def test_appended_entries_start_with_fresh_method_state(method):
+    """An entry appended while decoding starts with zero accumulated attention, even in a slot an evicted entry
+    used before (slots are reused after swap-with-last evictions)."""
+    model = tiny_llama()
+    cache = KVCache(model, method, 12, **SMALL[method])
+    seen = []
+    original = cache.method.decode
+
+    def spy(layer, probs):
+        for store in layer.heads:
+            if "acc" in store.extras:  # HAE keeps one score per layer, on its first head store
+                newest = store.pos[0, : store.n] == layer.seen - 1
+                seen.append(float(store.extras["acc"][0, : store.n][newest].sum()))
+        return original(layer, probs)
+
+    cache.method.decode = spy
+    run_steps(model, prompt(30), None, cache, 12)
+    assert len(seen) > 0 and max(seen) == 0.0

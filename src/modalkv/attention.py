@@ -113,11 +113,72 @@ def _block_mask(mask, q: int) -> torch.Tensor | None:
     return m | eye  # a padding query attends to itself so its (unused) output stays finite
 
 
+def _packable(layer, q: int) -> bool:
+    """Can this step take the batched path (one set of ops for all heads)?"""
+    if not layer.packed or layer.cache.method.has_readout or not layer.packed_intact():
+        return False
+    heads = layer.heads
+    if any("hidden" in st.extras for st in heads):
+        return False
+    return q == 1 or all(st.n == heads[0].n for st in heads)
+
+
+def attend_packed(layer, query: torch.Tensor, mask, scaling: float) -> torch.Tensor:
+    """:func:`attend_stored` for a packed layer: one batched step over all KV heads (ragged sizes masked), a fixed
+    number of tensor ops whatever the number of heads. Returns [B, q, Hq, d]."""
+    B, Hq, q, d = query.shape
+    heads = layer.heads
+    H = len(heads)
+    G = Hq // H
+    cache = layer.cache
+    method = cache.method
+    core_evicts = cache.core_decode_eviction
+    want_probs = method.needs_decode_probs or core_evicts == "attention"
+    sizes = [st.n for st in heads]
+    n = max(sizes)
+    buf = layer.buffers
+    block = _block_mask(mask, q)
+    if block is not None:  # the new slots of a padded multi-token chunk (same slots in every head here)
+        real_new = block[:, -1, :] if block.shape[0] == B else block[:, -1, :].expand(B, q)
+        buf["valid"][:, :, n - q : n] &= real_new[:, None]
+        if not bool(real_new.all()):
+            for st in heads:
+                st.all_valid = False
+    qs = (query * scaling).reshape(B, H, G * q, d)
+    K = buf["keys"][:, :, :n]
+    V = buf["values"][:, :, :n]
+    logits = torch.matmul(qs, K.transpose(-1, -2))  # [B, H, G*q, n]
+    ragged = any(size != n for size in sizes)
+    if ragged or not all(st.all_valid for st in heads):
+        visible = buf["valid"][:, :, :n]
+        if ragged:
+            within = torch.arange(n, device=K.device)[None, :] < torch.tensor(sizes, device=K.device)[:, None]
+            visible = visible & within[None]
+        logits.masked_fill_(~visible[:, :, None, :], float("-inf"))
+    if block is not None:
+        allowed = torch.ones(B, q, n, dtype=torch.bool, device=logits.device)
+        allowed[:, :, n - q :] = block
+        logits = logits.view(B, H, G, q, n).masked_fill(~allowed[:, None, None], float("-inf")).view(B, H, G * q, n)
+    probs = torch.softmax(logits, dim=-1, dtype=torch.float32).to(V.dtype)
+    out = torch.matmul(probs, V)  # [B, H, G*q, dv]
+    out = out.view(B, H, G, q, -1).permute(0, 3, 1, 2, 4).reshape(B, q, Hq, -1)
+    probs_per_head = []
+    if want_probs:
+        probs_per_head = [probs[:, h, :, : sizes[h]].unflatten(1, (G, q)) for h in range(H)]
+    if method.needs_decode_probs or method.decodes:
+        method.decode(layer, probs_per_head if method.needs_decode_probs else None)
+    if core_evicts is not None:
+        layer.enforce_decode_budget(probs_per_head)
+    return out
+
+
 def attend_stored(layer, query: torch.Tensor, mask, scaling: float) -> torch.Tensor:
     """Attention of ``query`` [B, Hq, q, d] over every head store of ``layer`` (new entries already appended).
 
     Returns [B, q, Hq, d] as transformers' attention functions do.
     """
+    if _packable(layer, query.shape[2]):
+        return attend_packed(layer, query, mask, scaling)
     B, Hq, q, d = query.shape
     heads = layer.heads
     H = len(heads)

@@ -294,9 +294,15 @@ class Selection:
 
 
 class CompressedLayer(DynamicLayer):
-    """A full-attention layer whose entries live in per-KV-head :class:`HeadStore` objects."""
+    """A full-attention layer whose entries live in per-KV-head :class:`HeadStore` objects.
+
+    When the heads are dense stores of (nearly) the same size, their per-slot arrays are views into one layer buffer
+    per array (``[B, H, cap, ...]``, :meth:`pack`), so decode attention runs over every head of the layer in one
+    batched step (:func:`modalkv.attention.attend_packed`); otherwise each head keeps its own tensors.
+    """
 
     store_class = HeadStore
+    packed = False  # the heads' slot arrays are views into self.buffers (see pack())
 
     def __init__(self, cache: "KVCache", layer_idx: int, rank: int):
         super().__init__()
@@ -355,12 +361,39 @@ class CompressedLayer(DynamicLayer):
             pos = torch.arange(self.seen, self.seen + q, device=key_states.device, dtype=torch.int32).expand(B, q)
             mod = self.cache.modality_slice(self.seen, q, B, key_states.device)
             valid = torch.ones(B, q, dtype=torch.bool, device=key_states.device)
-            for h, store in enumerate(self.heads):
-                store.append(key_states[:, h], value_states[:, h], pos, mod, valid)
+            if self.packed and self.packed_intact():
+                self._append_packed(key_states, value_states, pos, mod, valid)
+            else:
+                for h, store in enumerate(self.heads):
+                    store.append(key_states[:, h], value_states[:, h], pos, mod, valid)
         self.seen += q
         _ACTIVE.layer = self
         self.returned_key = key_states
         return key_states, value_states
+
+    def _append_packed(self, keys, values, pos, mod, valid) -> None:
+        """Append q entries to every head of a packed layer: one write per buffer when the heads hold the same
+        number of entries."""
+        heads, q = self.heads, keys.shape[-2]
+        n = heads[0].n
+        cap = self.buffers["pos"].shape[2]
+        need = max(st.n for st in heads) + q
+        if need > cap:
+            self._rebuffer(max(need, cap + max(HeadStore.growth, cap // 8)))
+        if any(st.n != n for st in heads):
+            for h, st in enumerate(heads):
+                st.append(keys[:, h], values[:, h], pos, mod, valid)
+            return
+        b = self.buffers
+        b["keys"][:, :, n : n + q] = keys
+        b["values"][:, :, n : n + q] = values
+        b["pos"][:, :, n : n + q] = pos[:, None]
+        b["mod"][:, :, n : n + q] = mod[:, None]
+        b["valid"][:, :, n : n + q] = True
+        for st in heads:
+            for t in st.extras.values():
+                t[:, n : n + q] = 0.0
+            st.n = n + q
 
     def get_seq_length(self) -> int:
         return self.seen
@@ -381,6 +414,8 @@ class CompressedLayer(DynamicLayer):
         self.is_initialized = False
         self.returned_key = None
         self._row_targets = None
+        self.packed = False
+        self.buffers = {}
 
     def crop(self, tokens_to_remove: int) -> None:
         """Remove the last ``-tokens_to_remove`` tokens (transformers' convention: a negative count), as assisted
@@ -425,9 +460,63 @@ class CompressedLayer(DynamicLayer):
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self.batch_select_indices(beam_idx)
 
+    # -- the packed layout ---------------------------------------------------------------------------------
+    def pack(self) -> None:
+        """Move the dense head stores' per-slot arrays into one buffer per array, ``[B, H, cap, ...]``, each head a
+        view of its slice, so that decode attention is one batched step for all heads.
+
+        CHOICE: only when the heads keep nearly the same number of entries (the padding to the largest head is at
+        most 1/16 of what they hold): a ragged layer (Ada-KV, MadaKV) keeps per-head tensors, so the memory a head
+        gives up stays released, and attends head by head.
+        """
+        heads = self.heads
+        if not heads or any(type(st) is not HeadStore for st in heads):
+            return
+        sizes = [st.n for st in heads]
+        if (max(sizes) * len(sizes) - sum(sizes)) * 16 > max(sum(sizes), 1):
+            return
+        self._rebuffer(max(st.pos.shape[1] for st in heads))
+
+    def _rebuffer(self, cap: int) -> None:
+        """(Re)allocate the layer buffers with ``cap`` slots per head and point every head store at its slice."""
+        heads = self.heads
+        self.buffers = {}
+        for name in HeadStore.slot_arrays:
+            first = getattr(heads[0], name)
+            buf = first.new_zeros(first.shape[0], len(heads), cap, *first.shape[2:])
+            for h, st in enumerate(heads):
+                buf[:, h, : st.n] = getattr(st, name)[:, : st.n].detach()
+                # views made with grad mode on (the buffers never require grad), so that later in-place writes are
+                # allowed whether or not they run under no_grad
+                with torch.enable_grad():
+                    setattr(st, name, buf[:, h])
+            self.buffers[name] = buf
+        for st in heads:  # method extras stay per head, at the same capacity
+            for name, t in list(st.extras.items()):
+                if t.shape[1] != cap:
+                    grown = t.new_zeros(t.shape[0], cap)
+                    grown[:, : st.n] = t[:, : st.n]
+                    st.extras[name] = grown
+        self.packed = True
+
+    def packed_intact(self) -> bool:
+        """Are the head stores still views of the layer buffers (no store re-allocated its own tensors)?"""
+        if not self.packed:
+            return False
+        keys, values = self.buffers["keys"], self.buffers["values"]
+        for h, st in enumerate(self.heads):
+            if st.keys.data_ptr() != keys[:, h].data_ptr() or st.values.data_ptr() != values[:, h].data_ptr() \
+                    or st.valid.data_ptr() != self.buffers["valid"][:, h].data_ptr():
+                self.packed = False
+                return False
+        return True
+
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         for store in self.heads or []:
             store.select_batch(indices.to(store.pos.device))
+        if self.packed:  # the stores now hold their own tensors: pack them again
+            self.packed = False
+            self.pack()
         if self.heads:
             index = indices.to(self.prompt_real.device)
             self.prompt_real = self.prompt_real.index_select(0, index)
@@ -518,6 +607,8 @@ class CompressedLayer(DynamicLayer):
             pruning.finish(cache)
         self.prefill_kept = [store.valid[:, : store.n].sum(-1) for store in heads]
         self._row_targets = None
+        self.packed = False
+        self.pack()
         cache.method.after_prefill(self)
 
     def decode_targets(self, h: int) -> torch.Tensor:

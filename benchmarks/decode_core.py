@@ -1,0 +1,166 @@
+"""Decode cost at a real model's attention shape: modalkv's caches against transformers' DynamicCache.
+
+    python benchmarks/decode_core.py                       # Llama-3-8B attention shape, 2 layers, 8k context
+    python benchmarks/decode_core.py --kv-heads 2 --context 2048 --steps 16
+
+A random-weight Llama with Llama-3-8B's layer shape (hidden 4096, 32 query heads, 8 KV heads, head_dim 128, MLP
+14336; a 1,024-token vocabulary so the embedding does not dominate) and ``--layers`` layers. Per configuration:
+prefill ``--context`` tokens, then ``--steps`` greedy decode steps; the median step time (first step excluded).
+Every configuration runs in the same process, interleaved over ``--repeats`` rounds, and the report gives each
+median as a ratio to DynamicCache + SDPA and to modalkv's full cache measured in the same run. The cache-dependent
+part of a step is the step time minus the same model's step at a 32-token context; its floor is the bytes the cache
+holds over the measured read bandwidth. ``packed`` (default) is the batched step over all KV heads of a layer;
+``per-head`` forces the head-by-head path. ``--profile`` counts aten ops per decode step and layer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def build(args, kv_heads: int):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=1024, hidden_size=4096, intermediate_size=args.mlp, num_hidden_layers=args.layers,
+                      num_attention_heads=32, num_key_value_heads=kv_heads, head_dim=128,
+                      max_position_embeddings=max(8192, args.context + 64))
+    cfg._attn_implementation = "sdpa"
+    model = LlamaForCausalLM(cfg).eval()
+    return model
+
+
+def read_bandwidth() -> float:
+    """Bytes per second of a large contiguous read (a sum over 512 MiB), median of 5."""
+    x = torch.ones(128 * 2**20)
+    times = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        x.sum()
+        times.append(time.perf_counter() - t0)
+    return x.numel() * 4 / statistics.median(times)
+
+
+@torch.no_grad()
+def decode_ms(model, ids, make_cache, steps: int, per_head: bool = False) -> tuple[float, object]:
+    from modalkv import cache_kwargs
+
+    cache = make_cache()
+    out = model(input_ids=ids, **cache_kwargs(model, cache))
+    if per_head:
+        for layer in getattr(cache, "managed_layers", []):
+            layer.packed = False
+    nxt = out.logits[:, -1:].argmax(-1)
+    pos = ids.shape[1]
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        out = model(input_ids=nxt, position_ids=torch.full((ids.shape[0], 1), pos), **cache_kwargs(model, cache))
+        times.append(time.perf_counter() - t0)
+        nxt = out.logits[:, -1:].argmax(-1)
+        pos += 1
+    return statistics.median(times[1:]) * 1e3, cache
+
+
+def cache_bytes(cache) -> int:
+    if hasattr(cache, "memory_report"):
+        return cache.memory_report()["kept_bytes"]
+    return sum(layer.keys.numel() * layer.keys.element_size() * 2 for layer in cache.layers)
+
+
+@torch.no_grad()
+def aten_ops_per_layer_step(model, ids, make_cache, layers: int, per_head: bool = False) -> int:
+    from torch.profiler import ProfilerActivity, profile
+
+    from modalkv import cache_kwargs
+
+    cache = make_cache()
+    out = model(input_ids=ids, **cache_kwargs(model, cache))
+    if per_head:
+        for layer in getattr(cache, "managed_layers", []):
+            layer.packed = False
+    nxt = out.logits[:, -1:].argmax(-1)
+    model(input_ids=nxt, position_ids=torch.tensor([[ids.shape[1]]]), **cache_kwargs(model, cache))
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        model(input_ids=nxt, position_ids=torch.tensor([[ids.shape[1] + 1]]), **cache_kwargs(model, cache))
+    return sum(e.count for e in prof.key_averages() if e.key.startswith("aten::")) // layers
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--kv-heads", type=int, default=8)
+    p.add_argument("--mlp", type=int, default=14336)
+    p.add_argument("--context", type=int, default=8192)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--steps", type=int, default=12)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--profile", action="store_true")
+    p.add_argument("--out", default=str(ROOT / "docs/results/decode_core.csv"))
+    args = p.parse_args()
+
+    import pandas as pd
+    from transformers import DynamicCache
+
+    from modalkv import KVCache
+    from modalkv.measure import pin_threads
+
+    pin_threads(args.threads)
+    model = build(args, args.kv_heads)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 1024, (args.batch, args.context), generator=g)
+    short = ids[:, :32]
+    configs = {
+        "DynamicCache": (lambda: DynamicCache(config=model.config), False),
+        "modalkv full": (lambda: KVCache(model, "full"), False),
+        "modalkv full per-head": (lambda: KVCache(model, "full"), True),
+        "snapkv 0.25": (lambda: KVCache(model, "snapkv", 0.25), False),
+        "snapkv 0.25 per-head": (lambda: KVCache(model, "snapkv", 0.25), True),
+        "h2o 0.25": (lambda: KVCache(model, "h2o", 0.25), False),
+        "streamingllm 0.25": (lambda: KVCache(model, "streamingllm", 0.25), False),
+    }
+    bandwidth = read_bandwidth()
+    base_ms = statistics.median(decode_ms(model, short, lambda: DynamicCache(config=model.config), args.steps)[0]
+                                for _ in range(3))
+    rows = []
+    for r in range(args.repeats):
+        for name, (make, per_head) in configs.items():
+            ms, cache = decode_ms(model, ids, make, args.steps, per_head)
+            rows.append(dict(config=name, round=r, ms=ms, kv_bytes=cache_bytes(cache)))
+            del cache
+            print(f"round {r} {name}: {ms:.1f} ms/token", flush=True)
+    df = pd.DataFrame(rows)
+    med = df.groupby("config", sort=False).agg(ms=("ms", "median"), kv_bytes=("kv_bytes", "median")).reset_index()
+    dyn = float(med.loc[med.config == "DynamicCache", "ms"].iloc[0])
+    full = float(med.loc[med.config == "modalkv full", "ms"].iloc[0])
+    med["vs_dynamic"] = dyn / med.ms
+    med["vs_modalkv_full"] = full / med.ms
+    med["cache_ms"] = med.ms - base_ms
+    med["floor_ms"] = med.kv_bytes / bandwidth * 1e3
+    med["cache_vs_floor"] = med.cache_ms / med.floor_ms
+    for key, val in dict(layers=args.layers, kv_heads=args.kv_heads, context=args.context, batch=args.batch,
+                         threads=args.threads, base_ms_32_tokens=base_ms, read_gb_s=bandwidth / 1e9).items():
+        med[key] = val
+    if args.profile:
+        for name in ("DynamicCache", "modalkv full", "snapkv 0.25", "snapkv 0.25 per-head"):
+            make, per_head = configs[name]
+            med.loc[med.config == name, "aten_ops_per_layer_step"] = aten_ops_per_layer_step(
+                model, ids[:, :512], make, args.layers, per_head)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    med.to_csv(out, mode="a", header=not out.exists(), index=False)
+    print(med.to_string(index=False))
+    print(f"appended to {out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
