@@ -1,7 +1,7 @@
 """InduceKV — fixed-footprint continual adaptation of a frozen model through induced KV memories.
 
 Paper: Chen, Feng, Xiao, Tang, "InduceKV: Fixed-Footprint Continual Adaptation of Multimodal LLMs via Inducing KV
-Memories", arXiv 2607.02010 (NeurIPS 2026). Specification used here: ``METHODS.md`` §2.5.
+Memories", arXiv 2607.02010 (NeurIPS 2026).
 
 InduceKV is not a cache-compression method: it is continual learning in which every task update lives in a memory
 bank of key/value payloads that are placed before the live prompt in every layer. The backbone is never updated,
@@ -157,7 +157,9 @@ def _no_weight_grads(model):
 
 
 def _forward(model, ids: torch.Tensor, cache=None, mask=None, **model_kwargs):
-    kw = cache_kwargs(model, cache) if cache is not None else {"use_cache": False}
+    # a peft wrapper's forward takes **kwargs: the cache keyword is named after the model it wraps
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    kw = cache_kwargs(inner, cache) if cache is not None else {"use_cache": False}
     return model(input_ids=ids, attention_mask=mask, **kw, **model_kwargs)
 
 

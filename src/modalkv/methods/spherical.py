@@ -533,8 +533,8 @@ def greedy_allocate(D: torch.Tensor, C: torch.Tensor, start: torch.Tensor, movab
 class SphericalKV(Method):
     """Angle-Domain Attention + Rate-Distortion Retention.
 
-    Paper: Chauhan et al., "Spherical KV", arXiv 2605.18856 (v2); the authors' code was read (formulas in
-    ``METHODS.md`` section 2.4). Text-LLM method applied here to any decoder (the VLM's language model included).
+    Paper: Chauhan et al., "Spherical KV", arXiv 2605.18856 (v2); the authors' code was read (the formulas
+    used are written out below). Text-LLM method applied here to any decoder (the VLM's language model included).
 
     **ADA.** Each key (per layer, KV head) is split into groups of ``g`` dims; a group is stored as an 8-bit
     radius code (``r_hat = sigma round(255 r / sigma) / 255`` with a float32 scale ``sigma`` per page and group)
@@ -560,7 +560,7 @@ class SphericalKV(Method):
     byte budget ``budget * dense K+V bytes of the prompt`` (``price="kv"``, CHOICE recommended: a tier costs its
     key codes, radius codes, amortised page header and scales, the dense value and the entry's metadata; dropping
     saves all of it) or, with ``price="keys"`` (the authors' code), the key bytes only against
-    ``budget * dense key bytes``. Distortion (CHOICE, METHODS.md proxy (b), utility-weighted):
+    ``budget * dense key bytes``. Distortion (CHOICE, the paper's logit-error bound, utility-weighted):
     ``D_i(b) = p_i ||v_i - o_bar|| min(1, sum_j ||q_bar_j|| r_ij (e_jb + 1/255))`` for kept tiers and
     ``p_i ||v_i - o_bar||`` when dropped, with ``p_i`` the observation-window attention (SnapKV's), ``o_bar`` the
     window's mean attention output, ``q_bar_j`` the RMS window query of group j and ``e_jb`` tier b's RMS chord error
@@ -572,7 +572,7 @@ class SphericalKV(Method):
     re-allocated under the budget for the tokens seen so far: the dense entries get tiers, older entries may be
     downgraded or dropped with the decode proxy (``p_i`` = EMA ``omega_i`` with ``ema`` of the attention the entry
     received; ``o_bar`` the omega-weighted mean value). The allocation keeps room for the dense entries of the next
-    ``refresh`` steps, so the budget holds at every step. CHOICE (allowed by METHODS.md): no upgrades (codes of
+    ``refresh`` steps, so the budget holds at every step. CHOICE (the paper allows either): no upgrades (codes of
     other tiers are not kept); a downgraded entry is re-encoded from its reconstruction, and entries that keep their
     tier are re-encoded from theirs (their direction codes are unchanged; radius codes may move by at most one step
     of the new page scale).
@@ -590,7 +590,7 @@ class SphericalKV(Method):
     codebooks : "calibrate" | "prompt"
     pairs : "contiguous" | "rope"
         Which dimensions form a group: ``contiguous`` (default, the authors' code) takes dims in order; ``rope``
-        (METHODS.md's PolarQuant-style layout) puts the two dimensions RoPE rotates into each other side by side
+        (a PolarQuant-style layout) puts the two dimensions RoPE rotates into each other side by side
         (transformers pairs dim i with i + d/2). Measured on SmolLM2 with the top tier everywhere: KL to the full
         cache 0.020 (contiguous) vs 0.216 (rope) over 24 teacher-forced tokens, so ``rope`` is not the default.
     calib_tokens, kmeans_iters, seed : int
@@ -598,7 +598,7 @@ class SphericalKV(Method):
         weights (docs/results/seeds_retentive_spherical.md).
     price : "kv" | "keys"
     proxy : "rms" | "bound"
-        How the logit error of a tier is estimated. ``bound`` is METHODS.md's proxy (b) as written,
+        How the logit error of a tier is estimated. ``bound`` is the paper's logit-error bound as written,
         ``sum_j ||q_bar_j|| r_ij (e_jb + 1/255)``, which assumes every group's error points along the query; on
         SmolLM2 it exceeds 1 for every tier, so the clamp makes keeping as bad as dropping and the allocator drops at
         random. CHOICE (default ``rms``): the expected size of independent group errors,
@@ -804,7 +804,7 @@ class SphericalKV(Method):
             r = self.grouped(keys.float()).unflatten(-1, (keys.shape[-1] // g, g)).norm(dim=-1)  # [..., n, G]
             qr = r * qbar[t][..., None, :]  # ||q_bar_j|| r_ij
             e = chord[t][..., None, :]
-            if self.proxy == "bound":  # METHODS.md (b): every group's error aligned with the query
+            if self.proxy == "bound":  # the paper's bound: every group's error aligned with the query
                 dl = (qr * (e + 1 / 255)).sum(-1)
             else:  # expected size: independent errors, a chord error meets the query at a random angle
                 dl = (qr.pow(2) * (e.pow(2) / g + 1 / (12 * 255**2))).sum(-1).sqrt()
