@@ -357,13 +357,13 @@ class CompressedLayer(DynamicLayer):
             if pruning.active(self.cache, q):  # a pruned prompt forward: the layer still saw the whole prompt
                 q = self.cache.prune_len
         else:
-            B = key_states.shape[0]
-            pos = torch.arange(self.seen, self.seen + q, device=key_states.device, dtype=torch.int32).expand(B, q)
-            mod = self.cache.modality_slice(self.seen, q, B, key_states.device)
-            valid = torch.ones(B, q, dtype=torch.bool, device=key_states.device)
             if self.packed and self.packed_intact():
-                self._append_packed(key_states, value_states, pos, mod, valid)
+                self._append_packed(key_states, value_states)
             else:
+                B = key_states.shape[0]
+                pos = torch.arange(self.seen, self.seen + q, device=key_states.device, dtype=torch.int32).expand(B, q)
+                mod = self.cache.modality_slice(self.seen, q, B, key_states.device)
+                valid = torch.ones(B, q, dtype=torch.bool, device=key_states.device)
                 for h, store in enumerate(self.heads):
                     store.append(key_states[:, h], value_states[:, h], pos, mod, valid)
         self.seen += q
@@ -371,24 +371,30 @@ class CompressedLayer(DynamicLayer):
         self.returned_key = key_states
         return key_states, value_states
 
-    def _append_packed(self, keys, values, pos, mod, valid) -> None:
+    def _append_packed(self, keys, values) -> None:
         """Append q entries to every head of a packed layer: one write per buffer when the heads hold the same
         number of entries."""
-        heads, q = self.heads, keys.shape[-2]
+        heads, (B, _, q, _) = self.heads, keys.shape
         n = heads[0].n
         cap = self.buffers["pos"].shape[2]
         need = max(st.n for st in heads) + q
         if need > cap:
             self._rebuffer(max(need, cap + max(HeadStore.growth, cap // 8)))
+        b = self.buffers
         if any(st.n != n for st in heads):
+            pos = torch.arange(self.seen, self.seen + q, device=keys.device, dtype=torch.int32).expand(B, q)
+            mod = self.cache.modality_slice(self.seen, q, B, keys.device)
+            valid = torch.ones(B, q, dtype=torch.bool, device=keys.device)
             for h, st in enumerate(heads):
                 st.append(keys[:, h], values[:, h], pos, mod, valid)
             return
-        b = self.buffers
         b["keys"][:, :, n : n + q] = keys
         b["values"][:, :, n : n + q] = values
-        b["pos"][:, :, n : n + q] = pos[:, None]
-        b["mod"][:, :, n : n + q] = mod[:, None]
+        b["pos"][:, :, n : n + q] = torch.arange(self.seen, self.seen + q, device=keys.device, dtype=torch.int32)
+        if self.cache._modality is None:
+            b["mod"][:, :, n : n + q] = TEXT
+        else:
+            b["mod"][:, :, n : n + q] = self.cache.modality_slice(self.seen, q, B, keys.device)[:, None]
         b["valid"][:, :, n : n + q] = True
         for st in heads:
             for t in st.extras.values():
@@ -491,6 +497,7 @@ class CompressedLayer(DynamicLayer):
                 with torch.enable_grad():
                     setattr(st, name, buf[:, h])
             self.buffers[name] = buf
+        self._view_ptrs = [(st.keys.data_ptr(), st.values.data_ptr(), st.valid.data_ptr()) for st in heads]
         for st in heads:  # method extras stay per head, at the same capacity
             for name, t in list(st.extras.items()):
                 if t.shape[1] != cap:
@@ -503,10 +510,8 @@ class CompressedLayer(DynamicLayer):
         """Are the head stores still views of the layer buffers (no store re-allocated its own tensors)?"""
         if not self.packed:
             return False
-        keys, values = self.buffers["keys"], self.buffers["values"]
-        for h, st in enumerate(self.heads):
-            if st.keys.data_ptr() != keys[:, h].data_ptr() or st.values.data_ptr() != values[:, h].data_ptr() \
-                    or st.valid.data_ptr() != self.buffers["valid"][:, h].data_ptr():
+        for st, ptrs in zip(self.heads, self._view_ptrs):
+            if (st.keys.data_ptr(), st.values.data_ptr(), st.valid.data_ptr()) != ptrs:
                 self.packed = False
                 return False
         return True
