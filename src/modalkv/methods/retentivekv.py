@@ -318,9 +318,13 @@ class RetentiveKV(Method):
             m = int(count.max()) if count.numel() else 0
             if m > 0:
                 pos = store.pos[:, :n].long()
-                protected = pos > newest - self.window
+                target = valid.sum(-1) - count  # [B] entries each row keeps
+                # the window and the sinks shrink to fit a target smaller than them (as at prefill)
+                recent = (target - self.n_sink).clamp(min=1, max=self.window)
+                protected = pos > newest - recent[:, None]
                 if self._sink_end is not None:
-                    protected |= pos < self._sink_end.to(pos.device)[:, None]
+                    sinks = pos < self._sink_end.to(pos.device)[:, None]
+                    protected |= sinks & (target > self.n_sink)[:, None]
                 score = store.extras["acc"][:, :n].masked_fill(protected, float("inf"))
                 s = score.masked_fill(~valid, float("inf"))
                 victims = s.topk(m, dim=-1, largest=False, sorted=True).indices  # the same victims evict_lowest takes
@@ -350,8 +354,9 @@ class RetentiveKV(Method):
             h_t = self.h_min + (1 - self.h_min) * torch.sigmoid(self.beta * (self._row_entropy(p, among) - 0.5))
         if over > 0:
             pos = torch.stack([s.pos[0, :n] for s in heads]).long()
-            protected = pos > newest - self.window
-            if self._sink_end is not None:
+            target = n - over
+            protected = pos > newest - max(1, min(self.window, target - self.n_sink))
+            if self._sink_end is not None and target > self.n_sink:
                 protected |= pos < int(self._sink_end[0])
             score = acc.masked_fill(protected, float("inf"))
             victims = score.topk(over, dim=-1, largest=False, sorted=True).indices  # [H, over]

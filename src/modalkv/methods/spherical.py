@@ -833,7 +833,9 @@ class SphericalKV(Method):
         allowed = int(budget // (C1 * H)) if C1 > 0 else self.n_sink + self.recent
         if allowed < 1:
             raise ValueError(f"SphericalKV: the byte budget ({budget:.0f} bytes for this layer) cannot hold one "
-                             f"top-tier entry per KV head ({C1 * H:.0f} bytes); raise the budget")
+                             f"top-tier entry per KV head ({C1 * H:.0f} bytes) once its page headers are paid: "
+                             "raise the budget, or compress a longer prompt (on a prompt of a few tokens even "
+                             "budget 1.0 cannot pay for the headers)")
         sinks = min(self.n_sink, allowed)
         recent = min(self.recent, allowed - sinks)
         return sinks, recent
