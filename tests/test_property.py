@@ -92,6 +92,8 @@ def static_refusal(sc) -> str | None:
         return r"sphericalkv stores its own entry format; it cannot be combined with quantize='kivi-4'"
     if m == "kvzip" and len(sc["lengths"]) > 1:
         return r"kvzip compresses one context at a time \(batch 1\)"
+    if m == "full" and (sc["budget"] != 1.0 or sc["caps"]):
+        return r"full keeps every prompt token: its budget is 1.0 without modality caps"
     return None
 
 
@@ -99,7 +101,7 @@ def static_refusal(sc) -> str | None:
 # prompt at a small ratio); HAE pruning hidden states on a model with sliding-window layers
 RUNTIME_REFUSALS = {
     "sphericalkv": r"SphericalKV: the byte budget \(-?\d+ bytes for this layer\) cannot hold one top-tier entry per "
-                   r"KV head \(\d+ bytes\); raise the budget",
+                   r"KV head \(\d+ bytes\) once its page headers are paid: raise the budget",
     "hae": r"HAE mode='prune' needs every decoder layer to be a full-attention layer modalkv manages",
 }
 

@@ -395,7 +395,7 @@ def test_a_dropped_cache_is_freed_without_the_garbage_collector(model, method):
     gc.collect()
     gc.disable()
     try:
-        cache = KVCache(model, method, 0.5, **params_for(method))
+        cache = KVCache(model, method, 1.0 if method == "full" else 0.5, **params_for(method))
         steps(model, prompt(24), cache, 3)
         ref = weakref.ref(cache)
         store = weakref.ref(cache.managed_layers[0].heads[0])
@@ -429,3 +429,11 @@ def test_attention_policy_evicts_the_least_attended_old_entry(model):
     zero = [torch.zeros(1, 2, 1, s.n) for s in layer.heads]
     layer.enforce_decode_budget(zero)
     assert store.n == 20 and victim not in store.pos[0, : store.n].tolist()
+
+
+def test_full_refuses_a_budget_it_would_ignore(model):
+    with pytest.raises(ValueError, match="full keeps every prompt token"):
+        KVCache(model, "full", 0.25)
+    with pytest.raises(ValueError, match="full keeps every prompt token"):
+        KVCache(model, "full", 1.0, modality_caps={"image": 0.1})
+    KVCache(model, "full", 1.0, decode_budget=64)  # bounded while decoding: fine

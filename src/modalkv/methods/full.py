@@ -16,3 +16,9 @@ class Full(Method):
 
     name = "full"
     summary = "Keep every token (reference; identical logits to transformers' DynamicCache)"
+
+    def check_budget(self, budget) -> None:
+        if budget.value != 1.0 or budget.modality_caps:
+            raise ValueError(f"full keeps every prompt token: its budget is 1.0 without modality caps (got "
+                             f"{budget.value!r}{', caps ' + str(budget.modality_caps) if budget.modality_caps else ''}"
+                             "); use decode_budget to bound it while decoding, or an evicting method")
