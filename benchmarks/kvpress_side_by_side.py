@@ -12,6 +12,15 @@ is appended afterwards uncompressed, then a greedy loop with explicit positions.
 SmolLM2 folder (the same safetensors modalkv loads). KV bytes are the tensors the cache holds after prefill (kvpress's
 per-head presses mask instead of freeing, so their bytes stay at the layer maximum). The fidelity task is
 teacher-forced as in modalkv's runner.
+
+Query-agnostic presses: ``kvzip`` (KVzipPress: after the prefill, the press reconstructs the context and masks the
+lowest-scored pairs; it loads the tokenizer from ``model.config.name_or_path``, here the local folder) and
+``expected_attention`` (ExpectedAttentionPress). kvpress's protocol already reads the question after the compressed
+context, so the ``<task>_after`` tasks (``niah_single_after``, ``docqa_cast_after``, ...) give the same prompts, cut
+at the same place, as modalkv's runner; their rows share modalkv's cell keys except ``library``:
+
+    PYTHONPATH=src .venv-kvpress/bin/python benchmarks/kvpress_side_by_side.py --presses kvzip expected_attention \
+        snapkv --tasks niah_single_after docqa_cast_after --samples 10 --out docs/results/query_agnostic_kvpress.csv
 """
 
 from __future__ import annotations
@@ -24,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-PRESSES = ["snapkv", "pyramidkv", "streamingllm", "h2o", "adakv", "knorm", "expected_attention"]
+PRESSES = ["snapkv", "pyramidkv", "streamingllm", "h2o", "adakv", "knorm", "expected_attention", "kvzip"]
 
 
 def make_press(name: str, budget: float):
@@ -45,6 +54,8 @@ def make_press(name: str, budget: float):
         return kp.KnormPress(compression_ratio=ratio)
     if name == "expected_attention":
         return kp.ExpectedAttentionPress(compression_ratio=ratio)
+    if name == "kvzip":
+        return kp.KVzipPress(compression_ratio=ratio)
     raise ValueError(f"unknown press {name!r}; known: {', '.join(PRESSES)}")
 
 
@@ -184,9 +195,11 @@ def main() -> None:
 
                     task = get_task(task_name)
                     sample = task.make(tok, length, seed)
+                    if getattr(sample, "questions", None) or getattr(sample, "turns", None):
+                        raise SystemExit(f"{task_name}: multi-question and chat tasks run only in modalkv's runner")
                     text = tok.apply_chat_template([{"role": "user", "content": sample.prompt}], tokenize=False,
                                                    add_generation_prompt=True)
-                    cut = text.index(sample.question)
+                    cut = text.rindex(sample.question)  # as modalkv's runner cuts a deferred (_after) sample
                     context_ids = tok(text[:cut], return_tensors="pt", add_special_tokens=False).input_ids
                     tail_ids = tok(text[cut:], return_tensors="pt", add_special_tokens=False).input_ids
                     teacher = None

@@ -125,7 +125,55 @@ def test_report_summary_and_failed_cells(tmp_path):
     path = tmp_path / "r.csv"
     pd.DataFrame(rows).reindex(columns=COLUMNS).to_csv(path, index=False)
     text = write_report(path).read_text()
-    assert "| modalkv | snapkv | 0.25 | 0.500 | -0.500 |  | 0.260 | 2.00x | 2.00x | 1.00 |" in text
+    assert "| modalkv | snapkv | 0.25 | 2 | 0.500 | -0.500 |  | 0.260 | 2.00x | 2.00x | 1.00 |" in text  # 2 prompts:
+    assert "| kvpress | pyramidkv | 0.25 | 1 |" in text  # each library's own
     assert "### Libraries side by side (only the 1 prompts every library ran: niah_single; lengths 1000)" in text
     assert "| full | 1 | 1.000 |  | 1.000 | 90.0 | 1.00x | 1.000 |  | 1.000 | 100.0 | 1.00x |" in text
     assert "## Cells that failed" in text and "| kvpress | m | pyramidkv | 0.25 | niah_single | 1000 | 0 | ERROR" in text
+
+
+def _rows(library, seeds_lengths, scores):
+    """Results rows of one library: a full-cache row and a snapkv 0.25 row per (task, length, seed)."""
+    rows = []
+    for (task, length, seed), (full, snap) in zip(seeds_lengths, scores):
+        base = dict(library=library, model="m", task=task, length=length, seed=seed, kv_full_bytes=1000,
+                    decode_ms=10.0, kl=float("nan"), top1=float("nan"))
+        rows.append(dict(base, method="full", budget=1.0, score=full, kv_kept_bytes=1000))
+        rows.append(dict(base, method="snapkv", budget=0.25, score=snap, kv_kept_bytes=250))
+    return rows
+
+
+def test_library_comparisons_use_only_shared_prompts():
+    """kvpress ran one of modalkv's three prompts (the easy one): wherever the two libraries are compared, each is
+    averaged over that prompt only, while modalkv alone is shown over all of its prompts."""
+    from modalkv.bench.report import method_points, panels, pareto_panels, shared_prompts
+    from modalkv.bench.runner import add_ratios
+
+    keys = [("niah_single", 1000, 0), ("niah_single", 1000, 1), ("vt", 2000, 0)]
+    df = add_ratios(pd.DataFrame(_rows("modalkv", keys, [(1, 1), (1, 0), (1, 0)]) +
+                                 _rows("kvpress", keys[:1], [(1, 1)])))
+    shared, restricted = shared_prompts(df)
+    assert restricted and set(zip(shared.task, shared.length, shared.seed)) == {keys[0]}
+    (t1, own, r1), (t2, both, r2) = pareto_panels(df)
+    assert not r1 and set(own.library) == {"modalkv"} and len(own) == 6
+    assert r2 and len(both) == 4
+    pts = method_points(both)
+    assert pts.loc[("modalkv", "snapkv", 0.25), "y"] == pts.loc[("kvpress", "snapkv", 0.25), "y"] == 1.0
+    assert method_points(own).loc[("modalkv", "snapkv", 0.25), "y"] == pytest.approx(1 / 3)
+    by_task = {task: (rows, r) for task, rows, r in panels(df, "task")}
+    assert by_task["niah_single"][1] and set(by_task["niah_single"][0].seed) == {0}
+    assert not by_task["vt"][1] and len(by_task["vt"][0]) == 2  # modalkv alone: nothing to restrict
+    assert shared_prompts(df[df.library == "modalkv"])[1] is False
+
+
+def test_method_colours_are_the_same_in_every_plot():
+    """A method has one colour wherever it appears; a variant of it shares the colour with another line style."""
+    from modalkv.bench.report import method_styles
+
+    a = method_styles(["snapkv", "h2o"])
+    b = method_styles(["adakv", "kivi-4", "snapkv", "retentivekv(state_readout=none)", "retentivekv", "zzz"])
+    assert a["snapkv"] == b["snapkv"] and a["snapkv"][1] == "-"
+    assert b["retentivekv(state_readout=none)"][0] == b["retentivekv"][0]
+    assert b["retentivekv(state_readout=none)"][1] != "-"
+    assert len({color for color, _ in b.values()}) == len(b) - 1  # distinct, but for the variant
+    assert method_styles(["zzz"])["zzz"] == b["zzz"]  # unknown names too: by name, not by position

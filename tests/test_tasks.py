@@ -39,7 +39,7 @@ def test_scoring():
 
 
 def test_unknown_task():
-    with pytest.raises(ValueError, match=r"unknown task 'nope'; available: cwe, docqa_cast, mm_describe"):
+    with pytest.raises(ValueError, match=r"unknown task 'nope'; available: cwe, cwe_after, docqa_cast, "):
         get_task("nope")
 
 

@@ -19,6 +19,7 @@ from rich.table import Table
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="modalkv: KV-cache compression that frees memory.")
 console = Console(width=max(120, Console().width))
+err_console = Console(stderr=True)
 
 DEFAULT_PROMPT = (
     "The museum opened in 1887 and its first curator, Ada Lindqvist, catalogued 4,310 objects. "
@@ -74,16 +75,57 @@ def _fmt_bytes(n: float) -> str:
     return str(n)
 
 
+# The comparison `generate` runs when no method is given, chosen by measuring on the demo prompt (SmolLM2-135M, the
+# 2.3k-token Wikipedia document): the digits of the answer (8,848.86) survive PyramidKV at 0.75, KIVI-4 and the two
+# together (5.6x less KV); SnapKV, Ada-KV, PyramidKV, H2O and StreamingLLM at 0.25 and 0.5 change a digit.
+DEFAULT_RUNS = (("snapkv", 0.25), ("pyramidkv", 0.75), ("kivi-4", 1.0), ("pyramidkv+kivi-4", 0.75))
+
+
+@dataclasses.dataclass
+class _Run:
+    """One cache of the comparison: what it is, and what it produced."""
+
+    label: str
+    method: str  # the method label (colour in --plot); "full" for the reference
+    cache: object
+    tokens: list = dataclasses.field(default_factory=list)
+    prefill_s: float = float("nan")
+    step_ms: list = dataclasses.field(default_factory=list)
+    done: bool = False
+    memory: dict = dataclasses.field(default_factory=dict)
+
+    @property
+    def decode_ms(self) -> float:
+        import statistics
+
+        return statistics.median(self.step_ms) if self.step_ms else float("nan")
+
+
+def _fail(message: str) -> None:
+    """A bad input: one line on stderr, exit code 2, no traceback."""
+    err_console.print(f"error: {message}", markup=False, highlight=False, soft_wrap=True)
+    raise typer.Exit(2)
+
+
 @app.command()
 def generate(
     model: str = typer.Option("smollm2-135m", help="Registry name (smollm2-135m, gemma3-270m, modalkv-vlm[@N]) or a "
                                                    "local folder."),
-    method: str = typer.Option("snapkv", help="Compression method (see `modalkv methods`)."),
-    budget: str = typer.Option("0.25", help="Ratio of the prompt in (0, 1] or an absolute token count."),
+    method: list[str] = typer.Option([], "--method", help="Compression method (see `modalkv methods`; repeatable). "
+                                                          "Without any: SnapKV 0.25, PyramidKV 0.75, KIVI-4 and "
+                                                          "PyramidKV 0.75 + KIVI-4 side by side."),
+    methods: Optional[str] = typer.Option(None, "--methods", help="Comma-separated methods compared on one prompt, "
+                                                                  "e.g. snapkv,h2o,kivi-4,adakv+kivi-4 (labels as in "
+                                                                  "`modalkv bench`: snapkv(window=16) works)."),
+    budget: Optional[str] = typer.Option(None, help="Ratio of the prompt in (0, 1] or an absolute token count; "
+                                                    "comma-separated budgets run every method at each "
+                                                    "(default 0.25 with --method)."),
     prompt: Optional[str] = typer.Option(None, help="Prompt text."),
     prompt_file: Optional[Path] = typer.Option(None, exists=True, dir_okay=False, help="Read the prompt from a file."),
     max_new_tokens: int = typer.Option(48, min=1, help="Tokens to generate."),
-    compare_full: bool = typer.Option(False, "--compare-full", help="Also run the full cache and compare."),
+    compare_full: bool = typer.Option(False, "--compare-full", help="Also run the full cache (transformers' "
+                                                                     "DynamicCache) and compare with it."),
+    expect: Optional[str] = typer.Option(None, help="Text the answer should contain (the demo prompt sets it)."),
     quantize: Optional[str] = typer.Option(None, help="Quantized storage: kivi-2, kivi-4 or kivi-8."),
     param: list[str] = typer.Option([], "--param", "-p", help="Method parameter KEY=VALUE (repeatable)."),
     threads: int = typer.Option(0, help="Pin torch to this many threads (0: torch's default)."),
@@ -92,58 +134,160 @@ def generate(
                                                          "--model modalkv-vlm). The prompt follows the images."),
     modality_caps: Optional[str] = typer.Option(None, help="Per-modality caps, e.g. image=0.1,text=0.5 (ratios of "
                                                            "each modality's prompt tokens)."),
+    plot: Optional[Path] = typer.Option(None, help="Write the comparison as a PNG: KV bytes kept against decode "
+                                                   "ms/token, answers that agree with the full cache marked."),
+    save_cache: Optional[Path] = typer.Option(None, help="Save the method's compressed prompt cache to this file "
+                                                         "(one method), to answer later prompts that start with "
+                                                         "this one (--load-cache)."),
+    load_cache: Optional[Path] = typer.Option(None, help="Answer a prompt whose first tokens are the prompt of a "
+                                                         "cache saved with --save-cache: only the new tokens are "
+                                                         "run through the model."),
 ) -> None:
-    """Generate with a compressed cache; print the answer and a memory/speed table."""
+    """Generate with compressed caches; print each one's answer beside its memory and speed (and the full cache's)."""
     try:
-        _generate(model, method, budget, prompt, prompt_file, max_new_tokens, compare_full, quantize, param, threads, chat,
-                  image, modality_caps)
+        _generate(model, [*method, *(methods.split(",") if methods else [])], budget, prompt, prompt_file,
+                  max_new_tokens, compare_full, quantize, param, threads, chat, image, modality_caps, expect, plot,
+                  save_cache, load_cache)
     except (ValueError, TypeError, ImportError, FloatingPointError) as err:
-        console.print(f"[bold red]error:[/bold red] {err}")
-        raise typer.Exit(2) from None
+        _fail(str(err))
 
 
-def _generate(model, method, budget, prompt, prompt_file, max_new_tokens, compare_full, quantize, param, threads,
-              chat, images=(), modality_caps=None) -> None:
-    import torch
-    from transformers import DynamicCache
+def _check_images(paths) -> None:
+    """Every image exists and decodes completely (a truncated PNG fails here, not in the middle of a run)."""
+    from PIL import Image
 
-    from .cache import KVCache
-    from .measure import cache_bytes, greedy_generate, peak_rss_bytes, pin_threads
-    from .models import load_model
-
-    from .budget import parse_caps
-
-    if prompt is not None and prompt_file is not None:
-        raise ValueError("give either --prompt or --prompt-file, not both")
-    for path in images:
+    for path in paths:
         if not Path(path).is_file():
             raise ValueError(f"image {str(path)!r} does not exist")
-    caps = parse_caps(modality_caps or "")
-    expected = None
-    if images and prompt is None and prompt_file is None:
-        text = "what shape is in the image?" if len(images) == 1 else "Describe each image."
-    elif prompt_file is not None:
-        text = prompt_file.read_text()
-    elif prompt is not None:
-        text = prompt
-    else:  # the demo: ~2.2k tokens of real Wikipedia summaries and a question about one of them
-        from .data import demo_prompt
-
         try:
-            text, expected = demo_prompt()
-        except ImportError as err:
-            console.print(f"[yellow]{err}; using a short built-in prompt[/yellow]")
-            text = DEFAULT_PROMPT
-    n_threads = pin_threads(threads or None)
-    budget_value = _parse_budget(budget)
+            with Image.open(path) as im:
+                im.load()
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+            raise ValueError(f"image {str(path)!r} is not a readable image file ({err})") from None
+
+
+def _prompt_text(prompt, prompt_file, images) -> tuple[str, str | None]:
+    """(prompt text, the answer it should contain or None); the demo document when no prompt is given."""
+    if prompt is not None and prompt_file is not None:
+        raise ValueError("give either --prompt or --prompt-file, not both")
+    if prompt is not None and not prompt.strip():
+        raise ValueError("--prompt is empty: give the text to answer, or leave --prompt out for the demo document")
+    if prompt_file is not None:
+        try:
+            text = Path(prompt_file).read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise ValueError(f"prompt file {str(prompt_file)!r} is not UTF-8 text") from None
+        if not text.strip():
+            raise ValueError(f"prompt file {str(prompt_file)!r} is empty")
+        return text, None
+    if prompt is not None:
+        return prompt, None
+    if images:
+        return ("what shape is in the image?" if len(images) == 1 else "Describe each image."), None
+    from .data import demo_prompt  # the demo: ~2.2k tokens of real Wikipedia summaries and a question about one
+
+    try:
+        return demo_prompt()
+    except ImportError as err:
+        console.print(f"[yellow]{err}; using a short built-in prompt[/yellow]")
+        return DEFAULT_PROMPT, "Ada Lindqvist"
+
+
+def _run_specs(labels, budget, quantize) -> list[tuple[str, str, float | int, str | None]]:
+    """(display label, method label, budget, quantizer) per compressed cache. ``kivi-N`` alone is the full cache in
+    KIVI storage; ``method+kivi-N`` stores that method's kept entries KIVI-quantized (as --quantize does for all)."""
+    from .methods import QUANTIZERS, parse_label
+
+    labels = [x.strip() for x in labels if x.strip()]
+    budgets = [_parse_budget(b) for b in budget.split(",") if b.strip()] if budget else None
+    if budget is not None and not budgets:
+        raise ValueError("--budget is empty")
+    if labels:
+        pairs = [(label, b) for b in budgets or [0.25] for label in labels]
+    elif budgets:
+        pairs = [(label, b) for b in budgets for label in dict.fromkeys(m for m, _ in DEFAULT_RUNS)]
+    else:
+        pairs = list(DEFAULT_RUNS)
+    specs, seen = [], set()
+    for label, b in pairs:
+        head, plus, tail = label.rpartition("+")
+        label, q = (head.strip(), tail.strip()) if plus and tail.strip() in QUANTIZERS else (label, quantize)
+        if plus and q != quantize and quantize:
+            raise ValueError(f"{label}+{q} is already quantized storage; leave out --quantize {quantize}")
+        name = parse_label(label)[0]
+        if name in QUANTIZERS:
+            if q:
+                raise ValueError(f"{label} is already quantized storage; leave out --quantize {q}")
+            spec = (f"{name} (every token)", "full", 1.0, name)
+        else:
+            spec = (f"{label} @ {b:g}" + (f" + {q}" if q else ""), label, b, q)
+        if spec[0] not in seen:
+            seen.add(spec[0])
+            specs.append(spec)
+    return specs
+
+
+def _make_cache(lm, label, budget, quantize, caps, params):
+    from .cache import KVCache
+    from .methods import REGISTRY, parse_label
+
+    name, label_params, label_caps = parse_label(label)
+    if name not in REGISTRY:
+        from .methods import QUANTIZERS
+
+        raise ValueError(f"unknown method {name!r}; available: {', '.join(REGISTRY)} (or quantized full storage: "
+                         f"{', '.join(QUANTIZERS)})")
+    return KVCache(lm, name, budget, quantize=quantize, modality_caps={**caps, **label_caps},
+                   **{**params, **label_params})
+
+
+def _generate(model, labels, budget, prompt, prompt_file, max_new_tokens, compare_full, quantize, param, threads,
+              chat, images=(), modality_caps=None, expect=None, plot=None, save_cache=None, load_cache=None) -> None:
+    import inspect
+
+    from transformers import DynamicCache
+
+    from .budget import parse_caps
+    from .measure import cache_bytes, peak_rss_bytes, pin_threads
+    from .methods import parse_label
+    from .models import load_model
+
+    _check_images(images)
+    text, expected = _prompt_text(prompt, prompt_file, images)
+    expected = expect if expect is not None else expected
+    if expected is not None and not expected.strip():
+        raise ValueError("--expect is empty")
+    caps = parse_caps(modality_caps or "")
+    specs = _run_specs(labels, budget, quantize)
     params = _parse_params(param)
+    if plot is not None and Path(plot).suffix.lower() != ".png":
+        raise ValueError(f"--plot {str(plot)!r}: give a .png path")
+    if save_cache is not None and len(specs) != 1:
+        raise ValueError(f"--save-cache saves one method's cache: give one --method (this run has {len(specs)} "
+                         "compressed caches)")
+    if load_cache is not None:
+        if not Path(load_cache).is_file():
+            raise ValueError(f"--load-cache {str(load_cache)!r} does not exist")
+        if len(labels) > 1 or budget is not None or quantize or param or modality_caps or images:
+            raise ValueError("--load-cache takes the method, budget and parameters from the file: give at most one "
+                             "--method (checked against the file) and no --budget/--quantize/--param/"
+                             "--modality-caps/--image")
+    n_threads = pin_threads(threads or None)
 
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
     with console.status(f"loading {model}"):
         lm, tok = load_model(model)
-    cache = KVCache(lm, method, budget_value, quantize=quantize, modality_caps=caps, **params)  # validates early
+    if load_cache is not None:
+        from .saved import load_cache as load
+
+        cache = load(load_cache, lm, method=parse_label(labels[0])[0] if labels else None)
+        shown = f"{cache.method.name} @ {cache.budget.value:g} (loaded: {cache.get_seq_length()} tokens)"
+        runs = [_Run(shown, cache.method.name, cache)]
+    else:
+        runs = [_Run(shown, q if label == "full" and q else label, _make_cache(lm, label, b, q, caps, params))
+                for shown, label, b, q in specs]  # every method and budget is checked before the first prefill
     processor, extra = (tok if hasattr(tok, "image_processor") else None), {}
     if images and processor is None:
         raise ValueError(f"--image needs a vision-language model (--model modalkv-vlm); {model!r} is text-only")
@@ -158,54 +302,219 @@ def _generate(model, method, budget, prompt, prompt_file, max_new_tokens, compar
         enc = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
         if images:
             extra = {"pixel_values": vlm.load_images(list(images), processor)}
-        cache.set_modality(detect_modality(lm.config, ids))
+        layout = detect_modality(lm.config, ids)
+        for run in runs:
+            if run.cache.get_seq_length() == 0:
+                run.cache.set_modality(layout)
     else:
+        question = text
         if chat and getattr(tok, "chat_template", None):
-            text = tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
-                                           add_generation_prompt=True)
-        enc = tok(text, return_tensors="pt", add_special_tokens=not chat)
+            question = tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                               add_generation_prompt=True)
+        enc = tok(question, return_tensors="pt", add_special_tokens=not chat)
     eos = [t for t in {tok.eos_token_id, getattr(lm.generation_config, "eos_token_id", None)} if t is not None]
-    eos = [e for x in eos for e in (x if isinstance(x, (list, tuple)) else [x])]
-
-    rows = []
-    runs = [(f"{method} @ {budget}" + (f" + {quantize}" if quantize else ""), cache)]
+    eos = {int(e) for x in eos for e in (x if isinstance(x, (list, tuple)) else [x])}
+    full = None
     if compare_full:
-        runs.append(("full (transformers DynamicCache)", DynamicCache(config=lm.config.get_text_config(decoder=True))))
-    answers = {}
-    for label, c in runs:
-        with console.status(f"generating with {label}"):
-            res = greedy_generate(lm, enc["input_ids"], enc["attention_mask"], c, max_new_tokens, eos, **extra)
-        mem = cache_bytes(c)
-        answers[label] = res.tokens[0]
-        rows.append((label, mem, res))
+        full = _Run("full (DynamicCache)", "full", DynamicCache(config=lm.config.get_text_config(decoder=True)))
+        runs.insert(0, full)
+
+    if "logits_to_keep" in inspect.signature(lm.forward).parameters:
+        extra["logits_to_keep"] = 1  # the prompt's last logits only (not 2k x 49k floats per prefill)
+    for run in runs:  # prefill one cache after the other (each timed alone); the first token comes from it
+        with console.status(f"prefill with {run.label}"):
+            _prefill(lm, run, enc, eos, extra, tok)
+        if save_cache is not None and run is not full:  # the compressed prompt, before the answer is appended
+            from .saved import save_cache as save
+
+            save(run.cache, save_cache)
+    with console.status(f"decoding with {len(runs)} cache(s), one step of each in turn"):
+        _decode_interleaved(lm, runs, enc["input_ids"].shape[1], max_new_tokens, eos)
+    for run in runs:
+        run.memory = cache_bytes(run.cache)
 
     console.print(f"[bold]model[/bold] {model}  [bold]prompt[/bold] {enc['input_ids'].shape[1]} tokens  "
                   f"[bold]threads[/bold] {n_threads}")
-    console.print("[bold]answer:[/bold] " + tok.decode(answers[runs[0][0]], skip_special_tokens=True).strip())
-    if expected is not None:
-        console.print(f"[dim](demo question; the text says {expected})[/dim]")
-    if compare_full:
-        full_answer = answers[runs[1][0]]
-        console.print("[bold]full cache answer:[/bold] " + tok.decode(full_answer, skip_special_tokens=True).strip())
+    if prompt is None and prompt_file is None and not images:
+        from .data import DEMO_QUESTION
 
-    table = Table(show_header=True, header_style="bold")
-    for col in ("cache", "KV bytes full", "KV bytes kept", "compression", "allocated", "prefill s", "decode ms/token"):
-        table.add_column(col, justify="right" if col != "cache" else "left")
-    base = rows[-1][2].decode_ms if compare_full else None
-    for label, mem, res in rows:
-        speed = f"{res.decode_ms:.1f}"
-        if base and label != rows[-1][0] and res.step_ms:
-            speed += f" ({base / res.decode_ms:.2f}x)"
-        table.add_row(label, _fmt_bytes(mem["full_bytes"]), _fmt_bytes(mem["kept_bytes"]),
-                      f"{mem['compression_ratio']:.2f}x", _fmt_bytes(mem["allocated_bytes"]),
-                      f"{res.prefill_s:.2f}", speed)
-    console.print(table)
-    if compare_full:
-        same = answers[runs[0][0]] == answers[runs[1][0]]
-        console.print(f"answers agree with the full cache: [bold]{'yes' if same else 'no'}[/bold]")
-    console.print(f"process peak RSS: {_fmt_bytes(peak_rss_bytes())}; decode ms/token is the median step time "
-                  f"(first token excluded); speed-up in brackets is full / compressed in this run.")
-    del torch
+        console.print(f"[bold]demo question:[/bold] {DEMO_QUESTION} [dim](about the first of the Wikipedia "
+                      "articles in the prompt)[/dim]")
+    agree = _agreement(runs, full, expected, tok)
+    console.print(_table(runs, full, expected, agree, tok))
+    console.print(_verdict(runs, full, expected, agree))
+    criterion = (f"it contains {expected!r}" if expected is not None else "the same tokens as the full cache's")
+    console.print(f"[dim]Keeps answer: {criterion}; n/N tok: its first n tokens equal the full cache's N (yellow "
+                  "from where it departs). KV kept counts metadata (positions, scales, a method's state); 'x less' = "
+                  "full cache bytes / kept. Decode: median step time, first token excluded, the caches decoding one "
+                  "step each in turn (machine load hits every row alike); below it the full cache's ms/token / this "
+                  f"cache's, same run. Process peak RSS {_fmt_bytes(peak_rss_bytes())}.[/dim]")
+    if plot is not None:
+        console.print(f"plot: {_plot_comparison(runs, full, agree, Path(plot), model, enc['input_ids'].shape[1])}")
+    if save_cache is not None:
+        console.print(f"saved the compressed prompt of {runs[-1].label} ({enc['input_ids'].shape[1]} tokens, "
+                      f"{_fmt_bytes(Path(save_cache).stat().st_size)} file) to {save_cache}; answer a longer prompt "
+                      f"that starts with this one with --load-cache {save_cache}")
+
+
+def _prefill(lm, run, enc, eos, extra, tok) -> None:
+    """Run the prompt into the run's cache (timed) and take the first generated token from its last logits. A
+    modalkv cache goes through :func:`modalkv.prefill` (methods with a context pass run it, and the prefill time
+    includes it); a cache that already holds the prompt's first tokens (--load-cache) takes only the rest."""
+    from .cache import KVCache
+    from .context import prefill
+    from .measure import greedy_generate
+
+    if not isinstance(run.cache, KVCache):
+        res = greedy_generate(lm, enc["input_ids"], enc["attention_mask"], run.cache, 1, eos, **extra)
+        run.prefill_s, run.tokens, run.done = res.prefill_s, res.tokens[0], not res.tokens[0]
+        return
+    ids, seen = enc["input_ids"], run.cache.get_seq_length()
+    if seen:
+        held = run.cache.context_ids
+        if held is None or ids.shape[1] <= seen or not torch.equal(ids[:, :seen], held):
+            raise ValueError(f"the prompt ({ids.shape[1]} tokens) does not start with the {seen} tokens of the loaded "
+                             "cache: give the saved prompt followed by the new text (and --no-chat if the first "
+                             "tokens differ because of the chat template)")
+    t0 = time.perf_counter()
+    out = prefill(lm, run.cache, ids, None if seen else enc["attention_mask"], tokenizer=tok, **extra)
+    run.prefill_s = time.perf_counter() - t0
+    first = int(out.logits[0, -1].argmax())
+    run.tokens, run.done = ([], True) if first in eos else ([first], False)
+
+
+@torch.no_grad()
+def _decode_interleaved(lm, runs, prompt_len: int, max_new_tokens: int, eos) -> None:
+    """Greedy decoding of every run, one step of each in turn (the order rotating every step), each step timed."""
+    from .cache import cache_kwargs
+
+    kwargs = {id(run): cache_kwargs(lm, run.cache) for run in runs}
+    for step in range(1, max_new_tokens):
+        active = [run for run in runs if not run.done]
+        if not active:
+            break
+        shift = step % len(active)
+        for run in active[shift:] + active[:shift]:
+            mask = torch.ones(1, prompt_len + step, dtype=torch.long)
+            t0 = time.perf_counter()
+            out = lm(input_ids=torch.tensor([[run.tokens[-1]]]), attention_mask=mask,
+                     position_ids=torch.tensor([[prompt_len + step - 1]]), use_cache=True, **kwargs[id(run)])
+            nxt = int(out.logits[0, -1].argmax())
+            run.step_ms.append((time.perf_counter() - t0) * 1e3)
+            if nxt in eos:
+                run.done = True
+            else:
+                run.tokens.append(nxt)
+
+
+def _agreement(runs, full, expected, tok) -> dict:
+    """Per run: (leading tokens equal to the full cache's, the full answer's length or None, answer kept or None).
+    The answer is kept when it contains ``expected`` if given, else when it equals the full cache's answer."""
+    out = {}
+    for run in runs:
+        same = n = None
+        if full is not None:
+            n = len(full.tokens)
+            same = next((i for i, (a, b) in enumerate(zip(run.tokens, full.tokens)) if a != b),
+                        min(len(run.tokens), n))
+        if expected is not None:
+            kept = expected.strip().lower() in tok.decode(run.tokens, skip_special_tokens=True).lower()
+        elif full is not None:
+            kept = run.tokens == full.tokens
+        else:
+            kept = None
+        out[run.label] = (same, n, kept)
+    return out
+
+
+def _table(runs, full, expected, agree, tok):
+    """One row per cache: its answer (yellow from where it departs from the full cache's), whether it keeps the
+    answer, KV bytes kept and compression, prefill seconds, decode ms/token and its ratio to the full cache's."""
+    from rich.text import Text
+
+    table = Table(show_header=True, header_style="bold", show_lines=True)
+    table.add_column("cache", max_width=22)
+    table.add_column("answer", ratio=1)
+    if full is not None or expected is not None:
+        table.add_column("keeps\nanswer", no_wrap=True)
+    table.add_column("KV kept", justify="right", no_wrap=True)
+    table.add_column("prefill s", justify="right", no_wrap=True)
+    table.add_column("decode\nms/token", justify="right", no_wrap=True)
+    for run in runs:
+        same, n, kept = agree[run.label]
+        answer = Text(tok.decode(run.tokens[:same] if same is not None else run.tokens, skip_special_tokens=True))
+        if same is not None and same < len(run.tokens):
+            answer.append(tok.decode(run.tokens[same:], skip_special_tokens=True), style="yellow")
+        row = [run.label, answer]
+        if full is not None or expected is not None:
+            verdict = "" if kept is None else ("yes" if kept else "[red]no[/red]")
+            tokens = "" if run is full or same is None else f"{same}/{n} tok"
+            row.append("—" if run is full and expected is None else "\n".join(x for x in (verdict, tokens) if x))
+        ratio = run.memory["compression_ratio"]
+        row.append(_fmt_bytes(run.memory["kept_bytes"]) + ("" if run is full else f"\n{ratio:.2f}x less" if ratio >= 1
+                                                           else f"\n{1 / ratio:.2f}x more"))
+        row.append(f"{run.prefill_s:.2f}")
+        speed = f"{run.decode_ms:.1f}"
+        if full is not None and run is not full:
+            speed += f"\n{full.decode_ms / run.decode_ms:.2f}x"
+        row.append(speed)
+        table.add_row(*row)
+    return table
+
+
+def _verdict(runs, full, expected, agree) -> str:
+    """One line: which compressed caches keep the answer and which do not."""
+    compressed = [run for run in runs if run is not full]
+    if full is None and expected is None:
+        return "(add --compare-full to see whether compression keeps the full cache's answer)"
+    what = f"the answer ({expected!r})" if expected is not None else "the full cache's answer"
+    keep = [run.label for run in compressed if agree[run.label][2]]
+    lose = [run.label for run in compressed if not agree[run.label][2]]
+    if not lose:
+        return f"[green]Every compressed cache keeps {what}.[/green]"
+    line = f"[bold]Compression does not keep {what} with:[/bold] {', '.join(lose)}."
+    if keep:
+        line += f" It does with: {', '.join(keep)}."
+    return line
+
+
+def _plot_comparison(runs, full, agree, path: Path, model: str, prompt_tokens: int) -> Path:
+    """KV bytes kept against decode ms/token, one point per cache: filled where the answer is kept, a cross where
+    it is not; the method's colour as in `modalkv report`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+
+    from .bench.report import method_styles
+
+    styles = method_styles([run.method for run in runs])
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    xs = [run.memory["kept_bytes"] / 2**20 for run in runs]
+    ys = [run.decode_ms for run in runs]
+    if full is not None:
+        ax.axhline(full.decode_ms, color="0.6", ls=":", lw=1, zorder=1)
+        ax.axvline(full.memory["kept_bytes"] / 2**20, color="0.6", ls=":", lw=1, zorder=1)
+    for run, x, y in zip(runs, xs, ys):
+        kept = agree[run.label][2]
+        ax.scatter([x], [y], s=90, marker="X" if kept is False else "o", color=styles[run.method][0], zorder=3,
+                   edgecolors="k" if run is full else "none")
+        ax.annotate(run.label, (x, y), xytext=(7, 4), textcoords="offset points", fontsize=8)
+    ax.set(xlabel="KV bytes kept (MiB, metadata counted)", ylabel="decode ms/token (median)",
+           xlim=(0, max(xs) * 1.45), ylim=(0, max(y for y in ys if y == y) * 1.25 if any(y == y for y in ys) else 1),
+           title=f"{model}, {prompt_tokens}-token prompt: memory and decode time of each cache"
+                 + ("\n(dotted: the full cache)" if full is not None else ""))
+    ax.title.set_fontsize(10)
+    if any(kept is not None for _, _, kept in agree.values()):
+        ax.legend(handles=[Line2D([], [], marker="o", ls="none", color="0.3", label="answer kept"),
+                           Line2D([], [], marker="X", ls="none", color="0.3", label="answer not kept")],
+                  loc="lower right", fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path
 
 
 @app.command()
@@ -235,8 +544,7 @@ def bench(
             **{k: v for k, v in overrides.items() if v is not None})
         _check_bench(cfg)
     except (ValueError, TypeError) as err:
-        console.print(f"[bold red]error:[/bold red] {err}")
-        raise typer.Exit(2) from None
+        _fail(str(err))
     path = run_bench(cfg)
     console.print(f"results: {path} (sidecar {path.with_suffix('.json')}); make tables and plots with "
                   f"`modalkv report {path}`")
@@ -283,7 +591,10 @@ def report(
     """Write Markdown tables and PNG plots from one or more results files (shown together)."""
     from .bench import write_report
 
-    md = write_report(results[0], out_dir, extra=results[1:], name=name)
+    try:
+        md = write_report(results[0], out_dir, extra=results[1:], name=name)
+    except ValueError as err:
+        _fail(str(err))
     console.print(f"wrote {md}")
 
 

@@ -38,6 +38,30 @@ SYSTEM = "Answer with one word."
 SHAPES = ("circle", "rectangle", "triangle")
 COLORS = ("red", "green", "blue", "black", "gray", "teal", "brown", "yellow")
 
+#: The processor's (and its tokenizer's) chat template: :func:`chat_text`'s ChatML, so that
+#: ``processor.apply_chat_template`` renders the training format. Content is a string or a list of ``{"type":
+#: "image"}`` / ``{"type": "text", "text": ...}`` entries; each image entry becomes one :data:`IMAGE_TOKEN` (the
+#: processor expands it), and a text entry right after an image starts on a new line, so ``[image, text]`` gives
+#: :func:`prompt_text` and ``[image, image, text]`` gives ``prompt_text(question, images=2)``. Without a system
+#: message the trained one (:data:`SYSTEM`) is used.
+CHAT_TEMPLATE = (
+    "{%- macro render(content) -%}"
+    "{%- if content is string -%}{{ content }}"
+    "{%- else -%}{%- set state = namespace(after_image=false) -%}"
+    "{%- for item in content -%}"
+    "{%- if item['type'] == 'image' -%}{{ 'IMAGE_TOKEN' }}{%- set state.after_image = true -%}"
+    "{%- elif item['type'] == 'text' -%}{{ '\\n' if state.after_image else '' }}{{ item['text'] }}"
+    "{%- set state.after_image = false -%}"
+    "{%- else -%}{{ raise_exception('modalkv-vlm messages hold image and text entries, not ' ~ item['type']) }}"
+    "{%- endif -%}{%- endfor -%}{%- endif -%}"
+    "{%- endmacro -%}"
+    "{%- if messages[0]['role'] != 'system' -%}{{ '<|im_start|>system\\nSYSTEM<|im_end|>\\n' }}{%- endif -%}"
+    "{%- for message in messages -%}"
+    "{{ '<|im_start|>' ~ message['role'] ~ '\\n' }}{{ render(message['content']) }}{{ '<|im_end|>\\n' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}"
+).replace("IMAGE_TOKEN", IMAGE_TOKEN).replace("SYSTEM", SYSTEM)
+
 
 @dataclass
 class VLMSpec:
@@ -89,7 +113,8 @@ def build(spec: VLMSpec, lm=None, tok=None):
                                            resample=3, image_mean=[0.5] * 3, image_std=[0.5] * 3)
     processor = LlavaProcessor(image_processor=image_processor, tokenizer=tok, patch_size=spec.patch_size,
                                vision_feature_select_strategy="full", image_token=IMAGE_TOKEN,
-                               num_additional_image_tokens=0, chat_template=tok.chat_template)
+                               num_additional_image_tokens=0, chat_template=CHAT_TEMPLATE)
+    tok.chat_template = CHAT_TEMPLATE  # text-only chats through the tokenizer get the same format
     return model.eval(), processor
 
 

@@ -13,6 +13,17 @@ plus this method's compression); ``compress_s``; ``decode_ms`` (median step, fir
 ``tokens_per_s``; ``rss_bytes`` (process RSS once the cell's cache is built) and ``peak_rss_bytes`` (process peak so
 far); for the fidelity task ``kl`` and ``top1`` (mean KL(full || method) and top-1 agreement over a teacher-forced
 continuation). Ratios to the full cache are added by :func:`add_ratios`.
+
+Query-agnostic protocol (:mod:`modalkv.tasks.query_agnostic`): a ``deferred`` text sample (``<task>_after``) is cut
+where its question starts; the part before is compressed alone and the question is then read through the compressed
+cache in one forward (as ``generate`` on a ``cache.fork()`` does). Methods with a context pass (KVzip) run it after the
+cache is built, as :func:`modalkv.prefill` does, and it counts as compression time; KVzip's reconstruction does not
+depend on the budget, so it runs once per prompt and method label and each budget selects from a copy of the scored
+cache (its seconds count in every budget's ``compress_s``). A multi-question sample is compressed once and each
+question answered from its own ``cache.fork()`` (``output``: the answers joined by `` | ``; ``score``: their mean;
+``decode_ms``: the median step over all answers). A chat sample adds each user turn with :func:`modalkv.prefill` on
+the cache that answered the previous turn; ``compress_s`` is then turn 1's compression plus the whole time of the later
+turns' ``prefill`` calls (their forward and, for KVzip, the new compression), ``output`` every answer.
 """
 
 from __future__ import annotations
@@ -150,6 +161,7 @@ class ModelRunner:
         # a vision-language model comes with its processor (tokenizer + image processor)
         self.processor = tok if hasattr(tok, "image_processor") else None
         self.tok = tok.tokenizer if self.processor is not None else tok
+        self._scored: dict = {}  # (method label, quantize) -> (KVzip cache scored but not selected, seconds)
 
     def chat_ids(self, text: str) -> torch.Tensor:
         tok = self.tok
@@ -157,6 +169,24 @@ class ModelRunner:
             text = tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
                                            add_generation_prompt=True)
         return tok(text, return_tensors="pt", add_special_tokens=False).input_ids
+
+    def render(self, messages: list[dict]) -> str:
+        """The chat text of ``messages`` with the generation prompt (``User:``/``Assistant:`` lines without a
+        chat template)."""
+        if getattr(self.tok, "chat_template", None):
+            return self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return "".join(f"{m['role'].capitalize()}: {m['content']}\n" for m in messages) + "Assistant:"
+
+    def text_inputs(self, sample, question: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ids compressed at prefill, ids read through the compressed cache) of a text sample: a deferred one is
+        cut where its question (or ``question``) starts, so the question and the end of the chat template come
+        after compression; otherwise the whole prompt is compressed."""
+        question = sample.question if question is None else question
+        text = self.render([{"role": "user", "content": f"{sample.context}\n\n{question}"}])
+        cut = text.rindex(question) if sample.deferred else len(text)
+        head = self.tok(text[:cut], return_tensors="pt", add_special_tokens=False).input_ids
+        tail = self.tok(text[cut:], add_special_tokens=False).input_ids if cut < len(text) else []
+        return head, torch.tensor([tail], dtype=torch.long)
 
     def mm_inputs(self, sample) -> tuple[torch.Tensor, torch.Tensor, dict]:
         """(ids compressed at prefill, ids read through the compressed cache, pixel inputs) of a multimodal sample
@@ -179,6 +209,7 @@ class ModelRunner:
 
         task = get_task(task_name)
         length, seed = cells[0]["length"], cells[0]["seed"]
+        self._scored.clear()
         if getattr(task, "multimodal", False):
             if self.processor is None:
                 raise ValueError(f"task {task_name!r} needs a vision-language model (modalkv-vlm); "
@@ -187,19 +218,115 @@ class ModelRunner:
             ids, tail, extra = self.mm_inputs(sample)
         else:
             sample = task.make(self.tok, length, seed)
-            ids, tail, extra = self.chat_ids(sample.prompt), torch.zeros(1, 0, dtype=torch.long), {}
+            if getattr(sample, "turns", None):
+                return self._chat(cells, task, sample, quantize)
+            if getattr(sample, "questions", None):
+                return self._many(cells, task, sample, quantize)
+            if sample.deferred:
+                ids, tail = self.text_inputs(sample)
+            else:
+                ids, tail = self.chat_ids(sample.prompt), torch.zeros(1, 0, dtype=torch.long)
+            extra = {}
         rows = []
         cap, forward_s = self._capture(ids, **extra)
         for cell in cells:
             cache, compress_s, own_logits = self._build(cap, cell, quantize, ids, extra)
             last = cap.logits[0, -1] if own_logits is None else own_logits
-            first = self._read(cache, tail, ids.shape[1]) if tail.shape[1] else last
+            if not tail.shape[1]:
+                first = last
+            elif extra:  # a deferred multimodal question: token by token, as published for vqa_deferred
+                first = self._read(cache, tail, ids.shape[1])
+            else:
+                first = self._ask(cache, tail, ids.shape[1])
             n = ids.shape[1] + tail.shape[1]
             tokens, step_ms = self._greedy(cache, first, n, sample.max_new_tokens)
             output = self.tok.decode(tokens, skip_special_tokens=True)
             rows.append(self._row(cell, cache, forward_s if own_logits is None else 0.0, compress_s, step_ms, n,
                                   score=task.score(output, sample), output=output.strip()))
             del cache
+        self._scored.clear()
+        return rows
+
+    @torch.no_grad()
+    def _ask(self, cache, tail: torch.Tensor, start: int) -> torch.Tensor:
+        """Feed ``tail`` (a question asked after compression) through the compressed cache in one forward, as
+        ``generate`` does with the tokens a cache has not seen; returns the logits of its last token."""
+        from ..cache import cache_kwargs
+
+        pos = torch.arange(start, start + tail.shape[1])[None]
+        return self.model(input_ids=tail, position_ids=pos, **cache_kwargs(self.model, cache)).logits[0, -1]
+
+    def _many(self, cells, task, sample, quantize) -> list[dict]:
+        """One compressed context, every question answered from its own fork of it."""
+        ids = self.text_inputs(sample, sample.questions[0])[0]
+        tails = []
+        for q in sample.questions:
+            head, tail = self.text_inputs(sample, q)
+            if not torch.equal(head, ids):
+                raise ValueError(f"{task.name}: the context's ids depend on the question; the cut must be before it")
+            tails.append(tail)
+        cap, forward_s = self._capture(ids)
+        rows = []
+        for cell in cells:
+            cache, compress_s, _ = self._build(cap, cell, quantize, ids, {})
+            outputs, steps = [], []
+            for tail in tails:
+                fork = cache.fork()
+                first = self._ask(fork, tail, ids.shape[1])
+                tokens, step_ms = self._greedy(fork, first, ids.shape[1] + tail.shape[1], sample.max_new_tokens)
+                outputs.append(self.tok.decode(tokens, skip_special_tokens=True).strip())
+                steps += step_ms[1:]  # each answer's first step excluded, as for one answer
+                del fork
+            row = self._row(cell, cache, forward_s, compress_s, [float("nan")] + steps, ids.shape[1],
+                            score=task.score(outputs, sample), output=" | ".join(outputs))
+            rows.append(dict(row, decode_steps=len(steps) + len(tails)))
+            del cache
+        self._scored.clear()
+        return rows
+
+    def _next_turn(self, messages: list[dict], reply: str, user: str) -> str:
+        """The chat text that follows ``reply`` (the last assistant answer) when ``user`` speaks next."""
+        before = self.render(messages)
+        after = self.render(messages + [{"role": "assistant", "content": reply}, {"role": "user", "content": user}])
+        if not after.startswith(before + reply):
+            raise ValueError("the chat template rewrites earlier turns (it does not extend the previous text), so a "
+                             "compressed history cannot be continued turn by turn")
+        return after[len(before) + len(reply):]
+
+    def _chat(self, cells, task, sample, quantize) -> list[dict]:
+        """A chat: turn 1 compressed from the shared prefill, each later turn added with modalkv.prefill on the cache
+        that answered the previous one; the last answer is scored."""
+        from ..context import prefill
+
+        messages = [{"role": "user", "content": sample.turns[0]}]
+        ids = self.tok(self.render(messages), return_tensors="pt", add_special_tokens=False).input_ids
+        cap, forward_s = self._capture(ids)
+        rows = []
+        for cell in cells:
+            cache, compress_s, _ = self._build(cap, cell, quantize, ids, {})
+            history, logits, msgs, outputs, steps = ids, cap.logits[0, -1], list(messages), [], []
+            for t, user in enumerate(sample.turns):
+                if t:
+                    nxt = self._next_turn(msgs, outputs[-1], user)
+                    msgs += [{"role": "assistant", "content": outputs[-1]}, {"role": "user", "content": user}]
+                    history = torch.cat([history, self.tok(nxt, return_tensors="pt", add_special_tokens=False)
+                                         .input_ids], 1)
+                    # the ids this cache has seen: decoding does not record them (modalkv.prefill checks them)
+                    cache.context_ids = history[:, : cache.get_seq_length()].clone()
+                    t0 = time.perf_counter()
+                    logits = prefill(self.model, cache, history, tokenizer=self.tok).logits[0, -1]
+                    compress_s += time.perf_counter() - t0
+                last = t == len(sample.turns) - 1
+                tokens, step_ms = self._greedy(cache, logits, history.shape[1],
+                                               sample.max_new_tokens if last else sample.turn_tokens)
+                outputs.append(self.tok.decode(tokens, skip_special_tokens=True))
+                history = torch.cat([history, torch.tensor([tokens], dtype=torch.long)], 1)
+                steps += step_ms[1:]
+            row = self._row(cell, cache, forward_s, compress_s, [float("nan")] + steps, history.shape[1],
+                            score=task.score(outputs[-1], sample), output=" | ".join(o.strip() for o in outputs))
+            rows.append(dict(row, decode_steps=len(steps) + len(outputs)))
+            del cache
+        self._scored.clear()
         return rows
 
     @torch.no_grad()
@@ -248,7 +375,43 @@ class ModelRunner:
                 out = self.model(input_ids=ids, **(extra or {}), **cache_kwargs(self.model, cache))
             return cache, time.perf_counter() - t0, out.logits[0, -1]
         cache = cap.build_cache(self.model, method, budget, quantize=quantize, modality_caps=caps)
-        return cache, time.perf_counter() - t0, None
+        seconds = time.perf_counter() - t0
+        if method.needs_context_pass:
+            if ids is None:
+                raise ValueError(f"{name} compresses in a pass over the context: the runner must pass its ids")
+            cache, pass_s = self._context_pass(cache, cell, quantize, ids, extra or {})
+            seconds += pass_s
+        return cache, seconds, None
+
+    def _context_pass(self, cache, cell, quantize, ids, extra):
+        """(cache, seconds): what modalkv.prefill does after the forward for a method with a context pass.
+
+        KVzip's reconstruction scores do not depend on the budget: they are computed once per prompt and method label
+        on a copy whose selection is skipped; each budget then selects from its own copy of that scored cache (the
+        same cache as a prefill at that budget, tested), and the scoring seconds count in every budget's time."""
+        from ..methods.kvzip import KVzip
+
+        method = cache.method
+        if not isinstance(method, KVzip):
+            t0 = time.perf_counter()
+            method.finish_prefill(cache, self.model, ids, tokenizer=self.tok, **extra)
+            cache.context_ids = ids.detach().cpu().clone()
+            return cache, time.perf_counter() - t0
+        key = (cell["method"], quantize)
+        if key not in self._scored:
+            scored = cache.fork()
+            scored.method._select = lambda c: None  # score only: every budget selects from a copy
+            t0 = time.perf_counter()
+            scored.method.finish_prefill(scored, self.model, ids, tokenizer=self.tok, **extra)
+            self._scored[key] = (scored, time.perf_counter() - t0)
+            del scored.method._select
+        scored, score_s = self._scored[key]
+        t0 = time.perf_counter()
+        out = scored.fork()
+        out.budget = cache.budget
+        out.method._select(out)
+        out.context_ids = ids.detach().cpu().clone()
+        return out, score_s + time.perf_counter() - t0
 
     @torch.no_grad()
     def _greedy(self, cache, first_logits, start: int, max_new: int):
@@ -310,8 +473,9 @@ class ModelRunner:
         cap, forward_s = self._capture(prompt)
         reference = None
         rows = []
+        self._scored.clear()
         for cell in cells:  # the full cache comes first
-            cache, compress_s, _ = self._build(cap, cell, quantize)
+            cache, compress_s, _ = self._build(cap, cell, quantize, prompt)
             logps, step_ms = [torch.log_softmax(cap.logits[0, -1].float(), -1)], []
             kw = cache_kwargs(self.model, cache)
             for i, t in enumerate(cont[:-1]):
@@ -328,6 +492,7 @@ class ModelRunner:
                                   score=float(top1.mean()), kl=float(kl.mean()), top1=float(top1.mean()),
                                   output=""))
             del cache
+        self._scored.clear()
         return rows
 
 

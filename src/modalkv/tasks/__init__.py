@@ -4,6 +4,7 @@
 """
 
 from . import docqa, multimodal, ruler  # noqa: F401  (register the tasks)
+from . import query_agnostic  # noqa: F401,E402  (the _after, multi-question and chat variants)
 from .base import TASKS, Sample, Task, get_task, register_task
 from .needle import NeedleSample, make_needle, score_contains
 

@@ -23,13 +23,16 @@ def get_task(name: str) -> "Task":
 
 @dataclass
 class Sample:
-    """One prompt: ``context`` (compressed with the prompt), ``question`` (asked last), reference answers."""
+    """One prompt: ``context`` (compressed with the prompt), ``question`` (asked last), reference answers.
+    ``deferred``: the context is compressed alone, before the question, which is then read through the compressed
+    cache (the ``*_after`` tasks of :mod:`modalkv.tasks.query_agnostic`, and ``vqa_deferred``)."""
 
     context: str
     question: str
     answers: list[str]
     max_new_tokens: int = 24
     meta: dict = field(default_factory=dict)
+    deferred: bool = False
 
     @property
     def prompt(self) -> str:

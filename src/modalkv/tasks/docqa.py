@@ -71,17 +71,26 @@ class ShakespeareCast(Task):
         if length <= self.reserve + 200:
             raise ValueError(f"docqa_cast needs a length above {self.reserve + 200} tokens, got {length}")
         rng = random.Random(f"{self.name}-{seed}")
-        plays = plays_with_cast()
-        play = rng.choice(sorted(plays))
-        roles, start = plays[play]
-        text = shakespeare_plays()[play][start:]
-        ids = tokenizer(text, add_special_tokens=False).input_ids[: length - self.reserve]
-        document = tokenizer.decode(ids).rsplit("\n", 1)[0]
-        descs = [d.lower() for _, d in roles]
-        askable = [(n, d) for n, d in roles if descs.count(d.lower()) == 1 and d in document]
+        play = rng.choice(sorted(plays_with_cast()))
+        document, roles, askable = play_document(tokenizer, play, length - self.reserve)
         if not askable:
             raise ValueError(f"docqa_cast: no askable character in {play!r} at length {length}")
         name, desc = rng.choice(askable)
-        question = f'In the list of characters above, who is "{desc}"? Answer with the name only.'
-        answers = answer_forms(name, [n for n, _ in roles])
-        return Sample(document, question, answers, meta={"play": play, "name": name, "description": desc})
+        return Sample(document, cast_question(desc), answer_forms(name, [n for n, _ in roles]),
+                      meta={"play": play, "name": name, "description": desc})
+
+
+def play_document(tokenizer, play: str, n_tokens: int):
+    """(document, roles, askable): the play from its list of characters, cut at a line boundary to ``n_tokens``
+    tokens; its (name, description) roles; the roles whose description is unique and inside the document."""
+    roles, start = plays_with_cast()[play]
+    text = shakespeare_plays()[play][start:]
+    ids = tokenizer(text, add_special_tokens=False).input_ids[:n_tokens]
+    document = tokenizer.decode(ids).rsplit("\n", 1)[0]
+    descs = [d.lower() for _, d in roles]
+    askable = [(n, d) for n, d in roles if descs.count(d.lower()) == 1 and d in document]
+    return document, roles, askable
+
+
+def cast_question(description: str) -> str:
+    return f'In the list of characters above, who is "{description}"? Answer with the name only.'

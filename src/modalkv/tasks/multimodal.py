@@ -33,11 +33,9 @@ DESCRIBE = "Describe each image."
 
 @dataclass
 class MMSample(Sample):
-    """A prompt with images: ``context`` holds one image placeholder per entry of ``images`` (paths, in order).
-    ``deferred``: the context is compressed before the question is read (the question goes through the cache)."""
+    """A prompt with images: ``context`` holds one image placeholder per entry of ``images`` (paths, in order)."""
 
     images: list[str] = field(default_factory=list)
-    deferred: bool = False
 
 
 @functools.lru_cache(maxsize=2)
