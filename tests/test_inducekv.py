@@ -10,6 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from modalkv import cache_kwargs
 from modalkv.inducekv import (
     Example,
     InduceKV,
@@ -66,7 +67,7 @@ def test_placed_memory_equals_the_prefix_in_context(make):
     assert M == n
     with torch.no_grad():
         want = model(ids[None]).logits[0, n:]
-        got = model(ids[None, n:], past_key_values=cache).logits[0]
+        got = model(ids[None, n:], **cache_kwargs(model, cache)).logits[0]
     assert (got - want).abs().max() < 1e-4
 
 
@@ -92,7 +93,7 @@ def test_empty_bank_reproduces_the_frozen_model():
     assert toks == ref and info["memory_tokens"] == 0
     cache, M = m.bank.memory_cache(model, [])
     with torch.no_grad():
-        assert torch.equal(model(ids[None], past_key_values=cache).logits, model(ids[None]).logits)
+        assert torch.equal(model(ids[None], **cache_kwargs(model, cache)).logits, model(ids[None]).logits)
     assert M == 0
 
 

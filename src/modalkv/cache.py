@@ -768,6 +768,7 @@ class KVCache(Cache):
         self.model_name = f"{type(model).__name__} {getattr(config, 'name_or_path', '') or config.model_type}".strip()
         self.module_ids = frozenset(id(m) for m in model.modules())
         attention.install(model)
+        _install_modality_hook(model)
         self.method.setup(self)
 
     # -- the model the cache belongs to ----------------------------------------------------------------------
@@ -921,6 +922,31 @@ class KVCache(Cache):
     def __repr__(self) -> str:
         return f"KVCache(method={self.method!r}, budget={self.budget.value!r}, layers={len(self.layers)})"
 
+
+
+def _modality_pre_hook(module, args, kwargs):
+    """Give a fresh KVCache the prompt's modality ids from the forward's own inputs (pipelines, plain generate), unless
+    they were set explicitly (``set_modality``)."""
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    if not isinstance(cache, KVCache) or cache._modality is not None or cache.get_seq_length() > 0:
+        return None
+    ids = kwargs.get("input_ids", args[0] if args else None)
+    if isinstance(ids, torch.Tensor) and ids.dim() == 2:
+        from .modality import detect_modality
+
+        cache.set_modality(detect_modality(module.config, ids, kwargs.get("mm_token_type_ids"),
+                                           kwargs.get("image_grid_thw"), kwargs.get("video_grid_thw")))
+    return None
+
+
+def _install_modality_hook(model) -> None:
+    """Once per vision-language model: detect modality ids at the prompt forward (see :func:`_modality_pre_hook`)."""
+    from .modality import special_token_modalities
+
+    if getattr(model, "_modalkv_modality_hook", False) or not special_token_modalities(model.config):
+        return
+    model.register_forward_pre_hook(_modality_pre_hook, with_kwargs=True)
+    model._modalkv_modality_hook = True
 
 
 def cache_kwargs(model, cache) -> dict[str, Any]:
