@@ -182,7 +182,9 @@ class ModelRunner:
         cut where its question (or ``question``) starts, so the question and the end of the chat template come
         after compression; otherwise the whole prompt is compressed."""
         question = sample.question if question is None else question
-        text = self.render([{"role": "user", "content": f"{sample.context}\n\n{question}"}])
+        text = f"{sample.context}\n\n{question}"  # as chat_ids: the chat template when the tokenizer has one
+        if getattr(self.tok, "chat_template", None):
+            text = self.render([{"role": "user", "content": text}])
         cut = text.rindex(question) if sample.deferred else len(text)
         head = self.tok(text[:cut], return_tensors="pt", add_special_tokens=False).input_ids
         tail = self.tok(text[cut:], add_special_tokens=False).input_ids if cut < len(text) else []
