@@ -54,7 +54,9 @@ def prefill(model, cache: KVCache, input_ids: torch.Tensor, attention_mask: torc
     seen = cache.get_seq_length()
     if seen:
         held = getattr(cache, "context_ids", None)
-        if held is None or input_ids.shape[1] <= seen or not torch.equal(input_ids[:, :seen].cpu(), held):
+        # the context it was given must come first (tokens it generated since are not recorded, so only that part
+        # is compared)
+        if held is None or input_ids.shape[1] <= seen or not torch.equal(input_ids[:, : held.shape[1]].cpu(), held):
             raise ValueError(
                 f"this cache already holds another context ({seen} tokens): pass the whole sequence it holds followed "
                 "by the new tokens, or use cache.reset() (or a new cache) for a new context"
