@@ -123,6 +123,16 @@ def _packable(layer, q: int) -> bool:
     return q == 1 or all(st.n == heads[0].n for st in heads)
 
 
+def _after_step(layer, probs_per_head) -> None:
+    """After a decode step attended: the method's decode hook, then the cache's decode_budget eviction."""
+    cache = layer.cache
+    method = cache.method
+    if method.needs_decode_probs or method.decodes:
+        method.decode(layer, probs_per_head if method.needs_decode_probs else None)
+    if cache.core_decode_eviction is not None:
+        layer.enforce_decode_budget(probs_per_head)
+
+
 def attend_packed(layer, query: torch.Tensor, mask, scaling: float) -> torch.Tensor:
     """:func:`attend_stored` for a packed layer: one batched step over all KV heads (ragged sizes masked), a fixed
     number of tensor ops whatever the number of heads. Returns [B, q, Hq, d]."""
@@ -165,10 +175,7 @@ def attend_packed(layer, query: torch.Tensor, mask, scaling: float) -> torch.Ten
     probs_per_head = []
     if want_probs:
         probs_per_head = [probs[:, h, :, : sizes[h]].unflatten(1, (G, q)) for h in range(H)]
-    if method.needs_decode_probs or method.decodes:
-        method.decode(layer, probs_per_head if method.needs_decode_probs else None)
-    if core_evicts is not None:
-        layer.enforce_decode_budget(probs_per_head)
+    _after_step(layer, probs_per_head)
     return out
 
 
@@ -220,10 +227,7 @@ def attend_stored(layer, query: torch.Tensor, mask, scaling: float) -> torch.Ten
             if hidden is not None:  # the method scores every stored entry, hidden ones included
                 probs = torch.softmax(scored, dim=-1, dtype=torch.float32).to(V.dtype)
             probs_per_head.append(probs.view(B, G, q, n))
-    if method.needs_decode_probs or method.decodes:
-        method.decode(layer, probs_per_head if method.needs_decode_probs else None)
-    if core_evicts is not None:
-        layer.enforce_decode_budget(probs_per_head)
+    _after_step(layer, probs_per_head)
     return out
 
 
