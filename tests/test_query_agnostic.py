@@ -121,10 +121,31 @@ def kvzip_scores(model, ctx, **params):
             for s in layer.heads:
                 assert torch.equal(s.pos[0, : s.n], torch.arange(ctx.shape[1], dtype=torch.int32))
 
-    method._select = capture
     cache = KVCache(model, method, 0.25)
-    modalkv.prefill(model, cache, ctx, tokenizer=TOK)
+    modalkv.prefill(model, cache, ctx, tokenizer=TOK, select=False)
+    capture(cache)
     return captured
+
+
+def test_kvzip_scored_once_then_selected_per_budget_equals_a_prefill_at_that_budget():
+    from modalkv.budget import Budget
+
+    model = tiny_llama()
+    ctx = prompt(40)
+    scored = KVCache(model, "kvzip", 0.25)
+    modalkv.prefill(model, scored, ctx, tokenizer=TOK, select=False)
+    assert all(s.count() == 40 for layer in scored.managed_layers for s in layer.heads)  # nothing evicted yet
+    for budget in (0.25, 0.5):
+        fork = scored.fork()
+        fork.budget = Budget(budget)
+        fork.method.select(fork)
+        direct = KVCache(model, "kvzip", budget)
+        modalkv.prefill(model, direct, ctx, tokenizer=TOK)
+        for a, b in zip(fork.managed_layers, direct.managed_layers):
+            for sa, sb in zip(a.heads, b.heads):
+                assert torch.equal(sa.pos[0, : sa.n], sb.pos[0, : sb.n])
+    with pytest.raises(ValueError, match="select=False"):
+        modalkv.prefill(model, KVCache(model, "snapkv", 0.25), ctx, select=False)
 
 
 @pytest.mark.parametrize("chunk", [64, 16])

@@ -28,7 +28,7 @@ def _max_positions(model) -> int | None:
 
 @torch.no_grad()
 def prefill(model, cache: KVCache, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
-            tokenizer=None, **model_kwargs):
+            tokenizer=None, select: bool = True, **model_kwargs):
     """Run a context through ``model`` into ``cache`` and finish its compression; returns the model's output.
 
     For ordinary methods this is one forward with the cache (the method compresses each layer as it goes). Methods
@@ -38,6 +38,10 @@ def prefill(model, cache: KVCache, input_ids: torch.Tensor, attention_mask: torc
 
     A cache that already holds tokens takes only the new ones (``input_ids`` must then be the whole sequence:
     what the cache holds, then the new turn); methods with a context pass then compress the whole history again.
+
+    ``select=False`` (methods with a context pass only) scores the context without evicting anything; then
+    ``cache.method.select(c)`` keeps the best entries of ``c`` — e.g. of several ``cache.fork()`` copies given
+    different budgets (``c.budget = Budget(0.1)``), since the scores do not depend on the budget.
     """
     from .modality import detect_modality, special_token_modalities
 
@@ -74,7 +78,10 @@ def prefill(model, cache: KVCache, input_ids: torch.Tensor, attention_mask: torc
         kwargs["position_ids"] = torch.arange(seen, input_ids.shape[1], device=input_ids.device)[None].expand(
             input_ids.shape[0], -1)
     out = model(input_ids=new, **kwargs, **cache_kwargs(model, cache))
+    if not select and not cache.method.needs_context_pass:
+        raise ValueError(f"select=False needs a method that scores the context in a pass of its own (kvzip); "
+                         f"{cache.method.name} compresses during the forward")
     if cache.method.needs_context_pass:
-        cache.method.finish_prefill(cache, model, input_ids, tokenizer=tokenizer, **model_kwargs)
+        cache.method.finish_prefill(cache, model, input_ids, tokenizer=tokenizer, select=select, **model_kwargs)
     cache.context_ids = input_ids.detach().cpu().clone()
     return out

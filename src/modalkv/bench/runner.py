@@ -402,16 +402,14 @@ class ModelRunner:
         key = (cell["method"], quantize)
         if key not in self._scored:
             scored = cache.fork()
-            scored.method._select = lambda c: None  # score only: every budget selects from a copy
-            t0 = time.perf_counter()
-            scored.method.finish_prefill(scored, self.model, ids, tokenizer=self.tok, **extra)
+            t0 = time.perf_counter()  # score only: every budget selects from a copy
+            scored.method.finish_prefill(scored, self.model, ids, tokenizer=self.tok, select=False, **extra)
             self._scored[key] = (scored, time.perf_counter() - t0)
-            del scored.method._select
         scored, score_s = self._scored[key]
         t0 = time.perf_counter()
         out = scored.fork()
         out.budget = cache.budget
-        out.method._select(out)
+        out.method.select(out)
         out.context_ids = ids.detach().cpu().clone()
         return out, score_s + time.perf_counter() - t0
 

@@ -144,9 +144,10 @@ class Method:
     def cache(self, cache) -> None:
         self.__dict__["_cache_ref"] = weakref.ref(cache) if cache is not None else None
 
-    def finish_prefill(self, cache, model, input_ids, tokenizer=None, **model_kwargs) -> None:
+    def finish_prefill(self, cache, model, input_ids, tokenizer=None, select: bool = True, **model_kwargs) -> None:
         """Called by :func:`modalkv.prefill` after the context's forward: methods that need passes of their own over
-        the context (``needs_context_pass``, e.g. KVzip's reconstruction) run them here."""
+        the context (``needs_context_pass``, e.g. KVzip's reconstruction) run them here; with ``select=False`` they
+        only score, and a later ``select(cache)`` evicts."""
 
     def reset(self, cache) -> None:
         """Called by ``KVCache.reset()``: forget per-prompt state (override when the method keeps any)."""

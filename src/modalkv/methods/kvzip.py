@@ -134,8 +134,13 @@ class KVzip(Method):
             c0 = c1
 
     @torch.no_grad()
-    def finish_prefill(self, cache, model, input_ids: torch.Tensor, tokenizer=None, **model_kwargs) -> None:
-        """Reconstruct the context through the cache, chunk by chunk, then keep the best-scored pairs."""
+    def finish_prefill(self, cache, model, input_ids: torch.Tensor, tokenizer=None, select: bool = True,
+                       **model_kwargs) -> None:
+        """Reconstruct the context through the cache, chunk by chunk, then keep the best-scored pairs.
+
+        With ``select=False`` the scores are left in the cache's entries and nothing is evicted: call
+        :meth:`select` later (e.g. on several ``cache.fork()`` copies with different budgets — the scores do not
+        depend on the budget)."""
         from ..cache import cache_kwargs
 
         if tokenizer is None:
@@ -172,10 +177,12 @@ class KVzip(Method):
         finally:
             self.__dict__["_scoring"] = False
             cache.core_decode_eviction = core
-        self._select(cache)
+        if select:
+            self.select(cache)
         self.__dict__["_finished"] = True
 
-    def _select(self, cache) -> None:
+    def select(self, cache) -> None:
+        """Keep the best-scored pairs of a scored cache under ``cache.budget`` (the allocation's grouping)."""
         layers = cache.managed_layers
         first = layers[0]
         real = first.prompt_real + (first.seen - first.prompt_len)  # [1] every real token seen
