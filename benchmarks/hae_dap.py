@@ -3,11 +3,12 @@ in easy-VQA accuracy, and what it saves in KV bytes and prefill time (docs/resul
 
 Plain easy-VQA test questions (one image, then the question: the paper's image-understanding setting). For every
 question and setting: a fresh batch-1 prefill with HAE at budget 1.0 (so only DAP acts), greedy answer (<= 3 tokens),
-exact match. ``tau_g`` is given relative to the uniform share 1/|V| (the paper's 0.0015 is 0.86 of the uniform share
-of LLaVA-1.5's 576 image tokens); ``tau_i=1.0`` switches the peak test off. Prefill ms: median over questions, whole
+exact match. Absolute thresholds are the paper's form (tau_g a share of the summed attention: its 0.0015 is 0.86 of
+the uniform share of LLaVA-1.5's 576 image tokens; tau_i=1.0 switches the peak test off); relative ones (HAE's
+default) are multiples of the visual tokens' mean global and mean peak attention. Prefill ms: median over questions, whole
 model forward (vision tower included), relative to the full cache measured in the same loop.
 
-    PYTHONPATH=src .venv/bin/python benchmarks/hae_dap.py --n 200 --out docs/results/hae_dap.csv
+    PYTHONPATH=src .venv/bin/python benchmarks/hae_dap.py --n 200 --out docs/results/hae_dap_relative.csv
 """
 
 from __future__ import annotations
@@ -25,13 +26,13 @@ from modalkv.models import load_model
 # (label, method, params): tau_g as a multiple of the uniform share, converted per prompt below
 SETTINGS = [
     ("full", "full", {}),
-    ("HAE paper thresholds (tau_g .0015, tau_i .001)", "hae", {"tau_g": 0.0015, "tau_i": 0.001}),
-    ("HAE tau_g 0.86/|V| (paper's share), tau_i .0067 (paper's / mean attention)", "hae", {"c": 0.86, "tau_i": 0.0067}),
-    ("HAE tau_g 0.92/|V|, peak test off", "hae", {"c": 0.92, "tau_i": 1.0}),
-    ("HAE tau_g 0.94/|V|, peak test off", "hae", {"c": 0.94, "tau_i": 1.0}),
-    ("HAE tau_g 0.96/|V|, peak test off", "hae", {"c": 0.96, "tau_i": 1.0}),
-    ("HAE tau_g 1.0/|V|, peak test off", "hae", {"c": 1.0, "tau_i": 1.0}),
-    ("HAE tau_g 0.94/|V|, peak test off, kv_only", "hae", {"c": 0.94, "tau_i": 1.0, "mode": "kv_only"}),
+    ("HAE absolute, paper thresholds (tau_g .0015, tau_i .001)", "hae", {"thresholds": "absolute"}),
+    ("HAE absolute tau_g 0.94/|V|, peak test off", "hae", {"thresholds": "absolute", "c": 0.94, "tau_i": 1.0}),
+    ("HAE relative 0.86 / 1.0", "hae", {"tau_g": 0.86, "tau_i": 1.0}),
+    ("HAE relative 1.0 / 1.0 (default)", "hae", {}),
+    ("HAE relative 1.0 / 1.5", "hae", {"tau_g": 1.0, "tau_i": 1.5}),
+    ("HAE relative 1.2 / 1.2", "hae", {"tau_g": 1.2, "tau_i": 1.2}),
+    ("HAE relative 1.0 / 1.0, kv_only", "hae", {"mode": "kv_only"}),
 ]
 
 
@@ -107,7 +108,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--n", type=int, default=200)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out", default="docs/results/hae_dap.csv")
+    ap.add_argument("--out", default="docs/results/hae_dap_relative.csv")
     ap.add_argument("--summarise", action="store_true", help="only print the table of an existing --out file")
     args = ap.parse_args()
     if args.summarise:

@@ -84,7 +84,7 @@ def test_config_file_and_errors(tmp_path):
     with pytest.raises(TypeError, match="no parameter"):
         _check_bench(BenchConfig(methods=["hae(tau=0.01)"]))
     with pytest.raises(ValueError, match="tau_g"):
-        _check_bench(BenchConfig(methods=["hae(tau_g=2.0)"]))
+        _check_bench(BenchConfig(methods=["hae(tau_g=-2.0)"]))
 
 
 def test_pareto_front():

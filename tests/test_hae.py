@@ -12,7 +12,7 @@ from modalkv import KVCache, cache_kwargs
 from modalkv.modality import TEXT, detect_modality
 from test_modality import IMG, TXT, llava_inputs
 
-DAP = dict(tau_g=0.0302, tau_i=0.0415)  # thresholds that evict part of the (near-uniformly attended) random image
+DAP = dict(thresholds="absolute", tau_g=0.0302, tau_i=0.0415)  # thresholds that evict part of the (near-uniformly attended) random image
 
 
 def llava3(impl="sdpa", seed=0):
@@ -74,7 +74,7 @@ def _dap_by_hand(model, ids, extra, tau_g, tau_i):
 def test_dap_rule_decided_once_and_broadcast_to_every_layer_and_head(mode):
     model = llava3()
     ids, extra = llava_inputs(images=2)
-    evicted, visual = _dap_by_hand(model, ids, extra, **DAP)
+    evicted, visual = _dap_by_hand(model, ids, extra, DAP["tau_g"], DAP["tau_i"])
     assert 0 < len(evicted) < len(visual)  # the thresholds split the image tokens
     cache = hae_cache(model, ids, mode=mode, **DAP)
     with torch.no_grad():
@@ -84,6 +84,47 @@ def test_dap_rule_decided_once_and_broadcast_to_every_layer_and_head(mode):
         for positions in heads:
             assert set(positions) & visual == visual - evicted  # the same visual set everywhere
             assert set(range(ids.shape[1])) - visual <= set(positions)  # text is never evicted at prefill
+
+
+def test_relative_thresholds_are_multiples_of_the_visual_means():
+    """The default rule: evict a visual token whose global attention and peak are both below tau times the visual
+    tokens' means (checked against transformers' own layer-0 attention)."""
+    model = llava3()
+    ids, extra = llava_inputs(images=2)
+    ref = llava3("eager")
+    ref.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        att = ref(input_ids=ids, **extra, output_attentions=True).attentions[0][0].mean(0)
+    lay = detect_modality(model.config, ids).ids[0]
+    vis = torch.nonzero(lay != TEXT).flatten()
+    rows = torch.nonzero((lay == TEXT) & (torch.arange(len(lay)) > vis.max())).flatten()
+    a = att[rows][:, vis].double()
+    g, m = a.sum(0), a.amax(0)
+    for tau_g, tau_i in [(1.0, 1.0), (1.1, 1.3), (0.9, 2.0)]:
+        want = set(vis[(g < tau_g * g.mean()) & (m < tau_i * m.mean())].tolist())
+        assert 0 < len(want) < len(vis)
+        cache = hae_cache(model, ids, tau_g=tau_g, tau_i=tau_i)
+        with torch.no_grad():
+            model(input_ids=ids, **extra, **cache_kwargs(model, cache))
+        got = set(vis.tolist()) - set(kept(cache)[0][0])
+        assert got == want, (tau_g, tau_i)
+
+
+@pytest.mark.parametrize("mode", ["prune", "kv_only"])
+def test_text_is_never_evicted_at_prefill_when_the_budget_holds_it(mode):
+    """Below budget 1.0 the prefill trims visual tokens only, as long as the budget holds every text token (image
+    tokens inside the sink or recent windows are not protected against text)."""
+    model = llava3()
+    ids, extra = llava_inputs(images=2)  # 63 tokens: 32 image, 31 text
+    text = set(torch.nonzero(detect_modality(model.config, ids).ids[0] == TEXT).flatten().tolist())
+    for budget in (40, 0.6, 31):
+        cache = hae_cache(model, ids, budget=budget, mode=mode)
+        with torch.no_grad():
+            model(input_ids=ids, **extra, **cache_kwargs(model, cache))
+        for heads in kept(cache).values():
+            for positions in heads:
+                assert text <= set(positions), budget
+                assert len(positions) == (budget if isinstance(budget, int) else int(budget * 63 + 0.999))
 
 
 _PRUNED = {"evicted": None}
@@ -259,10 +300,14 @@ def test_errors():
     model = gemma3()
     ids, extra = gemma3_inputs()
     with pytest.raises(ValueError, match="kv_only"):  # sliding-window layers cannot run on pruned hidden states
-        run_steps(model, ids, None, hae_cache(model, ids, tau_g=1.0, tau_i=1.0), 1, extra=extra)
-    run_steps(model, ids, None, hae_cache(model, ids, tau_g=1.0, tau_i=1.0, mode="kv_only"), 1, extra=extra)
+        run_steps(model, ids, None, hae_cache(model, ids, thresholds="absolute", tau_g=1.0, tau_i=1.0), 1, extra=extra)
+    run_steps(model, ids, None, hae_cache(model, ids, thresholds="absolute", tau_g=1.0, tau_i=1.0, mode="kv_only"), 1, extra=extra)
     with pytest.raises(ValueError, match="tau_g"):
-        KVCache(tiny_llama(), "hae", 0.5, tau_g=1.5)
+        KVCache(tiny_llama(), "hae", 0.5, thresholds="absolute", tau_g=1.5)  # a share above the whole
+    with pytest.raises(ValueError, match="tau_i"):
+        KVCache(tiny_llama(), "hae", 0.5, tau_i=-0.5)
+    with pytest.raises(TypeError, match="thresholds"):
+        KVCache(tiny_llama(), "hae", 0.5, thresholds="paper")
     with pytest.raises(TypeError, match="mode"):
         KVCache(tiny_llama(), "hae", 0.5, mode="everything")
 

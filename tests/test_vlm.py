@@ -146,7 +146,7 @@ def test_runner_gives_a_pruning_method_its_own_prefill(shipped):
     runner.tok = runner.processor.tokenizer
     ids, _, extra = runner.mm_inputs(get_task("vqa_distract").make(runner.tok, 400, 0))
     cap, _ = runner._capture(ids, **extra)
-    prune = "hae(tau_g=0.0147,tau_i=1.0)"
+    prune = "hae(thresholds=absolute,tau_g=0.0147,tau_i=1.0)"
     cache, _, own = runner._build(cap, {"method": prune, "budget": 1.0}, None, ids, extra)
     assert own is not None and int(cache.method.dap_evicted[0]) > 0
     img = torch.nonzero(cap.modality[0] == IMAGE).flatten()

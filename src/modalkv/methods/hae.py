@@ -25,8 +25,8 @@ class HAE(Method):
 
     1. **Dual-Attention Pruning (DAP)**, prefill, first layer only. With ``A`` the head-averaged attention of the
        instruction's text tokens (query rows) over the visual tokens, ``g_j = sum_i A[i, j]`` and
-       ``m_j = max_i A[i, j]``, visual token ``j`` is evicted iff ``g_j < tau_g * sum_j' g_j'`` and
-       ``m_j < tau_i``. The kept visual set is **broadcast** to every layer and head. Text is never evicted here.
+       ``m_j = max_i A[i, j]``, visual token ``j`` is evicted iff ``g_j`` and ``m_j`` are both below their
+       thresholds. The kept visual set is **broadcast** to every layer and head. Text is never evicted here.
        ``mode="prune"``: the later layers compute over the kept tokens only, with their original positions (the
        prefill itself gets cheaper, :mod:`modalkv.pruning`); ``mode="kv_only"``: the prefill runs in full and every
        layer's cache keeps the same set.
@@ -43,9 +43,13 @@ class HAE(Method):
 
     Parameters
     ----------
-    tau_g, tau_i : float
-        DAP thresholds: share of the summed global attention (paper's chosen 0.0015) and peak attention (MustDrop's
-        default 0.001 — CHOICE, the paper does not state it).
+    thresholds : "relative" | "absolute"
+        CHOICE (relative). ``absolute`` is the paper's rule: ``g_j < tau_g * sum_j' g_j'`` and ``m_j < tau_i``
+        (defaults 0.0015 and 0.001, tuned on LLaVA-1.5's 576 image tokens; on modalkv's VLM they evict nothing).
+        ``relative``: ``g_j < tau_g * mean_V(g)`` and ``m_j < tau_i * mean_V(m)`` over the row's visual tokens
+        (multiples of the uniform share, so one setting carries across models and image sizes; defaults 1.0 and 1.0).
+    tau_g, tau_i : float or None
+        The two thresholds in the chosen form (None: that form's defaults).
     max_evict : int or None
         Cap ``c`` on DAP evictions (the lowest-``g`` candidates go first). CHOICE: off.
     mode : "prune" | "kv_only"
@@ -85,8 +89,9 @@ class HAE(Method):
     the per-row counts of visual tokens and DAP evictions.
     """
 
-    tau_g: float = 0.0015
-    tau_i: float = 0.001
+    thresholds: Literal["relative", "absolute"] = "relative"
+    tau_g: float | None = None
+    tau_i: float | None = None
     max_evict: int | None = None
     mode: Literal["prune", "kv_only"] = "prune"
     query_rows: Literal["after_last_image", "after_first_image", "all_text"] = "after_last_image"
@@ -119,10 +124,18 @@ class HAE(Method):
         """False when the prompt forward itself changes (pruned later layers): a captured prefill cannot stand in."""
         return not (self.dap and self.mode == "prune")
 
+    # DAP thresholds when not given: "absolute" are the paper's (tau_g 0.0015 of the summed global attention,
+    # tau_i 0.001 peak attention); "relative" are multiples of the visual tokens' mean global and mean peak attention
+    DEFAULT_THRESHOLDS = {"absolute": (0.0015, 0.001), "relative": (1.0, 1.0)}
+
     def validate(self) -> None:
         cls = type(self).__name__
-        check_range(cls, "tau_g", self.tau_g, 0.0, 1.0)
-        check_range(cls, "tau_i", self.tau_i, 0.0, 1.0)
+        g, i = self.DEFAULT_THRESHOLDS[self.thresholds]
+        self.tau_g = g if self.tau_g is None else self.tau_g
+        self.tau_i = i if self.tau_i is None else self.tau_i
+        high = 1.0 if self.thresholds == "absolute" else None  # a relative threshold may exceed the mean
+        check_range(cls, "tau_g", self.tau_g, 0.0, high)
+        check_range(cls, "tau_i", self.tau_i, 0.0, high)
         for name in ("bin_size", "recent", "n_sink", "v_floor"):
             check_range(cls, name, getattr(self, name), 0)
         if self.max_evict is not None:
@@ -170,7 +183,9 @@ class HAE(Method):
         scores = self._prefill_scores(ctx)
         k = torch.minimum(ctx.budget_tokens, cand.sum(-1))
         sinks, recent = _protected_counts(k, self.n_sink, self.recent)
-        protected = (first_real(ctx.real, sinks) | last_real(ctx.real, recent)) & cand
+        # CHOICE: at prefill the sinks and the recent window protect text only, so that no text token is evicted
+        # in favour of a visual one (visual tokens compete among themselves by DAP's scores)
+        protected = (first_real(ctx.real, sinks) | last_real(ctx.real, recent)) & cand & (ctx.modality == TEXT)
         prio = self._priority(scores, ctx.modality, cand, protected).masked_fill(~cand, float("-inf"))
         H = ctx.num_kv_heads
         idx = self.top(ctx, prio[:, None].expand(B, H, n), k, force=protected)
@@ -238,7 +253,13 @@ class HAE(Method):
         check_finite(g, self.name)
         self._g, self._peak = g, peak  # kept for inspection (benchmarks/hae_attention.py)
         total = (g * visual).sum(-1, keepdim=True)
-        evict = visual & (g < self.tau_g * total) & (peak < self.tau_i)
+        if self.thresholds == "absolute":  # the paper's: a share of the summed attention, a peak probability
+            g_cut, peak_cut = self.tau_g * total, self.tau_i
+        else:  # multiples of the visual tokens' mean global attention (the uniform share) and mean peak
+            count = visual.sum(-1, keepdim=True).clamp(min=1)
+            g_cut = self.tau_g * total / count
+            peak_cut = self.tau_i * (peak * visual).sum(-1, keepdim=True) / count
+        evict = visual & (g < g_cut) & (peak < peak_cut)
         if self.variance_gate:
             evict &= (_cv(g, visual) > _cv(g, text))[:, None]
         if self.max_evict is not None:
