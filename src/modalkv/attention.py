@@ -205,7 +205,7 @@ def attend_stored(layer, query: torch.Tensor, mask, scaling: float) -> torch.Ten
     qs = (query * scaling).view(B, H, G * q, d) if query.is_contiguous() else (query * scaling).reshape(B, H, G * q, d)
     readout = method.readout if method.has_readout else None
     for h, store in enumerate(heads):
-        logits, V = store.logits_values(qs[:, h])  # [B, G*q, n], [B, n, dv]
+        logits = store.logits(qs[:, h])  # [B, G*q, n]
         n = logits.shape[-1]
         if not store.all_valid:
             logits.masked_fill_(~store.valid[:, None, :n], float("-inf"))
@@ -218,14 +218,15 @@ def attend_stored(layer, query: torch.Tensor, mask, scaling: float) -> torch.Ten
         if hidden is not None:
             logits = logits.masked_fill(hidden[:, None, :n] > 0, float("-inf"))
         if readout is not None:  # the method adds its own terms to the attention (e.g. RetentiveKV's states)
-            o, probs = readout(layer, h, qs[:, h], logits, V)
+            o, probs = readout(layer, h, qs[:, h], logits, store.kv()[1])
         else:
-            probs = torch.softmax(logits, dim=-1, dtype=torch.float32).to(V.dtype)
-            o = torch.matmul(probs, V)
+            probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+            o = store.mix(probs)
+            probs = probs.to(o.dtype)
         out[:, :, h * G : (h + 1) * G] = o.view(B, G, q, d).transpose(1, 2)
         if want_probs:
             if hidden is not None:  # the method scores every stored entry, hidden ones included
-                probs = torch.softmax(scored, dim=-1, dtype=torch.float32).to(V.dtype)
+                probs = torch.softmax(scored, dim=-1, dtype=torch.float32).to(o.dtype)
             probs_per_head.append(probs.view(B, G, q, n))
     _after_step(layer, probs_per_head)
     return out
