@@ -1,16 +1,15 @@
 """The fused CPU reads of compressed entries: a small C library (``_kernels.c``) built with the system C compiler.
 
-The library is built on first use (well under a second with gcc) into ``$MODALKV_KERNEL_DIR`` or
-``~/.cache/modalkv/kernels``, named by a hash of the source, the flags and the CPU, and loaded with ctypes; no
-torch headers are involved, so it builds and loads in a fresh process in well under a second.
+The library is built on first use into ``$MODALKV_KERNEL_DIR`` or ``~/.cache/modalkv/kernels``, named by a hash of
+the source, the flags and the CPU, and loaded with ctypes.
 ``scripts/install.sh`` builds it once (``python -m modalkv.storage.kernels``). When no compiler is found, the
 build fails, or ``MODALKV_KERNELS=0`` is set, :func:`library` returns None and every payload reads with its pure
 torch path, which gives the same results up to float rounding (tests/test_storage.py checks both).
 
-CHOICE (a C library through ctypes rather than torch.compile or a torch C++ extension): measured on this project's
-CPU, inductor took tens of seconds to compile the KIVI read per shape in a fresh process and a torch C++ extension
-needs the torch headers (a ~40 s build); the plain C library builds in under a second and is called once per layer
-for every (row, KV head), which is also the layout a GPU kernel would take (see docs/results/decode_core.md).
+CHOICE (a C library through ctypes rather than torch.compile or a torch C++ extension): it needs no torch headers
+and builds in about a second, so a fresh process never waits on a compiler; torch.compile and a torch C++ extension
+were not measured. One call reads every (row, KV head) of a layer, which is also the layout a GPU kernel would take
+(see docs/results/decode_core.md).
 """
 
 from __future__ import annotations
