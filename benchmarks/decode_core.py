@@ -58,6 +58,8 @@ def decode_ms(model, ids, make_cache, steps: int, per_head: bool = False) -> tup
     if per_head:
         for layer in getattr(cache, "managed_layers", []):
             layer.packed = False
+            for store in layer.heads or []:  # compressed payloads: the pure torch reads (dequantize / LUT gathers)
+                store.payload.fused = False
     nxt = out.logits[:, -1:].argmax(-1)
     pos = ids.shape[1]
     times = []
@@ -105,6 +107,9 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--profile", action="store_true")
+    p.add_argument("--configs", nargs="+", help="run only these configurations (besides DynamicCache and full)")
+    p.add_argument("--calib-tokens", type=int, default=512, help="Spherical KV codebook calibration tokens")
+    p.add_argument("--run", default="", help="a label for this run in the CSV")
     p.add_argument("--out", default=str(ROOT / "docs/results/decode_core.csv"))
     args = p.parse_args()
 
@@ -127,7 +132,14 @@ def main() -> None:
         "snapkv 0.25 per-head": (lambda: KVCache(model, "snapkv", 0.25), True),
         "h2o 0.25": (lambda: KVCache(model, "h2o", 0.25), False),
         "streamingllm 0.25": (lambda: KVCache(model, "streamingllm", 0.25), False),
+        "kivi-4": (lambda: KVCache(model, "full", quantize="kivi-4"), False),
+        "kivi-4 unfused per-head": (lambda: KVCache(model, "full", quantize="kivi-4"), True),
+        "sphericalkv 0.2": (lambda: KVCache(model, "sphericalkv", 0.2, calib_tokens=args.calib_tokens), False),
+        "sphericalkv 0.2 unfused": (lambda: KVCache(model, "sphericalkv", 0.2, calib_tokens=args.calib_tokens),
+                                    True),
     }
+    if args.configs:
+        configs = {name: configs[name] for name in ["DynamicCache", "modalkv full", *args.configs]}
     bandwidth = read_bandwidth()
     base_ms = statistics.median(decode_ms(model, short, lambda: DynamicCache(config=model.config), args.steps)[0]
                                 for _ in range(3))
@@ -155,6 +167,9 @@ def main() -> None:
             make, per_head = configs[name]
             med.loc[med.config == name, "aten_ops_per_layer_step"] = aten_ops_per_layer_step(
                 model, ids[:, :512], make, args.layers, per_head)
+    if "aten_ops_per_layer_step" not in med:
+        med["aten_ops_per_layer_step"] = float("nan")
+    med.insert(0, "run", args.run)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     med.to_csv(out, mode="a", header=not out.exists(), index=False)

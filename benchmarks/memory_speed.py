@@ -6,6 +6,8 @@ against transformers' own DynamicCache and modalkv's ``full`` measured in the sa
 
     python benchmarks/memory_speed.py                       # the published sweep (about 25 minutes)
     python benchmarks/memory_speed.py --lengths 2048 --batches 1 --methods dynamic full snapkv  # quick
+    python benchmarks/memory_speed.py --lengths 8192 --batches 4 8 --threads 1 --budget 0.2 \
+        --methods full snapkv kivi-4 sphericalkv                     # the compressed formats, KV-bound
 
 Decode ms/token: a hand-written greedy loop, one forward per token; the median step time over ``--new-tokens``
 steps (the first token comes from prefill), repeated ``--repeats`` times on the same cache, median of the
@@ -80,8 +82,12 @@ def worker(args) -> dict:
     model, tok = load_model(args.model)
     info = model_info(model)
     ids = build_prompt(tok, args.length)
+    from modalkv.storage import storage_names
+
     if args.method == "dynamic":
         cache = DynamicCache(config=model.config)
+    elif args.method in storage_names():  # quantized storage of every token (KIVI): the full cache, quantized
+        cache = KVCache(model, "full", quantize=args.method)
     else:
         cache = KVCache(model, args.method, args.budget if args.method != "full" else 1.0)
     rss_loaded = psutil.Process().memory_info().rss
@@ -114,7 +120,7 @@ def worker(args) -> dict:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     stored = cache_bytes(cache)
     return {
-        "method": args.method, "budget": 1.0 if args.method in ("dynamic", "full") else args.budget,
+        "method": args.method, "budget": 1.0 if args.method in ("dynamic", "full", *storage_names()) else args.budget,
         "length": args.length, "batch": args.batch, "threads": args.threads,
         "prefill_s": prefill_s, "decode_ms": statistics.median(medians), "decode_ms_repeats": medians,
         "kv_full_bytes": mem["full_bytes"], "kv_kept_bytes": mem["kept_bytes"],

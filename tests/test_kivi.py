@@ -37,7 +37,7 @@ def test_full_precision_residual_is_exact(model):
         model(ids, **cache_kwargs(model, ref))
     for layer, rlayer in zip(cache.managed_layers, ref.layers):
         for h, store in enumerate(layer.heads):
-            assert store.nq == 128 and store.n == 200  # 200 - 64 = 136 -> 4 whole groups quantized
+            assert store.payload.nq == 128 and store.n == 200  # 200 - 64 = 136 -> 4 whole groups quantized
             k, v = store.kv()
             assert torch.equal(k[:, 128:], rlayer.keys[:, h, 128:])  # bit-identical residual
             assert torch.equal(v[:, 128:], rlayer.values[:, h, 128:])
@@ -83,7 +83,7 @@ def test_composes_with_eviction(model, method):
         for sp, sq in zip(lp.heads, lq.heads):
             assert sp.count() == sq.count()  # the same number of valid entries per row
             assert sq.n - sq.count() < 32  # holes are repacked before a whole group accumulates
-            assert sq.nq >= 64
+            assert sq.payload.nq >= 64
     assert quant.memory_report()["payload_bytes"] < 0.5 * plain.memory_report()["payload_bytes"]
     assert all(bool(torch.isfinite(x).all()) for x in logits)
 
@@ -97,7 +97,8 @@ def test_batch_of_two(model):
 
 
 def test_bad_quantizer_settings():
-    with pytest.raises(ValueError, match=r"KIVI.bits must be 2, 4 or 8, got 3"):
+    with pytest.raises(ValueError, match=r"unknown quantizer 'kivi-3': the registered storage formats are "
+                                         r"kivi-2, kivi-4, kivi-8"):
         make_quantizer("kivi-3")
     with pytest.raises(ValueError, match=r"KIVI.bits must be 2, 4 or 8, got 5"):
         KIVI(bits=5)

@@ -135,9 +135,9 @@ def test_kivi_codes_are_saved_as_stored(tmp_path):
     loaded = load_cache(tmp_path / "c.safetensors", model)
     for a, b in zip(cache.managed_layers, loaded.managed_layers):
         for s, t in zip(a.heads, b.heads):
-            assert s.nq == t.nq > 0 and s.n == t.n
+            assert s.payload.nq == t.payload.nq > 0 and s.n == t.n
             for attr in ("kc", "ks", "kz", "vc", "vs", "vz"):
-                assert torch.equal(getattr(s, attr), getattr(t, attr))
+                assert torch.equal(getattr(s.payload, attr), getattr(t.payload, attr))
             assert torch.equal(s.kv()[0], t.kv()[0]) and torch.equal(s.kv()[1], t.kv()[1])
 
 

@@ -12,8 +12,8 @@ from transformers import DynamicCache
 
 from conftest import prompt, run_steps, tiny_llama
 from modalkv import KVCache, cache_kwargs
+from modalkv.storage.spherical import SphericalPayload
 from modalkv.methods.spherical import (
-    SphericalHeadStore,
     greedy_allocate,
     pack_codes,
     spherical_kmeans,
@@ -56,7 +56,7 @@ def test_lut_logits_equal_dense_reconstruction():
     checked = 0
     for layer in cache.managed_layers:
         for store in layer.heads:
-            assert isinstance(store, SphericalHeadStore) and len(store.sections) >= 2
+            assert isinstance(store.payload, SphericalPayload) and len(store.payload.sections) >= 2
             q = torch.randn(1, 3, store.d)
             lut, v1 = store.logits_values(q)
             K, v2 = store.kv()  # dense reconstruction
@@ -95,8 +95,8 @@ def test_byte_budget_is_never_exceeded(budget, price):
                     kept += b["payload"] + b["meta"]
                     allowed_per_head = tokens * s.dense_bytes_per_entry()
                 else:  # the authors' pricing: key bytes only
-                    el = s.tail_keys.element_size()
-                    kept += s.section_bytes() + (s.n - s.tail_start) * s.d * el
+                    el = s.payload.tail_keys.element_size()
+                    kept += s.payload.section_bytes() + (s.n - s.payload.tail_start) * s.d * el
                     allowed_per_head = tokens * s.d * el
             assert kept <= allowed_per_head * len(layer.heads), (step, layer.layer_idx, kept)
         model(input_ids=torch.tensor([[step + 5]]), **cache_kwargs(model, cache))
@@ -112,8 +112,8 @@ def test_pages_are_tier_homogeneous_and_sorted():
     P = SMALL["page_size"]
     for layer in cache.managed_layers:
         for s in layer.heads:
-            tiers = s.tiers()
-            for sec in s.sections:
+            tiers = s.payload.tiers(s.n)
+            for sec in s.payload.sections:
                 a, w = sec["start"], sec["width"]
                 assert bool((tiers[:, a : a + w] == sec["tier"]).all())
                 pos = s.pos[0, a : a + w]
@@ -133,9 +133,9 @@ def test_periodic_refresh_encodes_the_dense_tail():
     layer = cache.managed_layers[0]
     for step in range(SMALL["refresh"] - 1):
         model(input_ids=torch.tensor([[step + 5]]), **cache_kwargs(model, cache))
-        assert layer.heads[0].n - layer.heads[0].tail_start == step + 1  # dense until the refresh
+        assert layer.heads[0].n - layer.heads[0].payload.tail_start == step + 1  # dense until the refresh
     model(input_ids=torch.tensor([[9]]), **cache_kwargs(model, cache))
-    assert all(s.n == s.tail_start for s in layer.heads)  # refreshed: everything coded again
+    assert all(s.n == s.payload.tail_start for s in layer.heads)  # refreshed: everything coded again
 
 
 def test_top_tier_everywhere_is_close_to_the_full_cache():
@@ -202,7 +202,7 @@ def test_ablation_modes_use_only_their_tiers(mode, allowed):
     seen = set()
     for layer in cache.managed_layers:
         for s in layer.heads:
-            seen |= set(s.tiers()[0].tolist())
+            seen |= set(s.payload.tiers(s.n)[0].tolist())
             if mode == "quant_only":
                 assert s.count() == layer.seen  # nothing dropped
     assert seen <= allowed

@@ -179,6 +179,75 @@ def attend_packed(layer, query: torch.Tensor, mask, scaling: float) -> torch.Ten
     return out
 
 
+def _coded_batchable(layer, q: int) -> bool:
+    """Can this step read a quantized layer in one batched step (:func:`attend_coded`)?"""
+    from .storage import kernels
+    from .storage.kivi import KIVIPayload
+
+    heads = layer.heads
+    if layer.cache.method.has_readout or not heads or heads[0].pos.device.type != "cpu":
+        return False
+    first = heads[0].payload
+    if not isinstance(first, KIVIPayload) or not first.fused or kernels.library() is None:
+        return False
+    return all(type(st.payload) is type(first) and st.n == heads[0].n and st.payload.nq == first.nq
+               and "hidden" not in st.extras for st in heads)
+
+
+def attend_coded(layer, query: torch.Tensor, mask, scaling: float) -> torch.Tensor:
+    """:func:`attend_stored` for a KIVI layer whose heads hold the same number of entries: the codes of every
+    (row, KV head) are read by one fused kernel call for the logits and one for the values, the full-precision
+    residuals by one batched matmul each; a fixed number of tensor ops whatever the number of heads.
+    Returns [B, q, Hq, d]."""
+    from .storage import kernels
+    from .storage.kivi import kivi_logits, kivi_mix
+
+    B, Hq, q, d = query.shape
+    heads = layer.heads
+    H = len(heads)
+    G = Hq // H
+    method = layer.cache.method
+    want_probs = method.needs_decode_probs or layer.cache.core_decode_eviction == "attention"
+    payloads = [st.payload for st in heads]
+    n, nq = heads[0].n, payloads[0].nq
+    block = _block_mask(mask, q)
+    if block is not None:  # the new slots of a padded multi-token chunk: mark padding invalid
+        real_new = block[:, -1, :] if block.shape[0] == B else block[:, -1, :].expand(B, q)
+        for store in heads:
+            store.valid[:, n - q : n] &= real_new
+            store.all_valid = store.all_valid and bool(real_new.all())
+    lib = kernels.library()
+    qs = (query.float() * scaling).reshape(B, H, G * q, d).contiguous()
+    logits = qs.new_empty(B, H, G * q, n)
+    if nq:
+        kivi_logits(lib, payloads, qs, logits)
+    if n > nq:
+        rk = torch.stack([pl.rk[:, : n - nq] for pl in payloads], 1).float()  # [B, H, n - nq, d]
+        logits[..., nq:] = torch.matmul(qs, rk.transpose(-1, -2))
+    if not all(st.all_valid for st in heads):
+        visible = torch.stack([st.valid[:, :n] for st in heads], 1)
+        logits.masked_fill_(~visible[:, :, None, :], float("-inf"))
+    if block is not None:
+        allowed = torch.ones(B, q, n, dtype=torch.bool, device=logits.device)
+        allowed[:, :, n - q :] = block
+        logits = logits.view(B, H, G, q, n).masked_fill(~allowed[:, None, None], float("-inf")).view(B, H, G * q, n)
+    probs = torch.softmax(logits, dim=-1).contiguous()
+    out = probs.new_empty(B, H, G * q, payloads[0].dv)
+    if nq:
+        kivi_mix(lib, payloads, probs, out)
+    else:
+        out.zero_()
+    if n > nq:
+        rv = torch.stack([pl.rv[:, : n - nq] for pl in payloads], 1).float()
+        out += torch.matmul(probs[..., nq:], rv)
+    out = out.to(query.dtype).view(B, H, G, q, -1).permute(0, 3, 1, 2, 4).reshape(B, q, Hq, -1)
+    probs_per_head = []
+    if want_probs:
+        probs_per_head = [probs[:, h].to(query.dtype).unflatten(1, (G, q)) for h in range(H)]
+    _after_step(layer, probs_per_head)
+    return out
+
+
 def attend_stored(layer, query: torch.Tensor, mask, scaling: float) -> torch.Tensor:
     """Attention of ``query`` [B, Hq, q, d] over every head store of ``layer`` (new entries already appended).
 
@@ -186,6 +255,8 @@ def attend_stored(layer, query: torch.Tensor, mask, scaling: float) -> torch.Ten
     """
     if _packable(layer, query.shape[2]):
         return attend_packed(layer, query, mask, scaling)
+    if _coded_batchable(layer, query.shape[2]):
+        return attend_coded(layer, query, mask, scaling)
     B, Hq, q, d = query.shape
     heads = layer.heads
     H = len(heads)
@@ -205,7 +276,7 @@ def attend_stored(layer, query: torch.Tensor, mask, scaling: float) -> torch.Ten
     qs = (query * scaling).view(B, H, G * q, d) if query.is_contiguous() else (query * scaling).reshape(B, H, G * q, d)
     readout = method.readout if method.has_readout else None
     for h, store in enumerate(heads):
-        logits, V = store.logits_values(qs[:, h])  # [B, G*q, n], [B, n, dv]
+        logits = store.logits(qs[:, h])  # [B, G*q, n]
         n = logits.shape[-1]
         if not store.all_valid:
             logits.masked_fill_(~store.valid[:, None, :n], float("-inf"))
@@ -218,14 +289,15 @@ def attend_stored(layer, query: torch.Tensor, mask, scaling: float) -> torch.Ten
         if hidden is not None:
             logits = logits.masked_fill(hidden[:, None, :n] > 0, float("-inf"))
         if readout is not None:  # the method adds its own terms to the attention (e.g. RetentiveKV's states)
-            o, probs = readout(layer, h, qs[:, h], logits, V)
+            o, probs = readout(layer, h, qs[:, h], logits, store.kv()[1])
         else:
-            probs = torch.softmax(logits, dim=-1, dtype=torch.float32).to(V.dtype)
-            o = torch.matmul(probs, V)
+            probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+            o = store.mix(probs)
+            probs = probs.to(o.dtype)
         out[:, :, h * G : (h + 1) * G] = o.view(B, G, q, d).transpose(1, 2)
         if want_probs:
             if hidden is not None:  # the method scores every stored entry, hidden ones included
-                probs = torch.softmax(scored, dim=-1, dtype=torch.float32).to(V.dtype)
+                probs = torch.softmax(scored, dim=-1, dtype=torch.float32).to(o.dtype)
             probs_per_head.append(probs.view(B, G, q, n))
     _after_step(layer, probs_per_head)
     return out

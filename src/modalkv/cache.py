@@ -63,77 +63,115 @@ def active_layer(layer_idx: int, key: torch.Tensor | None = None, module=None) -
 
 
 class HeadStore:
-    """The kept entries of one (layer, KV head) for all batch rows (see the module docstring)."""
+    """The kept entries of one (layer, KV head) for all batch rows (see the module docstring).
+
+    The store owns the per-entry metadata of slots ``[0, n)`` (``pos``, ``mod``, ``valid``, ``extras``) and one
+    payload (:mod:`modalkv.storage`) holding the same slots' keys and values in the store's format (dense, KIVI
+    codes, Spherical KV codes). Eviction, compaction and batch selection are written once here, for every format.
+    """
 
     growth = 64  # minimum number of slots added when the store is full
+    slot_arrays = ("keys", "values", "pos", "mod", "valid")  # dense per-slot tensors a layer may pack (see pack())
 
-    def __init__(self, keys, values, pos, mod, valid, extras: dict[str, torch.Tensor], reserve: int):
-        B, k, d = keys.shape
+    def __init__(self, keys, values, pos, mod, valid, extras: dict[str, torch.Tensor], reserve: int, storage=None):
+        from .storage import DENSE
+
+        B, k, _ = keys.shape
         cap = k + max(0, reserve)
-        self.keys = keys.new_empty(B, cap, d)
-        self.values = values.new_empty(B, cap, values.shape[-1])
-        self.pos = torch.empty(B, cap, dtype=torch.int32, device=keys.device)
-        self.mod = torch.empty(B, cap, dtype=torch.int8, device=keys.device)
-        self.valid = torch.zeros(B, cap, dtype=torch.bool, device=keys.device)
-        self.extras = {name: torch.zeros(B, cap, dtype=torch.float32, device=keys.device) for name in extras}
-        self.n = 0
-        self.all_valid = True
-        self._write(0, keys, values, pos, mod, valid, extras)
+        dev = keys.device
+        self.payload = (storage or DENSE).new(keys, values, reserve)
+        self.pos = torch.empty(B, cap, dtype=torch.int32, device=dev)
+        self.mod = torch.empty(B, cap, dtype=torch.int8, device=dev)
+        self.valid = torch.zeros(B, cap, dtype=torch.bool, device=dev)
+        self.extras = {name: torch.zeros(B, cap, dtype=torch.float32, device=dev) for name in extras}
+        self.pos[:, :k], self.mod[:, :k], self.valid[:, :k] = pos, mod, valid
+        for name, t in extras.items():
+            self.extras[name][:, :k] = t
         self.n = k
+        self.all_valid = bool(valid.all())
+
+    # -- dense payload views (packing, tests) ---------------------------------------------------------------
+    @property
+    def keys(self) -> torch.Tensor:
+        return self.payload.keys
+
+    @keys.setter
+    def keys(self, value) -> None:
+        self.payload.keys = value
+
+    @property
+    def values(self) -> torch.Tensor:
+        return self.payload.values
+
+    @values.setter
+    def values(self, value) -> None:
+        self.payload.values = value
+
+    @property
+    def d(self) -> int:
+        return self.payload.d
+
+    @property
+    def dv(self) -> int:
+        return self.payload.dv
 
     # -- storage ------------------------------------------------------------------------------------------
-    def _tensors(self) -> list[torch.Tensor]:
-        return [self.keys, self.values, self.pos, self.mod, self.valid, *self.extras.values()]
-
-    def _write(self, at, keys, values, pos, mod, valid, extras=None) -> None:
-        q = keys.shape[1]
-        self.keys[:, at : at + q] = keys
-        self.values[:, at : at + q] = values
-        self.pos[:, at : at + q] = pos
-        self.mod[:, at : at + q] = mod
-        self.valid[:, at : at + q] = valid
-        for name, t in self.extras.items():
-            t[:, at : at + q] = 0.0 if extras is None else extras[name]
-        if not bool(valid.all()):
-            self.all_valid = False
-
-    slot_arrays = ("keys", "values", "pos", "mod", "valid")  # per-slot tensors besides the extras
+    def _meta(self) -> list[torch.Tensor]:
+        return [self.pos, self.mod, self.valid, *self.extras.values()]
 
     def _grow(self, needed: int) -> None:
         """Reallocate every per-slot tensor with room for at least ``needed`` slots (keeping slots [0, n))."""
+        from .storage.base import grown
+
         cap = self.pos.shape[1]
         new_cap = max(needed, cap + max(self.growth, cap // 8))
-
-        def grown(old):
-            new = old.new_zeros(old.shape[0], new_cap, *old.shape[2:])
-            new[:, : self.n] = old[:, : self.n]
-            return new
-
-        for name in self.slot_arrays:
-            setattr(self, name, grown(getattr(self, name)))
-        self.extras = {name: grown(old) for name, old in self.extras.items()}
+        self.pos, self.mod, self.valid = (grown(t, new_cap, self.n) for t in (self.pos, self.mod, self.valid))
+        self.extras = {name: grown(t, new_cap, self.n) for name, t in self.extras.items()}
+        self.payload.grow(new_cap)
 
     def append(self, keys, values, pos, mod, valid) -> None:
         """Append q entries per row: keys/values [B, q, d], pos [B, q], mod [B, q], valid [B, q]."""
-        q = keys.shape[1]
-        if self.n + q > self.keys.shape[1]:
-            self._grow(self.n + q)
-        self._write(self.n, keys, values, pos, mod, valid)
+        q, at = keys.shape[1], self.n
+        if at + q > self.pos.shape[1]:
+            self._grow(at + q)
+        self.payload.append(keys, values, at)
+        self.pos[:, at : at + q] = pos
+        self.mod[:, at : at + q] = mod
+        self.valid[:, at : at + q] = valid
+        for t in self.extras.values():
+            t[:, at : at + q] = 0.0
+        if not bool(valid.all()):
+            self.all_valid = False
         self.n += q
 
-    def remove(self, slot: torch.Tensor) -> None:
-        """Evict one entry per row (slot: LongTensor [B]); the last slot moves into the hole."""
+    def _move_last(self, slot: torch.Tensor) -> None:
+        """Move the last slot of every row into ``slot`` [B] (all >= the payload's first movable slot); n -= 1."""
         last = self.n - 1
+        self.payload.move(slot, last)
         if slot.shape[0] == 1 and slot.device.type == "cpu":  # one row on the CPU: plain views, no index tensors
             s = int(slot)
             if s != last:
-                for t in self._tensors():
+                for t in self._meta():
                     t[0, s] = t[0, last]
         else:
             rows = torch.arange(slot.shape[0], device=slot.device)
-            for t in self._tensors():
+            for t in self._meta():
                 t[rows, slot] = t[:, last].clone()
         self.n -= 1
+
+    def remove(self, slot: torch.Tensor) -> None:
+        """Evict one entry per row (slot: LongTensor [B]). The last slot moves into the hole when the payload can
+        take it there (always for dense entries); otherwise the entry is marked invalid and :meth:`compact` closes
+        the holes (KIVI: once every row holds a group's worth; Spherical KV: at once, by laying the entries out
+        again)."""
+        lo = self.payload.first_movable()
+        if lo == 0 or bool((slot >= lo).all()):
+            self._move_last(slot)
+            return
+        rows = torch.arange(slot.shape[0], device=slot.device)
+        self.valid[rows, slot] = False
+        self.all_valid = False
+        self.compact()
 
     def evict_lowest(self, score: torch.Tensor, count: torch.Tensor) -> None:
         """Evict, per row b, the ``count[b]`` valid entries with the lowest ``score`` [B, n] (inf = protected).
@@ -156,29 +194,46 @@ class HeadStore:
         self.compact()
 
     def compact(self) -> None:
-        """Remove invalid slots (swap-with-last) while every row has one."""
-        while self.n > 0:
-            invalid = ~self.valid[:, : self.n]
+        """Remove invalid slots: swap-with-last while every row has a hole where the payload can move entries; then,
+        once every row has at least ``payload.repack_holes`` holes, keep only the valid entries (:meth:`keep_slots`)."""
+        lo = self.payload.first_movable()
+        while self.n > lo:
+            invalid = ~self.valid[:, lo : self.n]
             if not bool(invalid.any(-1).all()):
                 break
-            self.remove(invalid.float().argmax(-1))  # the first hole of each row
+            self._move_last(invalid.float().argmax(-1) + lo)  # the first movable hole of each row
+        if self.n == 0:
+            return
+        invalid = ~self.valid[:, : self.n]
+        holes = int(invalid.sum(-1).min())
+        if holes and holes >= self.payload.repack_holes:
+            # per row: all valid slots plus its surplus holes beyond the common count, in slot order
+            rank = invalid.long().cumsum(-1)
+            drop = invalid & (rank <= holes)
+            key = torch.arange(self.n, device=invalid.device)[None, :].expand_as(invalid).masked_fill(drop, self.n)
+            self.keep_slots(key.sort(-1).values[:, : self.n - holes])
         if self.n and bool(self.valid[:, : self.n].all()):
             self.all_valid = True
 
     def keep_slots(self, slots: torch.Tensor) -> None:
-        """Keep only ``slots`` (LongTensor [B, m], -1 = none) in every row, compacting in place."""
-        valid = slots >= 0
+        """Keep only ``slots`` (LongTensor [B, m], -1 = none) in every row, compacting in place (a payload that lays
+        its entries out in its own order, Spherical KV's, returns that order and the metadata follows it)."""
         safe = slots.clamp(min=0)
+        layout = self.payload.keep(safe, self.n)
+        ok = slots >= 0
+        if layout is not None:
+            order, fits = layout
+            safe, ok = safe.gather(1, order), ok.gather(1, order) & fits
+        self.reorder(safe, ok)
+
+    def reorder(self, slots: torch.Tensor, ok: torch.Tensor) -> None:
+        """Metadata of slots [B, m] into slots [0, m) (``ok`` False: an unused slot)."""
         m = slots.shape[1]
-        for name in ("keys", "values"):
-            t = getattr(self, name)
-            t[:, :m] = t.gather(1, safe[..., None].expand(-1, -1, t.shape[-1]))
-        for name in ("pos", "mod", "valid"):
-            t = getattr(self, name)
-            t[:, :m] = t.gather(1, safe)
-        for t in self.extras.values():
-            t[:, :m] = t.gather(1, safe)
-        self.valid[:, :m] &= valid
+        if m > self.pos.shape[1]:
+            self._grow(m)
+        for t in self._meta():
+            t[:, :m] = t.gather(1, slots)
+        self.valid[:, :m] &= ok
         self.n = m
         self.all_valid = bool(self.valid[:, :m].all())
 
@@ -187,63 +242,65 @@ class HeadStore:
         cap = self.n + max(0, reserve)
         if cap >= self.pos.shape[1]:
             return
-        for name in self.slot_arrays:
-            setattr(self, name, getattr(self, name)[:, :cap].clone())
+        self.pos, self.mod, self.valid = (t[:, :cap].clone() for t in (self.pos, self.mod, self.valid))
         self.extras = {name: t[:, :cap].clone() for name, t in self.extras.items()}
+        self.payload.shrink(cap)
 
     def add_extra(self, name: str, init: torch.Tensor | float = 0.0) -> torch.Tensor:
         """Attach a per-entry float32 array (method state) that moves with the entries."""
-        t = torch.zeros(self.keys.shape[:2], dtype=torch.float32, device=self.keys.device)
+        t = torch.zeros(self.pos.shape, dtype=torch.float32, device=self.pos.device)
         t[:, : self.n] = init
         self.extras[name] = t
         return t
 
     def select_batch(self, index: torch.Tensor) -> None:
-        for name in ("keys", "values", "pos", "mod", "valid"):
-            setattr(self, name, getattr(self, name).index_select(0, index))
+        self.pos, self.mod, self.valid = (t.index_select(0, index) for t in (self.pos, self.mod, self.valid))
         self.extras = {k: v.index_select(0, index) for k, v in self.extras.items()}
+        self.payload.select_batch(index)
 
     # -- saving (modalkv.saved) -----------------------------------------------------------------------------
     def state(self) -> tuple[dict[str, torch.Tensor], dict]:
         """The store as :func:`modalkv.save_cache` writes it: tensors of slots [0, n) only (no reserve) and plain
-        scalars. Stores holding entries in another form extend this and :meth:`restore`."""
-        tensors = {name: getattr(self, name)[:, : self.n] for name in self.slot_arrays}
+        scalars: the metadata, and the payload's tensors as stored (nothing is dequantized)."""
+        tensors, scalars = self.payload.state(self.n)
+        tensors.update({name: getattr(self, name)[:, : self.n] for name in ("pos", "mod", "valid")})
         tensors.update({"extra." + name: t[:, : self.n] for name, t in self.extras.items()})
-        return tensors, {"n": self.n, "all_valid": self.all_valid}
+        return tensors, {**scalars, "n": self.n, "all_valid": self.all_valid}
 
     @classmethod
-    def from_state(cls, tensors: dict[str, torch.Tensor], scalars: dict, reserve: int) -> "HeadStore":
+    def from_state(cls, tensors: dict[str, torch.Tensor], scalars: dict, reserve: int, storage=None) -> "HeadStore":
         """A store rebuilt from :meth:`state`, with ``reserve`` free slots."""
+        from .storage import DENSE
+        from .storage.base import grown
+
         store = cls.__new__(cls)
-        store.restore(tensors, scalars, reserve)
-        return store
-
-    def restore(self, tensors: dict[str, torch.Tensor], scalars: dict, reserve: int) -> None:
         n = int(scalars["n"])
-
-        def slots(t):
-            if t.shape[1] != n:
+        for name, t in tensors.items():
+            if (name in ("pos", "mod", "valid") or name.startswith("extra.")) and t.shape[1] != n:
                 raise ValueError(f"a saved store holds {t.shape[1]} slots where its header says {n}")
-            out = t.new_zeros(t.shape[0], n + reserve, *t.shape[2:])
-            out[:, :n] = t
-            return out
-
-        for name in self.slot_arrays:
-            setattr(self, name, slots(tensors[name]))
-        self.extras = {name[6:]: slots(t) for name, t in tensors.items() if name.startswith("extra.")}
-        self.n = n
-        self.all_valid = bool(scalars["all_valid"])
+        store.pos, store.mod, store.valid = (grown(tensors[name], n + reserve, n) for name in ("pos", "mod", "valid"))
+        store.extras = {name[6:]: grown(t, n + reserve, n) for name, t in tensors.items() if name.startswith("extra.")}
+        store.n = n
+        store.all_valid = bool(scalars["all_valid"])
+        store.payload = (storage or DENSE).restore(tensors, scalars, n, reserve)
+        return store
 
     # -- reading ------------------------------------------------------------------------------------------
     def kv(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Dense keys and values of slots [0, n): [B, n, d] each."""
-        return self.keys[:, : self.n], self.values[:, : self.n]
+        """Keys and values of slots [0, n) as dense tensors ([B, n, d] each; a reconstruction for coded formats)."""
+        return self.payload.kv(self.n)
+
+    def logits(self, query: torch.Tensor) -> torch.Tensor:
+        """Attention logits of ``query`` [B, r, d] (already scaled) against slots [0, n): [B, r, n]."""
+        return self.payload.logits(query, self.n)
+
+    def mix(self, probs: torch.Tensor) -> torch.Tensor:
+        """Attention output of probabilities [B, r, n] over slots [0, n): [B, r, dv]."""
+        return self.payload.mix(probs, self.n)
 
     def logits_values(self, query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Attention logits of ``query`` [B, r, d] (already scaled) against slots [0, n), and the values:
-        ([B, r, n], [B, n, dv]). Stores that do not hold dense keys (Spherical KV) override this."""
-        K, V = self.kv()
-        return torch.matmul(query, K.transpose(1, 2)), V
+        """:meth:`logits` and the dense values [B, n, dv] (for readouts that combine them with other terms)."""
+        return self.logits(query), self.kv()[1]
 
     def count(self) -> int:
         """Valid entries over all rows."""
@@ -251,25 +308,26 @@ class HeadStore:
 
     @property
     def batch(self) -> int:
-        return self.keys.shape[0]
+        return self.pos.shape[0]
 
     def dense_bytes_per_entry(self) -> int:
         """K+V bytes of one entry in a plain (unquantised) cache."""
-        return self.payload_bytes_per_entry()
-
-    def payload_bytes_per_entry(self) -> int:
-        return (self.keys.shape[-1] * self.keys.element_size()) + (self.values.shape[-1] * self.values.element_size())
+        return self.payload.dense_bytes_per_entry()
 
     def meta_bytes_per_entry(self) -> int:
         return 4 + 1 + 1 + 4 * len(self.extras)  # pos int32, mod int8, valid bool, float32 extras
 
     def bytes(self) -> dict[str, int]:
+        """payload: the payload's bytes of slots [0, n) as held (dense: valid entries only); meta: per valid
+        entry; allocated: every tensor, reserve included."""
         n_valid = self.count()
-        allocated = sum(t.numel() * t.element_size() for t in self._tensors())
+        payload = self.payload.nbytes(self.n)
+        if self.payload.packable:  # dense: padding slots of shorter rows hold nothing
+            payload = n_valid * self.payload.dense_bytes_per_entry()
         return {
-            "payload": n_valid * self.payload_bytes_per_entry(),
+            "payload": payload,
             "meta": n_valid * self.meta_bytes_per_entry(),
-            "allocated": allocated,
+            "allocated": self.payload.allocated() + sum(t.numel() * t.element_size() for t in self._meta()),
         }
 
 
@@ -301,7 +359,7 @@ class CompressedLayer(DynamicLayer):
     batched step (:func:`modalkv.attention.attend_packed`); otherwise each head keeps its own tensors.
     """
 
-    store_class = HeadStore
+    storage = None  # the layer's StorageFormat (modalkv.storage); None: dense entries
     packed = False  # the heads' slot arrays are views into self.buffers (see pack())
 
     def __init__(self, cache: "KVCache", layer_idx: int, rank: int):
@@ -476,7 +534,7 @@ class CompressedLayer(DynamicLayer):
         gives up stays released, and attends head by head.
         """
         heads = self.heads
-        if not heads or any(type(st) is not HeadStore for st in heads):
+        if not heads or not all(st.payload.packable for st in heads):
             return
         sizes = [st.n for st in heads]
         if (max(sizes) * len(sizes) - sum(sizes)) * 16 > max(sum(sizes), 1):
@@ -600,9 +658,9 @@ class CompressedLayer(DynamicLayer):
             extras = {name: t[:, h].float().gather(1, safe) for name, t in sel.extras.items()}
             valid = ok & real.gather(1, safe)
             heads.append(
-                self.store_class(
+                HeadStore(
                     k_h, v_h, pos_rows.gather(1, safe).to(torch.int32), modality.gather(1, safe), valid, extras,
-                    reserve=cache.reserve,
+                    reserve=cache.reserve, storage=self.storage,
                 )
             )
         self.heads = heads
@@ -738,14 +796,11 @@ class KVCache(Cache):
         for i, layer in enumerate(base.layers):
             if type(layer) is DynamicLayer:
                 managed = CompressedLayer(self, i, rank)
-                own = self.method.store_class()
+                own = self.method.storage()
                 if own is not None and self.quantizer is not None:
                     raise ValueError(f"{self.method.name} stores its own entry format; it cannot be combined with "
                                      f"quantize={quantize!r}")
-                if own is not None:
-                    managed.store_class = own
-                elif self.quantizer is not None:
-                    managed.store_class = self.quantizer.store_class()
+                managed.storage = own if own is not None else self.quantizer
                 layers.append(managed)
                 rank += 1
             else:
@@ -803,7 +858,7 @@ class KVCache(Cache):
         m = self.method
         if m.decodes or m.needs_decode_probs or m.has_readout:
             return "the method rescores or evicts entries while decoding, so removed tokens leave a trace"
-        if m.store_class() is not None or self.quantizer is not None:
+        if m.storage() is not None or self.quantizer is not None:
             return "its entries are stored compressed while decoding"
         if self.budget.decode is not None:
             return "decode_budget evicts entries while decoding"

@@ -62,7 +62,9 @@ def methods() -> None:
         params = ", ".join(f"{f.name}={f.default!r}" for f in dataclasses.fields(cls) if f.init)
         table.add_row(name, params, cls.summary)
     console.print(table)
-    console.print("Quantized storage (composes with any method, --quantize): kivi-2, kivi-4, kivi-8")
+    from .storage import storage_names
+
+    console.print(f"Quantized storage (composes with any method, --quantize): {', '.join(storage_names())}")
     console.print("Continual adaptation (not a compression method): InduceKV, a fixed-size bank of induced KV "
                   "memories for a frozen model (modalkv.inducekv; benchmark: modalkv continual)")
 
@@ -196,7 +198,10 @@ def _prompt_text(prompt, prompt_file, images) -> tuple[str, str | None]:
 def _run_specs(labels, budget, quantize) -> list[tuple[str, str, float | int, str | None]]:
     """(display label, method label, budget, quantizer) per compressed cache. ``kivi-N`` alone is the full cache in
     KIVI storage; ``method+kivi-N`` stores that method's kept entries KIVI-quantized (as --quantize does for all)."""
-    from .methods import QUANTIZERS, parse_label
+    from .methods import parse_label
+    from .storage import storage_names
+
+    quantizers = storage_names()
 
     labels = [x.strip() for x in labels if x.strip()]
     budgets = [_parse_budget(b) for b in budget.split(",") if b.strip()] if budget else None
@@ -211,11 +216,11 @@ def _run_specs(labels, budget, quantize) -> list[tuple[str, str, float | int, st
     specs, seen = [], set()
     for label, b in pairs:
         head, plus, tail = label.rpartition("+")
-        label, q = (head.strip(), tail.strip()) if plus and tail.strip() in QUANTIZERS else (label, quantize)
+        label, q = (head.strip(), tail.strip()) if plus and tail.strip() in quantizers else (label, quantize)
         if plus and q != quantize and quantize:
             raise ValueError(f"{label}+{q} is already quantized storage; leave out --quantize {quantize}")
         name = parse_label(label)[0]
-        if name in QUANTIZERS:
+        if name in quantizers:
             if q:
                 raise ValueError(f"{label} is already quantized storage; leave out --quantize {q}")
             spec = (f"{name} (every token)", "full", 1.0, name)
@@ -233,10 +238,12 @@ def _make_cache(lm, label, budget, quantize, caps, params):
 
     name, label_params, label_caps = parse_label(label)
     if name not in REGISTRY:
-        from .methods import QUANTIZERS
+        from .storage import storage_names
+
+        quantizers = storage_names()
 
         raise ValueError(f"unknown method {name!r}; available: {', '.join(REGISTRY)} (or quantized full storage: "
-                         f"{', '.join(QUANTIZERS)})")
+                         f"{', '.join(quantizers)})")
     return KVCache(lm, name, budget, quantize=quantize, modality_caps={**caps, **label_caps},
                    **{**params, **label_params})
 
@@ -552,15 +559,18 @@ def bench(
 
 def _check_bench(cfg) -> None:
     from .budget import check_budget_value
-    from .methods import QUANTIZERS, REGISTRY, make_method, parse_label
+    from .methods import REGISTRY, make_method, parse_label
+    from .storage import storage_names
+
+    quantizers = storage_names()
     from .models import MODEL_REGISTRY, VLM_NAME
     from .tasks import TASKS
 
     for label in cfg.methods:
         m, params, _ = parse_label(cfg.label(label))  # checks the caps too
-        if m not in REGISTRY and m not in QUANTIZERS:
+        if m not in REGISTRY and m not in quantizers:
             raise ValueError(f"unknown method {m!r}; available: {', '.join(REGISTRY)} "
-                             f"(or quantized full storage: {', '.join(QUANTIZERS)})")
+                             f"(or quantized full storage: {', '.join(quantizers)})")
         if m in REGISTRY:
             make_method(m, **params)  # unknown or out-of-range parameters fail here, before any model loads
     for t in cfg.tasks:

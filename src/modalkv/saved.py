@@ -39,8 +39,8 @@ the file holds their SHA-256 and loading refuses a model whose re-derived codebo
 prompt (``codebooks="prompt"``) are per-sequence state and are saved.
 
 A method that keeps per-sequence state outside its head stores declares it with ``Method.state_dict`` /
-``load_state_dict`` (RetentiveKV, HAE and Spherical KV do); a store class holding entries in another form extends
-``HeadStore.state`` / ``restore`` (KIVI's and Spherical KV's stores do).
+``load_state_dict`` (RetentiveKV, HAE and Spherical KV do); a storage format writes its payload with
+``Payload.state`` / ``restore`` (:mod:`modalkv.storage`).
 
 Loading refuses, with a ValueError naming the problem: a file that is not a modalkv cache, a truncated or
 corrupted file (the safetensors header or the tensors' checksum), a file saved for another model (a different
@@ -60,7 +60,7 @@ from typing import Any
 
 import torch
 
-from .cache import CompressedLayer, KVCache
+from .cache import CompressedLayer, HeadStore, KVCache
 
 FORMAT = "modalkv-cache"
 VERSION = 1
@@ -279,7 +279,7 @@ def save_cache(cache: KVCache, path) -> None:
                    "decode": cache.budget.decode},
         "decode_policy": cache.decode_policy,
         "reserve": cache.reserve,
-        "quantize": None if q is None else {"name": q.name, **{f.name: getattr(q, f.name) for f in _init_fields(q)}},
+        "quantize": None if q is None else {"name": q.name, **q.params()},
         "layers": layers,
         "store_lengths": lengths,
         "has_layout": cache.layout is not None,
@@ -368,7 +368,7 @@ def load_cache(path, model, *, method=None) -> KVCache:
     after those it has seen.
     """
     from .methods import REGISTRY, make_method
-    from .methods.kivi import KIVI
+    from .storage import format_from_saved
     from .modality import ModalityLayout
 
     device = next(model.parameters()).device
@@ -379,9 +379,10 @@ def load_cache(path, model, *, method=None) -> KVCache:
     if spec["name"] not in REGISTRY:
         raise ValueError(f"{path} holds a cache of method {spec['name']!r}, which is not registered here")
     q = header["quantize"]
-    if q is not None and q.get("name") != "kivi":
-        raise ValueError(f"{path}: unknown quantizer {q.get('name')!r}")
-    quantize = None if q is None else KIVI(**{k: v for k, v in q.items() if k != "name"})
+    try:
+        quantize = None if q is None else format_from_saved(q.get("name"), {k: v for k, v in q.items() if k != "name"})
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{path}: {e}") from None
     budget = header["budget"]
     cache = KVCache(model, make_method(spec["name"], **spec["params"]), budget["value"],
                     modality_caps=budget["modality_caps"] or None, quantize=quantize, decode_budget=budget["decode"],
@@ -414,7 +415,7 @@ def load_cache(path, model, *, method=None) -> KVCache:
                 own = next(store_states)
                 extras = [own.pop("extra." + name) for name in scalars["extras"]]
                 own.update({"extra." + name: t for name, t in zip(scalars["extras"], extras)})
-                heads.append(layer.store_class.from_state(own, scalars, cache.reserve))
+                heads.append(HeadStore.from_state(own, scalars, cache.reserve, layer.storage))
             layer.heads = heads
             layer._row_targets = None
             layer.pack()  # the batched decode layout, as after a prefill

@@ -64,9 +64,11 @@ class BenchConfig:
 
     def label(self, method: str) -> str:
         """The cell's method label: ``method`` or ``method@caps`` (see :func:`modalkv.methods.split_label`)."""
-        from ..methods import QUANTIZERS
+        from ..storage import storage_names
 
-        if self.modality_caps and "@" not in method and method not in QUANTIZERS:
+        quantizers = storage_names()
+
+        if self.modality_caps and "@" not in method and method not in quantizers:
             return f"{method}@{self.modality_caps}"
         return method
 
@@ -88,12 +90,14 @@ class BenchConfig:
             yield model, task, length, self.seed0 + s
 
     def cells(self, model, task, length, seed):
-        from ..methods import QUANTIZERS
+        from ..storage import storage_names
+
+        quantizers = storage_names()
 
         yield dict(library="modalkv", model=model, task=task, length=length, seed=seed, method="full", budget=1.0)
         for method in self.methods:
             # a quantizer (KIVI) stores every token: one cell at budget 1.0
-            for budget in [1.0] if method in QUANTIZERS else self.budgets:
+            for budget in [1.0] if method in quantizers else self.budgets:
                 yield dict(library="modalkv", model=model, task=task, length=length, seed=seed,
                            method=self.label(method), budget=float(budget))
 
@@ -357,11 +361,14 @@ class ModelRunner:
         seconds are that whole prefill and the logits its last position's (else None)."""
         from ..cache import KVCache, cache_kwargs
         from ..measure import reset_peak_rss
-        from ..methods import QUANTIZERS, make_method, parse_label
+        from ..methods import make_method, parse_label
+        from ..storage import storage_names
+
+        quantizers = storage_names()
         from ..modality import TEXT
 
         name, params, caps = parse_label(cell["method"])
-        if name in QUANTIZERS:  # KIVI as a baseline of its own: the full cache in quantized storage
+        if name in quantizers:  # KIVI as a baseline of its own: the full cache in quantized storage
             name, quantize = "full", name
         method = make_method(name, **params)
         budget = _budget(cell["budget"])

@@ -93,26 +93,16 @@ def split_label(label: str) -> tuple[str, dict[str, float]]:
     return name, caps
 
 
-QUANTIZERS = ("kivi-2", "kivi-4", "kivi-8")
-
-
 def make_quantizer(spec):
-    """None, ``"kivi-2"`` / ``"kivi-4"`` / ``"kivi-8"``, or a :class:`~modalkv.methods.kivi.KIVI` instance."""
-    if spec is None:
-        return None
-    if isinstance(spec, str):
-        name, _, bits = spec.lower().partition("-")
-        if name == "kivi" and bits.isdigit():
-            from .kivi import KIVI
+    """None, a storage name registered in :mod:`modalkv.storage` (``"kivi-2"``, ``"kivi-4"``, ``"kivi-8"``) or a
+    :class:`~modalkv.storage.StorageFormat` instance such as ``KIVI(bits=4)`` (see :func:`modalkv.storage.make_storage`)."""
+    from ..storage import make_storage
 
-            return KIVI(bits=int(bits))
-    elif type(spec).__name__ == "KIVI":
-        return copy.deepcopy(spec)
-    raise ValueError(f"unknown quantizer {spec!r}; use 'kivi-2', 'kivi-4', 'kivi-8' or a KIVI instance")
+    return make_storage(spec)
 
 
 __all__ = [
-    "QUANTIZERS", "REGISTRY", "Method", "PrefillContext", "available_methods", "make_method", "make_quantizer", "register",
+    "REGISTRY", "Method", "PrefillContext", "available_methods", "make_method", "make_quantizer", "register",
     "parse_label", "split_label",
     "Full", "StreamingLLM", "H2O", "SnapKV", "PyramidKV", "AdaKV", "LookM", "MadaKV", "HAE", "RetentiveKV", "SphericalKV",
     "KVzip", "ExpectedAttention",

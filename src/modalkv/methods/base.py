@@ -164,8 +164,8 @@ class Method:
     def after_prefill(self, layer) -> None:
         pass
 
-    def store_class(self):
-        """A :class:`~modalkv.cache.HeadStore` subclass holding this method's entries (None: the dense store)."""
+    def storage(self):
+        """The :class:`~modalkv.storage.StorageFormat` this method's entries are held in (None: dense entries)."""
         return None
 
     def readout(self, layer, h: int, query: torch.Tensor, logits: torch.Tensor, values: torch.Tensor):

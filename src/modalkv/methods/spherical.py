@@ -4,7 +4,7 @@ Rate-Distortion Retention (per token and KV head: drop or a precision tier, unde
 Paper: Chauhan, Marthi Krishna Kumar, Das, Dhanda, Jain, Chadha, Das, "Spherical KV: Angle-Domain Attention and
 Rate-Distortion Retention for KV Caches", arXiv 2605.18856 (v2). See :class:`SphericalKV` for the method and every
 choice the paper leaves open; this module also holds the codebooks (:class:`Codebooks`, spherical k-means) and the
-coded entry store (:class:`SphericalHeadStore`).
+coded entries are :class:`modalkv.storage.spherical.SphericalPayload`.
 """
 
 from __future__ import annotations
@@ -18,10 +18,11 @@ from typing import ClassVar, Literal
 import torch
 
 from .base import Method, PrefillContext, check_range, first_real, last_real
-from ..cache import HeadStore, Selection
+from ..cache import Selection
+from ..storage.spherical import (BIG, SphericalStorage, code_bytes, directions as _directions, encode_directions,
+                                 pack_codes, unpack_codes)
 from ..scoring import _probs, check_finite, mask_to_sorted, pool1d
 
-BIG = 1 << 40
 PRESETS = {"paper": "16:6,16:4,32:3"}  # the authors' b1, b2, b3 (g = 16 / 16 / 32 dims, 6 / 4 / 3 bits)
 
 
@@ -45,38 +46,6 @@ def parse_tiers(spec: str) -> tuple[tuple[int, int], ...]:
     if not 1 <= len(tiers) <= 3:
         raise ValueError(f"SphericalKV.tiers {spec!r}: give 1 to 3 tiers (best first)")
     return tuple(tiers)
-
-
-def code_bytes(groups: int, bits: int) -> int:
-    """Bytes of one token's packed direction codes (``groups * bits`` bits, rounded up to whole bytes)."""
-    return (groups * bits + 7) // 8
-
-
-def _bit_layout(groups: int, bits: int, device):
-    offset = torch.arange(groups, device=device, dtype=torch.int64) * bits
-    return offset // 8, offset % 8  # byte index and bit shift of each code (a code spans at most two bytes)
-
-
-def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """Direction codes [..., G] (each < 2**bits) -> one little-endian bit stream uint8 [..., ceil(G*bits/8)]."""
-    G = codes.shape[-1]
-    byte, shift = _bit_layout(G, bits, codes.device)
-    word = codes.to(torch.int32) << shift.to(torch.int32)  # < 2**15
-    nbytes = code_bytes(G, bits)
-    out = torch.zeros(*codes.shape[:-1], nbytes + 1, dtype=torch.int32, device=codes.device)
-    index = byte.expand(*codes.shape[:-1], G)
-    out.scatter_add_(-1, index, word & 0xFF)
-    out.scatter_add_(-1, index + 1, word >> 8)
-    return out[..., :nbytes].to(torch.uint8)
-
-
-def unpack_codes(packed: torch.Tensor, bits: int, groups: int) -> torch.Tensor:
-    """Inverse of :func:`pack_codes`: uint8 [..., nbytes] -> int64 codes [..., groups]."""
-    byte, shift = _bit_layout(groups, bits, packed.device)
-    p = torch.nn.functional.pad(packed.to(torch.int64), (0, 1))
-    lo = p.index_select(-1, byte)
-    hi = p.index_select(-1, byte + 1)
-    return ((lo | (hi << 8)) >> shift) & ((1 << bits) - 1)
 
 
 def spherical_kmeans(x: torch.Tensor, K: int, iters: int = 20, seed: int = 42) -> torch.Tensor:
@@ -136,24 +105,6 @@ class Codebooks:
             for t in (*self.books[layer_idx], *self.chord[layer_idx]):
                 h.update(t.detach().float().contiguous().cpu().numpy().tobytes())
         return h.digest()
-
-
-def _directions(keys: torch.Tensor, g: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """keys [..., d] -> (radii [..., G], unit directions [..., G, g]); a zero group gets direction e_0."""
-    x = keys.float().unflatten(-1, (keys.shape[-1] // g, g))
-    r = x.norm(dim=-1)
-    u = x / r.clamp(min=1e-12)[..., None]
-    zero = r <= 1e-12
-    if bool(zero.any()):
-        e0 = torch.zeros(g, device=keys.device)
-        e0[0] = 1.0
-        u = torch.where(zero[..., None], e0, u)
-    return r, u
-
-
-def encode_directions(u: torch.Tensor, book: torch.Tensor) -> torch.Tensor:
-    """Nearest codeword (largest cosine) per group: u [B, n, G, g], book [G, K, g] -> codes [B, n, G] int64."""
-    return torch.einsum("bngx,gkx->bngk", u, book).argmax(-1)
 
 
 def rope_pairs(d: int) -> torch.Tensor:
@@ -238,249 +189,15 @@ def calibrate(model, tiers, tokens: int = 2048, iters: int = 20, seed: int = 42,
     return books
 
 
-# --------------------------------------------------------------------------------------------------------------
-# the coded store
-# --------------------------------------------------------------------------------------------------------------
-
-
-class SphericalHeadStore(HeadStore):
-    """One (layer, KV head)'s entries with keys as codes: slots ``[0, n)`` are tier sections (tier 1, 2, 3, each
-    ``width_t`` slots, tokens sorted by position, in pages of ``page_size`` tokens) followed by a dense tail of
-    entries appended since the last refresh. Values, positions, modality ids, validity and extras are per slot as
-    in :class:`HeadStore`; keys exist only as codes (sections) or dense (tail).
-
-    A tier-t section holds per token ``ceil(G_t b_t / 8)`` bytes of packed direction codes and ``G_t`` bytes of
-    radius codes; per page a header (8 bytes: tier id, count, padding) and ``G_t`` float32 radius scales
-    (``sigma_j = max r_j`` over the page; ``r_hat = sigma round(255 r / sigma) / 255``).
-    """
-
-    params: "SphericalKV" = None  # bound by SphericalKV.store_class
-    slot_arrays = ("values", "pos", "mod", "valid")
-
-    def __init__(self, keys, values, pos, mod, valid, extras, reserve: int):
-        B, k, d = keys.shape
-        self.d, self.dv, self.kdtype = d, values.shape[-1], keys.dtype
-        self.reserve = max(0, reserve)
-        self.books = None  # [per tier: [G_t, K_t, g_t]] set by encode()
-        self.sections: list[dict] = []
-        cap = k + self.reserve
-        dev = keys.device
-        self.values = values.new_empty(B, cap, self.dv)
-        self.pos = torch.empty(B, cap, dtype=torch.int32, device=dev)
-        self.mod = torch.empty(B, cap, dtype=torch.int8, device=dev)
-        self.valid = torch.zeros(B, cap, dtype=torch.bool, device=dev)
-        self.extras = {name: torch.zeros(B, cap, dtype=torch.float32, device=dev) for name in extras}
-        self.values[:, :k], self.pos[:, :k], self.mod[:, :k], self.valid[:, :k] = values, pos, mod, valid
-        for name, t in extras.items():
-            self.extras[name][:, :k] = t
-        self.n = k
-        self.all_valid = bool(valid.all())
-        self.tail_start = 0  # until encode(): everything is dense tail
-        self.tail_keys = keys.clone()
-
-    # -- encoding -------------------------------------------------------------------------------------------
-    def encode(self, books: list, tiers: torch.Tensor) -> None:
-        """(Re)build the store: slot s gets tier ``tiers[:, s]`` (1..3; 0 = drop) of its current key."""
-        self.books = books
-        keys, values = self.kv()
-        n = self.n
-        valid = self.valid[:, :n] & (tiers > 0)
-        pos = self.pos[:, :n].long()
-        orders, oks, widths = [], [], []
-        for t in range(1, len(self.params.tier_spec) + 1):
-            sel = valid & (tiers == t)
-            count = sel.sum(-1)
-            w = int(count.max()) if count.numel() else 0
-            order = torch.where(sel, pos, torch.full_like(pos, BIG)).argsort(dim=-1, stable=True)[:, :w]
-            orders.append(order)
-            oks.append(torch.arange(w, device=pos.device)[None, :] < count[:, None])
-            widths.append(w)
-        order = torch.cat(orders, 1)
-        ok = torch.cat(oks, 1)
-        m = order.shape[1]
-        idx = order[..., None]
-        new_keys = keys.gather(1, idx.expand(-1, -1, self.d))
-        cap = m + self.reserve
-        B = self.batch
-
-        def regather(t, fill=0):
-            out = t.new_full((B, cap, *t.shape[2:]), fill)
-            src = t[:, :n]
-            out[:, :m] = src.gather(1, idx.expand(-1, -1, *t.shape[2:])) if t.dim() == 3 else src.gather(1, order)
-            return out
-
-        self.values = regather(self.values)
-        self.pos, self.mod = regather(self.pos), regather(self.mod)
-        self.valid = regather(self.valid, False)
-        self.valid[:, :m] &= ok
-        self.extras = {name: regather(t) for name, t in self.extras.items()}
-        self.sections = []
-        start = 0
-        for t, w in enumerate(widths, start=1):
-            if w:
-                self.sections.append(self._encode_section(t, start, new_keys[:, start : start + w], ok[:, start : start + w]))
-            start += w
-        self.n = self.tail_start = m
-        if "tier" in self.extras:
-            self.extras["tier"][:, :m] = self.tiers()[:, :m].float()
-        self.tail_keys = keys.new_empty(B, self.reserve, self.d)
-        self.all_valid = bool(self.valid[:, :m].all())
-
-    def _encode_section(self, t: int, start: int, keys: torch.Tensor, ok: torch.Tensor) -> dict:
-        g, bits = self.params.tier_spec[t - 1]
-        P = self.params.page_size
-        B, w, d = keys.shape
-        G = d // g
-        r, u = _directions(self.params.grouped(keys), g)  # [B, w, G], [B, w, G, g]
-        r = r * ok[..., None]
-        codes = encode_directions(u, self.books[t - 1])
-        pages = math.ceil(w / P)
-        rp = torch.zeros(B, pages * P, G, device=keys.device)
-        rp[:, :w] = r
-        scale = rp.view(B, pages, P, G).amax(2).clamp(min=1e-12)  # [B, pages, G] float32
-        per_tok = scale.repeat_interleave(P, 1)[:, :w]
-        rcode = torch.round(255 * r / per_tok).clamp(0, 255).to(torch.uint8)
-        return {"tier": t, "start": start, "width": w, "G": G, "g": g, "bits": bits,
-                "codes": pack_codes(codes, bits), "rcode": rcode, "scale": scale}
-
-    def _radii(self, sec) -> torch.Tensor:
-        P = self.params.page_size
-        per_tok = sec["scale"].repeat_interleave(P, 1)[:, : sec["width"]]
-        return sec["rcode"].float() * per_tok / 255.0  # [B, w, G]
-
-    def section_keys(self, sec) -> torch.Tensor:
-        """Dense reconstruction ``k_hat_j = r_hat_j C[c_j]`` of a section's keys: [B, w, d]."""
-        codes = unpack_codes(sec["codes"], sec["bits"], sec["G"])  # [B, w, G]
-        book = self.books[sec["tier"] - 1]  # [G, K, g]
-        G, K, g = book.shape
-        B, w = codes.shape[:2]
-        dirs = book[torch.arange(G, device=codes.device)[None, None, :], codes]  # [B, w, G, g]
-        return self.params.ungrouped((dirs * self._radii(sec)[..., None]).reshape(B, w, G * g)).to(self.kdtype)
-
-    def section_logits(self, sec, query: torch.Tensor) -> torch.Tensor:
-        """Angle-domain logits of a section, never rebuilding dense keys: query [B, r, d] -> [B, r, w].
-
-        Per query row and group j a lookup table ``T[j, c] = <q_j, C_c>`` (G K numbers); then
-        ``l_i = sum_j r_hat_ij T[j, c_ij]``: G gathers and G multiply-adds per key."""
-        book = self.books[sec["tier"] - 1]
-        G, K, g = book.shape
-        B, r, d = query.shape
-        lut = torch.einsum("brjx,jkx->brjk", self.params.grouped(query.float()).reshape(B, r, G, g), book)
-        codes = unpack_codes(sec["codes"], sec["bits"], G)  # [B, w, G]
-        w = codes.shape[1]
-        picked = lut.gather(3, codes.transpose(1, 2)[:, None].expand(B, r, G, w))  # [B, r, G, w]
-        return torch.einsum("brjw,bwj->brw", picked, self._radii(sec))
-
-    # -- HeadStore interface --------------------------------------------------------------------------------
-    @property
-    def batch(self) -> int:
-        return self.pos.shape[0]
-
-    def kv(self) -> tuple[torch.Tensor, torch.Tensor]:
-        parts = [self.section_keys(sec) for sec in self.sections]
-        parts.append(self.tail_keys[:, : self.n - self.tail_start])
-        return torch.cat(parts, 1), self.values[:, : self.n]
-
-    def logits_values(self, query: torch.Tensor):
-        if self.params.reference:  # the dense-reconstruction path (the paper's sphkv_recon ablation)
-            return super().logits_values(query)
-        parts = [self.section_logits(sec, query).to(query.dtype) for sec in self.sections]
-        tail = self.tail_keys[:, : self.n - self.tail_start]
-        parts.append(torch.matmul(query, tail.transpose(1, 2)))
-        return torch.cat(parts, -1), self.values[:, : self.n]
-
-    def append(self, keys, values, pos, mod, valid) -> None:
-        B, q = keys.shape[:2]
-        if self.n + q > self.pos.shape[1]:
-            self._grow(self.n + q)
-        r = self.n - self.tail_start
-        if r + q > self.tail_keys.shape[1]:
-            grown = self.tail_keys.new_empty(B, max(r + q, self.tail_keys.shape[1] + 64), self.d)
-            grown[:, :r] = self.tail_keys[:, :r]
-            self.tail_keys = grown
-        self.tail_keys[:, r : r + q] = keys
-        at = self.n
-        self.values[:, at : at + q], self.pos[:, at : at + q] = values, pos
-        self.mod[:, at : at + q], self.valid[:, at : at + q] = mod, valid
-        for t in self.extras.values():
-            t[:, at : at + q] = 0.0
-        if not bool(valid.all()):
-            self.all_valid = False
-        self.n += q
-
-    def tiers(self) -> torch.Tensor:
-        """[B, n] tier of every slot (0 for the dense tail)."""
-        out = torch.zeros(self.batch, self.n, dtype=torch.long, device=self.pos.device)
-        for sec in self.sections:
-            out[:, sec["start"] : sec["start"] + sec["width"]] = sec["tier"]
-        return out
-
-    def remove(self, slot: torch.Tensor) -> None:
-        """Entries leave only through a re-allocation (encode); a single removal becomes a hole."""
-        rows = torch.arange(slot.shape[0], device=slot.device)
-        self.valid[rows, slot] = False
-        self.all_valid = False
-
-    def compact(self) -> None:
-        pass
-
-    def keep_slots(self, slots: torch.Tensor) -> None:
-        raise NotImplementedError("SphericalHeadStore entries are re-tiered by SphericalKV, not kept by slot")
-
-    def select_batch(self, index: torch.Tensor) -> None:
-        for name in ("values", "pos", "mod", "valid", "tail_keys"):
-            setattr(self, name, getattr(self, name).index_select(0, index))
-        self.extras = {k: v.index_select(0, index) for k, v in self.extras.items()}
-        for sec in self.sections:
-            for name in ("codes", "rcode", "scale"):
-                sec[name] = sec[name].index_select(0, index)
-
-    # -- saving (modalkv.saved) -----------------------------------------------------------------------------
-    _SECTION_FIELDS = ("tier", "start", "width", "G", "g", "bits")
-
-    def state(self):
-        """Per-slot values and metadata as ``HeadStore``, each tier section's codes, radius codes and page scales as
-        stored, and the dense tail. The codebooks are the method's (restored by ``SphericalKV.load_state_dict``)."""
-        tensors, scalars = super().state()
-        tensors["tail_keys"] = self.tail_keys[:, : self.n - self.tail_start]
-        for sec in self.sections:  # one section per tier
-            tensors.update({f"tier{sec['tier']}.{name}": sec[name] for name in ("codes", "rcode", "scale")})
-        scalars["tail_start"] = self.tail_start
-        scalars["sections"] = [{name: sec[name] for name in self._SECTION_FIELDS} for sec in self.sections]
-        return tensors, scalars
-
-    def restore(self, tensors, scalars, reserve: int) -> None:
-        super().restore(tensors, scalars, reserve)
-        tail = tensors["tail_keys"]
-        self.d, self.dv, self.kdtype = tail.shape[-1], self.values.shape[-1], tail.dtype
-        self.reserve = max(0, reserve)
-        self.tail_start = int(scalars["tail_start"])
-        self.tail_keys = tail.new_empty(tail.shape[0], tail.shape[1] + self.reserve, self.d)
-        self.tail_keys[:, : tail.shape[1]] = tail
-        self.sections = [{**meta, **{name: tensors[f"tier{meta['tier']}.{name}"]
-                                     for name in ("codes", "rcode", "scale")}} for meta in scalars["sections"]]
-        self.books = None
-
-    # -- accounting -----------------------------------------------------------------------------------------
-    def dense_bytes_per_entry(self) -> int:
-        return (self.d + self.dv) * torch.empty((), dtype=self.kdtype).element_size()
-
-    def section_bytes(self) -> int:
-        """Codes, radius codes, page scales and page headers of every tier section (all batch rows)."""
-        total = 0
-        for sec in self.sections:
-            pages = sec["scale"].shape[1]
-            total += sec["codes"].numel() + sec["rcode"].numel() + sec["scale"].numel() * 4 + 8 * pages * self.batch
-        return total
-
-    def bytes(self) -> dict[str, int]:
-        tail = (self.n - self.tail_start) * self.d * self.tail_keys.element_size() * self.batch
-        vals = self.n * self.dv * self.values.element_size() * self.batch
-        allocated = self.section_bytes() + sum(t.numel() * t.element_size() for t in
-                                              (self.values, self.pos, self.mod, self.valid, self.tail_keys,
-                                               *self.extras.values()))
-        return {"payload": self.section_bytes() + tail + vals, "meta": self.count() * self.meta_bytes_per_entry(),
-                "allocated": allocated}
+def encode_store(store, books: list, tiers: torch.Tensor) -> None:
+    """(Re)lay out a store's entries: slot s gets tier ``tiers[:, s]`` (1..T; 0 = dropped) of its current key, each
+    tier's tokens sorted by position (:meth:`~modalkv.storage.spherical.SphericalPayload.encode`)."""
+    payload = store.payload
+    payload.books = books
+    order, ok = payload.encode(tiers, store.pos, store.valid, store.n)
+    store.reorder(order, ok)
+    if "tier" in store.extras:
+        store.extras["tier"][:, : store.n] = payload.tiers(store.n).float()
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -540,7 +257,7 @@ class SphericalKV(Method):
     radius code (``r_hat = sigma round(255 r / sigma) / 255`` with a float32 scale ``sigma`` per page and group)
     and a ``b``-bit direction code, the nearest of ``2^b`` unit codewords of that (layer, KV head, group, tier).
     Values stay dense in the model's dtype. Decode logits come from the codes through per-query lookup tables
-    (:meth:`SphericalHeadStore.section_logits`), never from rebuilt keys; ``reference=True`` rebuilds dense keys
+    (:meth:`~modalkv.storage.spherical.SphericalPayload.section_logits`), never from rebuilt keys; ``reference=True`` rebuilds dense keys
     instead (the authors' ``sphkv_recon`` ablation and the test oracle). CHOICE (RoPE): keys are encoded after
     RoPE, with codebooks fitted on post-RoPE keys, so one table serves every position.
 
@@ -683,14 +400,8 @@ class SphericalKV(Method):
     def ungrouped(self, x: torch.Tensor) -> torch.Tensor:
         return x if self._inv is None else x[..., self._inv.to(x.device)]
 
-    def store_class(self):
-        params = self
-
-        class BoundSphericalHeadStore(SphericalHeadStore):
-            pass
-
-        BoundSphericalHeadStore.params = params
-        return BoundSphericalHeadStore
+    def storage(self):
+        return SphericalStorage(self)
 
     def shared_bytes(self) -> int:
         return self._books.nbytes() if self._books is not None else 0
@@ -732,7 +443,7 @@ class SphericalKV(Method):
             self._prompt_chord[i] = [state[f"chord{t}"] for t in range(T)]
         books = self._prompt_books[i] if self.codebooks == "prompt" else self._books.books[i]
         for h, store in enumerate(layer.heads):
-            store.books = [b[h] for b in books]
+            store.payload.books = [b[h] for b in books]
 
     # -- costs ----------------------------------------------------------------------------------------------
     def _costs(self, d: int, dv: int, elsize: int, meta: int) -> list[float]:
@@ -868,7 +579,7 @@ class SphericalKV(Method):
             self._books.books[layer.layer_idx]
         for h, store in enumerate(layer.heads):
             tiers = store.extras["tier"][:, : store.n].long()
-            store.encode([b[h] for b in books], tiers)
+            encode_store(store, [b[h] for b in books], tiers)
 
     # -- decode ---------------------------------------------------------------------------------------------
     def decode(self, layer, probs) -> None:
@@ -876,7 +587,7 @@ class SphericalKV(Method):
             att = probs[h].amax(1)[:, -1].float()  # [B, n] max over the group's query heads, current query
             om = store.extras["omega"][:, : store.n]
             om.mul_(self.ema).add_((1 - self.ema) * att)
-        tail = layer.heads[0].n - layer.heads[0].tail_start
+        tail = layer.heads[0].n - layer.heads[0].payload.tail_start
         if tail >= self._every.get(layer.layer_idx, self.refresh):
             self._refresh(layer)
 
@@ -896,7 +607,7 @@ class SphericalKV(Method):
         per_head = []
         for h, store in enumerate(layer.heads):
             K, V = store.kv()
-            per_head.append((K, V, store.tiers(), store.extras["omega"][:, : store.n], store.pos[:, : store.n].long(),
+            per_head.append((K, V, store.payload.tiers(store.n), store.extras["omega"][:, : store.n], store.pos[:, : store.n].long(),
                              store.valid[:, : store.n]))
         width = max(x[0].shape[1] for x in per_head)
         for b in range(B):
@@ -920,7 +631,7 @@ class SphericalKV(Method):
                     store._new_tiers = torch.zeros(B, m, dtype=torch.long, device=C.device)
                 store._new_tiers[b] = tiers[h, :m]
         for store in layer.heads:
-            store.encode(store.books, store._new_tiers)
+            encode_store(store, store.payload.books, store._new_tiers)
             del store._new_tiers
 
     def _chords(self, layer_idx: int) -> list:
