@@ -17,6 +17,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 import modalkv.attention as mattn
 from modalkv import cache_kwargs
+from modalkv.decoding import hidden_entries
 
 warnings.filterwarnings("ignore", category=FutureWarning)
 torch.set_num_threads(1)
@@ -93,8 +94,9 @@ class Recorder:
                 n = store.n
                 # add, not overwrite: an invalid slot may carry a stale copy of a valid slot's position
                 seen_now = store.valid[:, :n]
-                if "hidden" in store.extras:  # kept but masked out of the output (HAE's bin_attend=False)
-                    seen_now = seen_now & ~(store.extras["hidden"][:, :n] > 0)
+                hidden = hidden_entries(layer.cache.method, store)  # kept but not read (HAE's bin_attend=False)
+                if hidden is not None:
+                    seen_now = seen_now & ~(hidden[:, :n] > 0)
                 hits = torch.zeros(B, seen, dtype=torch.int32).scatter_add_(1, store.pos[:, :n].long(),
                                                                            seen_now.int())
                 vis[:, h] = hits > 0
