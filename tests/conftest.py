@@ -227,11 +227,12 @@ def impl(request):
     return request.param
 
 
-EVICTING = ["streamingllm", "h2o", "snapkv", "pyramidkv", "adakv", "madakv", "hae", "retentivekv", "expected_attention"]
+EVICTING = ["streamingllm", "h2o", "snapkv", "pyramidkv", "adakv", "madakv", "hae", "retentivekv", "expected_attention",
+            "knorm"]
 SMALL = {"snapkv": {"window": 4, "kernel": 3}, "pyramidkv": {"window": 4, "kernel": 3},
          "adakv": {"window": 4, "kernel": 3}, "streamingllm": {"n_sink": 2}, "h2o": {},
          "madakv": {"window": 4, "n_sink": 2, "phi_min": 1}, "hae": {"recent": 4, "n_sink": 2, "bin_size": 2},
          # tau > 1: the states absorb nothing, so RetentiveKV must be exactly its eviction (tests with states:
          # test_retentivekv.py)
          "retentivekv": {"window": 4, "n_sink": 2, "tau": 2.0},
-         "expected_attention": {"n_sink": 2, "n_future": 32}}
+         "expected_attention": {"n_sink": 2, "n_future": 32}, "knorm": {}}
