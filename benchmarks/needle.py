@@ -21,29 +21,11 @@ import argparse
 import statistics
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def knorm_method():
-    from modalkv.cache import Selection
-    from modalkv.methods.base import Method
-    from modalkv.scoring import key_norm_scores
-
-    @dataclass
-    class KNorm(Method):
-        """Experiment only: keep the keys of lowest L2 norm (Devoto et al., 2024; kvpress KnormPress)."""
-
-        name = "knorm"
-
-        def prefill(self, ctx):
-            return Selection(self.top(ctx, key_norm_scores(ctx.keys), ctx.budget_tokens))
-
-    return KNorm()
 
 
 def chat_ids(tok, text: str, add_generation_prompt: bool = True) -> torch.Tensor:
@@ -100,6 +82,7 @@ def main() -> None:
 
     from modalkv import cache_kwargs
     from modalkv.measure import pin_threads
+    from modalkv.methods import make_method
     from modalkv.models import load_model
     from modalkv.replay import capture_prefill
     from modalkv.tasks import make_needle, score_contains
@@ -112,7 +95,8 @@ def main() -> None:
     t0 = time.time()
 
     def method_arg(name):
-        return knorm_method() if name == "knorm" else name
+        # knorm as these figures were taken: prompt compression only (every generated token kept)
+        return make_method("knorm", evict_during_decode=False) if name == "knorm" else name
 
     for i in range(args.samples):
         sample = make_needle(tok, args.tokens, seed=i)

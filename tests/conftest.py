@@ -17,6 +17,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 import modalkv.attention as mattn
 from modalkv import cache_kwargs
+from modalkv.decoding import hidden_entries
 
 warnings.filterwarnings("ignore", category=FutureWarning)
 torch.set_num_threads(1)
@@ -93,8 +94,9 @@ class Recorder:
                 n = store.n
                 # add, not overwrite: an invalid slot may carry a stale copy of a valid slot's position
                 seen_now = store.valid[:, :n]
-                if "hidden" in store.extras:  # kept but masked out of the output (HAE's bin_attend=False)
-                    seen_now = seen_now & ~(store.extras["hidden"][:, :n] > 0)
+                hidden = hidden_entries(layer.cache.method, store)  # kept but not read (HAE's bin_attend=False)
+                if hidden is not None:
+                    seen_now = seen_now & ~(hidden[:, :n] > 0)
                 hits = torch.zeros(B, seen, dtype=torch.int32).scatter_add_(1, store.pos[:, :n].long(),
                                                                            seen_now.int())
                 vis[:, h] = hits > 0
@@ -225,11 +227,12 @@ def impl(request):
     return request.param
 
 
-EVICTING = ["streamingllm", "h2o", "snapkv", "pyramidkv", "adakv", "madakv", "hae", "retentivekv", "expected_attention"]
+EVICTING = ["streamingllm", "h2o", "snapkv", "pyramidkv", "adakv", "madakv", "hae", "retentivekv", "expected_attention",
+            "knorm"]
 SMALL = {"snapkv": {"window": 4, "kernel": 3}, "pyramidkv": {"window": 4, "kernel": 3},
          "adakv": {"window": 4, "kernel": 3}, "streamingllm": {"n_sink": 2}, "h2o": {},
          "madakv": {"window": 4, "n_sink": 2, "phi_min": 1}, "hae": {"recent": 4, "n_sink": 2, "bin_size": 2},
          # tau > 1: the states absorb nothing, so RetentiveKV must be exactly its eviction (tests with states:
          # test_retentivekv.py)
          "retentivekv": {"window": 4, "n_sink": 2, "tau": 2.0},
-         "expected_attention": {"n_sink": 2, "n_future": 32}}
+         "expected_attention": {"n_sink": 2, "n_future": 32}, "knorm": {}}

@@ -317,12 +317,13 @@ def test_appended_entries_start_with_fresh_method_state(method):
     seen = []
     original = cache.method.decode
 
-    def spy(layer, probs):
+    def spy(step):
+        layer = step.layer
         for store in layer.heads:
-            if "acc" in store.extras:  # HAE keeps one score per layer, on its first head store
+            if "accumulated_attention" in store.extras:  # HAE keeps one score per layer, on its first head store
                 newest = store.pos[0, : store.n] == layer.seen - 1
-                seen.append(float(store.extras["acc"][0, : store.n][newest].sum()))
-        return original(layer, probs)
+                seen.append(float(store.extras["accumulated_attention"][0, : store.n][newest].sum()))
+        return original(step)
 
     cache.method.decode = spy
     run_steps(model, prompt(30), None, cache, 12)

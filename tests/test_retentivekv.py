@@ -145,7 +145,7 @@ def test_visual_tokens_go_to_the_visual_state_with_spatial_weights():
     layer = cache.managed_layers[0]
     for s in layer.heads:
         vis = s.mod[0, : s.n] == 1
-        w = s.extras["sw"][0, : s.n][vis]
+        w = s.extras["spatial_weight"][0, : s.n][vis]
         assert bool(((w > 0) & (w <= 1)).all())
         logs = torch.log2(w)
         assert torch.allclose(logs, logs.round(), atol=1e-5)  # integer distances

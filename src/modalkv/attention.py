@@ -24,6 +24,8 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
 
+from .decoding import DecodeStep, hidden_entries
+
 BASES = ("sdpa", "eager")
 NAMES = {f"modalkv_{b}": b for b in BASES}
 
@@ -118,19 +120,21 @@ def _packable(layer, q: int) -> bool:
     if not layer.packed or layer.cache.method.has_readout or not layer.packed_intact():
         return False
     heads = layer.heads
-    if any("hidden" in st.extras for st in heads):
+    if any(hidden_entries(layer.cache.method, st) is not None for st in heads):
         return False
     return q == 1 or all(st.n == heads[0].n for st in heads)
 
 
-def _after_step(layer, probs_per_head) -> None:
-    """After a decode step attended: the method's decode hook, then the cache's decode_budget eviction."""
+def _after_step(layer, probs, q: int) -> None:
+    """After a decode step attended: the method's decode hook, then the cache's decode_budget eviction, both given
+    one :class:`~modalkv.decoding.DecodeStep` (``probs``: [B, H, G, q, n] for a packed layer, else per head)."""
     cache = layer.cache
     method = cache.method
+    step = DecodeStep(layer, probs if isinstance(probs, torch.Tensor) or probs else None, q)
     if method.needs_decode_probs or method.decodes:
-        method.decode(layer, probs_per_head if method.needs_decode_probs else None)
+        method.decode(step)
     if cache.core_decode_eviction is not None:
-        layer.enforce_decode_budget(probs_per_head)
+        layer.enforce_decode_budget(step)
 
 
 def attend_packed(layer, query: torch.Tensor, mask, scaling: float) -> torch.Tensor:
@@ -172,10 +176,7 @@ def attend_packed(layer, query: torch.Tensor, mask, scaling: float) -> torch.Ten
     probs = torch.softmax(logits, dim=-1, dtype=torch.float32).to(V.dtype)
     out = torch.matmul(probs, V)  # [B, H, G*q, dv]
     out = out.view(B, H, G, q, -1).permute(0, 3, 1, 2, 4).reshape(B, q, Hq, -1)
-    probs_per_head = []
-    if want_probs:
-        probs_per_head = [probs[:, h, :, : sizes[h]].unflatten(1, (G, q)) for h in range(H)]
-    _after_step(layer, probs_per_head)
+    _after_step(layer, probs.view(B, H, G, q, n) if want_probs else None, q)
     return out
 
 
@@ -284,7 +285,7 @@ def attend_stored(layer, query: torch.Tensor, mask, scaling: float) -> torch.Ten
             allowed = torch.ones(B, q, n, dtype=torch.bool, device=logits.device)
             allowed[:, :, n - q :] = block
             logits = logits.view(B, G, q, n).masked_fill(~allowed[:, None], float("-inf")).view(B, G * q, n)
-        hidden = store.extras.get("hidden")  # entries kept and scored but not read (e.g. HAE's bin_attend=False)
+        hidden = hidden_entries(method, store)  # entries kept and scored but not read (HAE's bin_attend=False)
         scored = logits
         if hidden is not None:
             logits = logits.masked_fill(hidden[:, None, :n] > 0, float("-inf"))
@@ -299,7 +300,7 @@ def attend_stored(layer, query: torch.Tensor, mask, scaling: float) -> torch.Ten
             if hidden is not None:  # the method scores every stored entry, hidden ones included
                 probs = torch.softmax(scored, dim=-1, dtype=torch.float32).to(o.dtype)
             probs_per_head.append(probs.view(B, G, q, n))
-    _after_step(layer, probs_per_head)
+    _after_step(layer, probs_per_head, q)
     return out
 
 

@@ -35,7 +35,11 @@ from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
 from . import attention, pruning
 from .budget import Budget, parse_caps
+from .decoding import Extra
 from .modality import TEXT, as_modality_ids
+
+# the core's own per-entry score for decode_budget with decode_policy="attention"
+DECODE_ATTENTION = Extra("decode_attention", "attention received over the decode steps (decode_budget's score)")
 
 _ACTIVE = threading.local()  # the managed layer whose update() ran last: the attention function reads it
 
@@ -690,34 +694,27 @@ class CompressedLayer(DynamicLayer):
             return store.n - self.cache.budget.decode_target(kept[h], real + self.seen - self.prompt_len, real)
         return (store.valid[:, : store.n].sum(-1) - self.decode_targets(h)).clamp(min=0)
 
-    def enforce_decode_budget(self, probs) -> None:
+    def enforce_decode_budget(self, step) -> None:
         """Evict down to ``decode_budget`` entries per (row, KV head) for a method that keeps every generated token
-        (``KVCache.decode_policy``: least decode-time attention outside the recent half, or oldest after 4 sinks).
-        ``probs``: the step's attention rows per KV head ([B, G, q, n] each) for the attention policy."""
+        (``KVCache.decode_policy``: least decode-time attention outside the recent half, or oldest after 4 sinks),
+        through the one eviction routine (:mod:`modalkv.decoding`). ``step``: a
+        :class:`~modalkv.decoding.DecodeStep`, or the step's attention rows per KV head ([B, G, q, n] each)."""
+        from .decoding import INF, DecodeStep
+
+        if not isinstance(step, DecodeStep):
+            step = DecodeStep(self, step)
         cap = self.cache.budget.decode
         by_attention = self.cache.decode_policy == "attention"
-        for h, store in enumerate(self.heads):
-            n = store.n
+        for g in step.groups():
             if by_attention:
-                acc = store.extras.get("decode_attention")
-                if acc is None:
-                    acc = store.add_extra("decode_attention")
-                acc[:, :n] += probs[h].sum((1, 2)).float()
-            if n <= cap:
+                g.extra(DECODE_ATTENTION.name).add_(g.received("sum"))
+            if g.n <= cap:
                 continue
-            valid = store.valid[:, :n]
-            over = (valid.sum(-1) - cap).clamp(min=0)
-            if not bool(over.any()):
-                continue
-            pos = store.pos[:, :n]
+            over = g.n - cap if g.batch == 1 and g.all_valid else (g.valid.sum(-1) - cap).clamp(min=0)
             if by_attention:
-                newest = pos.masked_fill(~valid, -1).amax(-1, keepdim=True)
-                score = store.extras["decode_attention"][:, :n].masked_fill(pos > newest - cap // 2, float("inf"))
+                g.evict(g.extra(DECODE_ATTENTION.name).masked_fill(g.newer_than(cap // 2), INF), over)
             else:
-                order = pos.float().masked_fill(~valid, float("inf"))
-                rank = order.argsort(-1).argsort(-1)
-                score = order.masked_fill(rank < min(4, cap - 1), float("inf"))
-            store.evict_lowest(score, over)
+                g.evict(g.pos.float(), over, skip=min(4, cap - 1))
 
     def budget_entries(self) -> int:
         """Valid entries over all heads and rows."""

@@ -11,6 +11,7 @@ from .full import Full
 from .expected_attention import ExpectedAttention
 from .h2o import H2O
 from .hae import HAE
+from .knorm import KNorm
 from .kvzip import KVzip
 from .lookm import LookM
 from .madakv import MadaKV
@@ -22,7 +23,7 @@ from .streaming import StreamingLLM
 
 REGISTRY: dict[str, type[Method]] = {
     cls.name: cls for cls in (Full, StreamingLLM, H2O, SnapKV, PyramidKV, AdaKV, LookM, MadaKV, HAE, RetentiveKV, SphericalKV,
-                               KVzip, ExpectedAttention)
+                               KVzip, ExpectedAttention, KNorm)
 }
 
 

@@ -9,9 +9,14 @@ class variables say what it needs from the core:
     the per-row budget. Layers arrive in order, so a method may carry decisions from layer l to layer l+1.
 ``after_prefill(layer)``
     Called once the layer's head stores exist (attach per-entry state, record targets).
-``decode(layer, probs)``
-    Called after every later forward of a layer (decode steps) when ``decodes`` is true, with the attention
-    rows per KV head ([B, G, q, n] each) when ``needs_decode_probs`` is true. May evict through the stores.
+``decode(step)``
+    Called after every later forward of a layer (decode steps) when ``decodes`` or ``needs_decode_probs`` is true,
+    with a :class:`~modalkv.decoding.DecodeStep` (the layer, the step's attention rows when ``needs_decode_probs``).
+    A method that evicts scores entries on ``step.groups()`` and calls :meth:`~modalkv.decoding.Group.evict`, the
+    one eviction routine (with an ``on_evict`` hook when it needs the evicted entries before they go).
+``extras``
+    The per-entry float32 values the method keeps beside each stored entry, each declared as a
+    :class:`~modalkv.decoding.Extra` (name, meaning, and whether it hides entries from attention).
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from typing import Any, ClassVar, Literal
 import torch
 
 from ..cache import Selection
+from ..decoding import DecodeStep, Extra
 from ..scoring import check_finite, select_topk
 
 
@@ -108,6 +114,7 @@ class Method:
     has_readout: ClassVar[bool] = False  # readout() replaces softmax(logits) @ V in decode attention
     evicts_while_decoding: ClassVar[bool] = False  # decode() keeps each head within Budget.decode_targets itself
     needs_context_pass: ClassVar[bool] = False  # finish_prefill() must run after the prompt forward (modalkv.prefill)
+    extras: ClassVar[tuple[Extra, ...]] = ()  # per-entry values the method keeps beside each entry
 
     def __post_init__(self) -> None:
         hints = typing.get_type_hints(type(self))
@@ -191,7 +198,7 @@ class Method:
         """Restore what :meth:`state_dict` returned, on a cache rebuilt by :func:`modalkv.load_cache`: first with
         ``layer=None``, then for each managed layer once its head stores exist."""
 
-    def decode(self, layer, probs) -> None:
+    def decode(self, step: DecodeStep) -> None:
         pass
 
 

@@ -10,7 +10,11 @@ import torch
 
 from .base import Method, PrefillContext, check_range, last_real
 from ..cache import Selection
+from ..decoding import INF, DecodeStep, Extra
 from ..scoring import accumulated_scores, group_reduce
+
+
+ACC = Extra("accumulated_attention", "attention received over every prompt query and every decode step so far")
 
 
 @dataclass
@@ -48,6 +52,7 @@ class H2O(Method):
     name = "h2o"
     summary = "Heavy hitters by accumulated attention + recent window, evicting while decoding (Zhang et al., 2023)"
     needs_decode_probs = True
+    extras = (ACC,)
 
     @property
     def decodes(self) -> bool:  # type: ignore[override]
@@ -65,30 +70,17 @@ class H2O(Method):
         acc = group_reduce(acc, ctx.num_kv_heads, self.gqa_reduce)
         k = ctx.budget_tokens
         recent = last_real(ctx.real, torch.ceil(k.double() * self.recent_ratio).long())
-        return Selection(self.top(ctx, acc, k, force=recent), extras={"acc": acc})
+        return Selection(self.top(ctx, acc, k, force=recent), extras={ACC.name: acc})
 
-    def decode(self, layer, probs) -> None:
-        for h, store in enumerate(layer.heads):
-            p = probs[h]  # [B, G, q, n]
-            col = p.amax(1) if self.gqa_reduce == "max" else p.mean(1)
-            store.extras["acc"][:, : store.n] += col.sum(1).float()
-            over = layer.over_budget(h)
-            if isinstance(over, int):  # one sequence, no holes: decided without a device round trip
-                if over <= 0:
-                    continue
-                if over == 1:  # the newest entry is the token just appended (position seen - 1)
-                    recent = math.ceil((store.n - 1) * self.recent_ratio)
-                    score = store.extras["acc"][0, : store.n].masked_fill(
-                        store.pos[0, : store.n] > layer.seen - 1 - recent, float("inf"))
-                    store.remove(score.argmin().view(1))
-                    continue
-                over = torch.tensor([over], device=store.pos.device)
-            elif not bool(over.any()):
+    def decode(self, step: DecodeStep) -> None:
+        for g in step.groups():
+            acc = g.extra(ACC.name)
+            acc += g.received(self.gqa_reduce)
+            over = g.over()
+            if isinstance(over, int) and over <= 0:
                 continue
-            target = layer.decode_targets(h)
-            valid = store.valid[:, : store.n]
-            recent = torch.ceil(target.double() * self.recent_ratio).long()[:, None]
-            pos = store.pos[:, : store.n]
-            newest = pos.masked_fill(~valid, -1).amax(-1, keepdim=True)
-            is_recent = pos > newest - recent
-            store.evict_lowest(store.extras["acc"][:, : store.n].masked_fill(is_recent, float("inf")), over)
+            # the recent window: a share of what each (row, head) keeps after this eviction
+            kept = g.kept_after(over)
+            recent = math.ceil(kept * self.recent_ratio) if isinstance(kept, int) else torch.ceil(
+                kept.double() * self.recent_ratio).long()
+            g.evict(acc.masked_fill(g.newer_than(recent), INF), over)

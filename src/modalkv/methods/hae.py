@@ -9,10 +9,16 @@ import torch
 
 from .. import pruning
 from ..cache import Selection
+from ..decoding import DecodeStep, Extra
 from ..modality import TEXT
 from ..scoring import _probs, accumulated_scores, check_finite, mask_to_sorted
 from .base import Method, PrefillContext, check_range, first_real, last_real
 
+ACC = Extra("accumulated_attention", "head-averaged attention from the prompt's text queries and every decode step "
+            "(first head of each layer)")
+BIN = Extra("in_recycle_bin", "1 while the entry is in the recycle bin (first head of each layer)")
+HIDDEN = Extra("hidden_from_attention", "1 while the entry is in the bin and bin_attend=False: kept and scored, not "
+               "read", hides_entry=True)
 _TIER = 1e6  # priority offset that puts evictable visual tokens below every text token (z-scores are far smaller)
 
 
@@ -107,9 +113,9 @@ class HAE(Method):
     ddes_broadcast: bool = False
 
     name = "hae"
-    _fast = True  # the one-sequence fast path (tests turn it off to compare with the batched path)
     summary = "Dual-attention visual pruning broadcast across layers + recycle-bin eviction while decoding (Ma et al., 2026)"
     needs_decode_probs = True
+    extras = (ACC, BIN, HIDDEN)
 
     @property
     def decodes(self) -> bool:  # type: ignore[override]
@@ -154,7 +160,6 @@ class HAE(Method):
         B, n = ctx.real.shape
         if ctx.layer_rank == 0:
             self._full_n = n
-            self._one = {}
             self._bcast_removed = None
             self._bcast_bin = None
             self._sink_limit = _first_position(ctx) + self.n_sink
@@ -192,42 +197,30 @@ class HAE(Method):
         if self.ddes_broadcast and ctx.layer_rank == 0:
             first = idx[:, 0]
             self._kept_pos = torch.where(first >= 0, _pos_rows(ctx).gather(1, first.clamp(min=0)), -1)
-        return Selection(idx, extras={"acc": scores[:, None].expand(B, H, n)})
+        return Selection(idx, extras={ACC.name: scores[:, None].expand(B, H, n)})
 
     def after_prefill(self, layer) -> None:
         for h, store in enumerate(layer.heads):
             if h > 0 or (self.ddes_broadcast and layer.rank > 0):
-                store.extras.pop("acc", None)  # the layer's decisions are made on its first head
+                store.extras.pop(ACC.name, None)  # the layer's decisions are made on its first head
             if not self.bin_attend:
-                store.add_extra("hidden", 0.0)
+                store.add_extra(HIDDEN.name, 0.0)
         if self.ddes and not (self.ddes_broadcast and layer.rank > 0):
-            store = layer.heads[0]
-            store.add_extra("bin", 0.0)
-            if store.batch == 1:  # Python-side bookkeeping for the one-sequence fast path (no device round trips)
-                mods = set(store.mod[0, : store.n].unique().tolist()) | {TEXT}
-                self._one[layer.rank] = {"n_bin": 0, "multi": len(mods) > 1, "kept": int(layer.prefill_kept[0][0]),
-                                         "real": int(layer.prompt_real[0]), "sink": int(self._sink_limit[0])}
-
-    _ONE_FIELDS = ("n_bin", "multi", "kept", "real", "sink")  # the one-sequence bookkeeping, saved as int64
+            layer.heads[0].add_extra(BIN.name, 0.0)
 
     def state_dict(self, layer=None) -> dict[str, torch.Tensor]:
-        """The one-sequence recycle-bin bookkeeping of ``layer``; for ``layer=None`` each row's sink limit and the
-        DAP counts. (The bin itself is a per-entry extra of the stores.)"""
+        """For ``layer=None``: each row's sink limit and the DAP counts. (The recycle bin is a per-entry extra of the
+        stores, saved with them.)"""
         if layer is None:
             names = {"sink_limit": "_sink_limit", "dap_visual": "dap_visual", "dap_evicted": "dap_evicted"}
             return {key: getattr(self, attr) for key, attr in names.items() if getattr(self, attr, None) is not None}
-        one = getattr(self, "_one", {}).get(layer.rank)
-        return {} if one is None else {"one": torch.tensor([int(one[f]) for f in self._ONE_FIELDS])}
+        return {}
 
     def load_state_dict(self, layer, state: dict[str, torch.Tensor]) -> None:
         if layer is None:
-            self._one, self._bcast_removed, self._bcast_bin = {}, None, None
+            self._bcast_removed, self._bcast_bin = None, None
             self._sink_limit = state.get("sink_limit")
             self.dap_visual, self.dap_evicted = state.get("dap_visual"), state.get("dap_evicted")
-        elif "one" in state:
-            one = dict(zip(self._ONE_FIELDS, (int(v) for v in state["one"].tolist())))
-            one["multi"] = bool(one["multi"])
-            self._one[layer.rank] = one
 
     def _dap(self, ctx: PrefillContext) -> torch.Tensor:
         """[B, n] bool: the visual tokens Dual-Attention Pruning evicts (decided on this, the first, layer)."""
@@ -295,21 +288,17 @@ class HAE(Method):
         return z
 
     # -- decode -----------------------------------------------------------------------------------------------
-    def decode(self, layer, probs) -> None:
+    def decode(self, step: DecodeStep) -> None:
+        layer = step.layer
         if self.ddes_broadcast and layer.rank > 0:
-            self._follow(layer)
+            self._follow(step)
             return
         heads = layer.heads
-        store = heads[0]
-        if self._fast and store.batch == 1 and store.all_valid and layer.rank in self._one:
-            self._decode_one(layer, probs, self._one[layer.rank])
-            return
-        self._one.pop(layer.rank, None)  # holes or a new batch: the tensor path from now on
+        store = heads[0]  # the layer's decisions are made on its first head and applied to every head
         n = store.n
-        col = sum(p.mean(1).sum(1) for p in probs) / len(probs)  # [B, n] head-averaged attention of this step
-        acc = store.extras["acc"]
-        acc[:, :n] += col.float()
-        binf = store.extras["bin"][:, :n] > 0
+        acc = store.extras[ACC.name]
+        acc[:, :n] += step.group().received("mean").mean(1)  # head-averaged attention of this step
+        binf = store.extras[BIN.name][:, :n] > 0
         valid = store.valid[:, :n]
         active = valid & ~binf
         if self.capacity == "prefill":
@@ -353,109 +342,36 @@ class HAE(Method):
                 binf[b, j], binf[b, v] = False, True
                 cand[j], cand[v] = True, False
                 prio[b, j], bin_prio[b, v] = bin_prio[b, j], prio[b, v]
-        store.extras["bin"][:, :n] = binf.float()
+        store.extras[BIN.name][:, :n] = binf.float()
         full_bin = (binf & valid).sum(-1) > self.bin_size
         removed = None
-        if bool(full_bin.any()):  # empty the bin in one go (rows whose bin is not full keep theirs)
+        if bool(full_bin.any()):  # empty the bin in one go (rows whose bin is not full keep theirs), in every head
             drop = binf & valid & full_bin[:, None]
             removed = torch.where(drop, pos, -1)
-            _keep_rows(heads, valid & ~drop)
-            binf = store.extras["bin"][:, : store.n] > 0
+            step.group().keep((valid & ~drop)[:, None])
+            binf = store.extras[BIN.name][:, : store.n] > 0
         self._publish(layer, removed, binf)
-
-    def _decode_one(self, layer, probs, st) -> None:
-        """:meth:`decode` for one sequence without holes: the same decisions, counts kept as Python ints. With one
-        modality the z-score is one increasing map of ``A`` for every entry, so ``A`` itself decides."""
-        store = layer.heads[0]
-        n = store.n
-        col = probs[0].sum((1, 2))
-        for p in probs[1:]:
-            col = col + p.sum((1, 2))
-        acc = store.extras["acc"][0, :n]
-        acc += col[0].float() / (len(probs) * probs[0].shape[1])
-        if self.capacity == "prefill":
-            target = st["kept"] if self.cache.budget.decode is None else min(st["kept"], self.cache.budget.decode)
-        else:
-            target = self.cache.budget.decode_target(st["kept"], st["real"] + layer.seen - layer.prompt_len,
-                                                     st["real"])
-        over = n - st["n_bin"] - target
-        if over <= 0 and st["n_bin"] == 0:
-            if self.ddes_broadcast or not self.bin_attend:
-                self._publish(layer, None, store.extras["bin"][:, :n] > 0)
-            return
-        bin_row = store.extras["bin"][0, :n]
-        in_bin = bin_row > 0
-        pos = store.pos[0, :n]
-        sinks = min(self.n_sink, target)
-        recent = min(self.recent, max(0, target - sinks))
-        protected = (pos < st["sink"] - self.n_sink + sinks) | (pos > layer.seen - 1 - recent)
-        if st["multi"]:
-            mod = store.mod[0, :n]
-            z = _zscores(acc[None], mod[None], ~in_bin[None])[0]
-            visual = mod != TEXT
-            vis_active = visual & ~in_bin
-            n_vis = int(vis_active.sum())
-            if n_vis > self.v_floor:
-                if self.v_floor:
-                    tier = _lowest(z[None], (vis_active & ~protected)[None], n_vis - self.v_floor)[0]
-                else:
-                    tier = vis_active & ~protected
-                prio = z - _TIER * tier.float()
-                bin_prio = z - _TIER * (visual & in_bin).float()
-            else:
-                prio, bin_prio = z, z.clone()
-        else:
-            prio = bin_prio = acc
-        blocked = in_bin | protected  # not a candidate for the bin
-        inf = float("inf")
-        for _ in range(max(over, 0)):
-            v = int(prio.masked_fill(blocked, inf).argmin())
-            if bool(blocked[v]):
-                break  # nothing left to evict
-            bin_row[v], blocked[v], in_bin[v] = 1.0, True, True
-            st["n_bin"] += 1
-            if st["multi"]:
-                bin_prio[v] = prio[v]
-        for _ in range(self.bin_size + 1 if st["n_bin"] else 0):  # restore: a bin entry above the next victim
-            j = int(bin_prio.masked_fill(~in_bin, -inf).argmax())
-            v = int(prio.masked_fill(blocked, inf).argmin())
-            if bool(blocked[v]) or not bool(bin_prio[j] > prio[v]):
-                break
-            bin_row[j], bin_row[v] = 0.0, 1.0
-            in_bin[j], in_bin[v] = False, True
-            blocked[j], blocked[v] = protected[j], True
-            if st["multi"]:
-                prio[j], bin_prio[v] = bin_prio[j], prio[v]
-        removed = None
-        if st["n_bin"] > self.bin_size:  # empty the bin in one go
-            if self.ddes_broadcast:
-                removed = pos[in_bin].view(1, -1).clone()
-            slots = (~in_bin).nonzero().view(1, -1)
-            for s in layer.heads:
-                s.keep_slots(slots)
-            st["n_bin"] = 0
-        if self.ddes_broadcast or not self.bin_attend:
-            self._publish(layer, removed, store.extras["bin"][:, : store.n] > 0)
 
     def _publish(self, layer, removed, binf) -> None:
         if not self.bin_attend:
             for store in layer.heads:
-                store.extras["hidden"][:, : store.n] = binf[:, : store.n].float()
+                store.extras[HIDDEN.name][:, : store.n] = binf[:, : store.n].float()
         if self.ddes_broadcast and layer.rank == 0:
             store = layer.heads[0]
             self._bcast_removed = removed
             self._bcast_bin = torch.where(binf, store.pos[:, : store.n], -1)
 
-    def _follow(self, layer) -> None:
+    def _follow(self, step: DecodeStep) -> None:
         """ddes_broadcast: apply the first layer's decision of this step (by position) to this layer."""
+        layer = step.layer
         removed = self._bcast_removed
         if removed is not None:
             store = layer.heads[0]
             pos = store.pos[:, : store.n]
-            _keep_rows(layer.heads, store.valid[:, : store.n] & ~_rows_isin(pos, removed))
+            step.group().keep((store.valid[:, : store.n] & ~_rows_isin(pos, removed))[:, None])
         if not self.bin_attend and self._bcast_bin is not None:
             for store in layer.heads:
-                store.extras["hidden"][:, : store.n] = _rows_isin(store.pos[:, : store.n], self._bcast_bin).float()
+                store.extras[HIDDEN.name][:, : store.n] = _rows_isin(store.pos[:, : store.n], self._bcast_bin).float()
 
 
 # -- helpers ----------------------------------------------------------------------------------------------------
@@ -537,12 +453,3 @@ def _equalise(evict, g) -> torch.Tensor:
     if int(counts.max()) == least:
         return evict
     return _lowest(g, evict, least)
-
-
-def _keep_rows(heads, keep) -> None:
-    """Keep, in every head store of a layer (same slot layout), the slots where ``keep`` [B, n] is true."""
-    B, n = keep.shape
-    m = int(keep.sum(-1).max())
-    slots = mask_to_sorted(torch.arange(n, device=keep.device).expand(B, n), keep, n)[:, :m]
-    for store in heads:
-        store.keep_slots(slots)

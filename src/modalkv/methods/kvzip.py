@@ -90,7 +90,8 @@ class KVzip(Method):
             store.add_extra("kvzip", 0.0)
 
     # -- scoring by reconstruction ----------------------------------------------------------------------------
-    def decode(self, layer, probs) -> None:
+    def decode(self, step) -> None:
+        layer, probs = step.layer, [step.probs_of(h) for h in range(len(step.heads))]
         if not self.__dict__.get("_scoring", False):
             raise ValueError("kvzip compresses the context in a scoring pass after its forward: build the context "
                              "with modalkv.prefill(model, cache, input_ids, tokenizer=tokenizer) before generating")

@@ -10,10 +10,13 @@ import torch.nn.functional as F
 
 from .base import Method, PrefillContext, check_range, first_real, last_real
 from ..cache import Selection
+from ..decoding import DecodeStep, Extra
 from ..modality import IMAGE, TEXT, VIDEO, ModalityLayout, _place_square, _runs
 from ..scoring import group_reduce, pool1d, window_scores
 
 _TINY = 1e-30
+ACC = Extra("accumulated_attention", "window attention at prefill, plus the attention of every decode step")
+SPATIAL = Extra("spatial_weight", "a visual entry's absorption weight: gamma_s ** distance to its image's root patch")
 
 
 def normalised_entropy_score(alpha: torch.Tensor, group: torch.Tensor, lam: float) -> torch.Tensor:
@@ -133,6 +136,7 @@ class RetentiveKV(Method):
     needs_decode_probs = True
     decodes = True
     evicts_while_decoding = True
+    extras = (ACC, SPATIAL)
 
     @property
     def has_readout(self) -> bool:  # type: ignore[override]
@@ -173,11 +177,11 @@ class RetentiveKV(Method):
         return st
 
     def _absorb(self, st: dict, g: int, w: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-                head: int | None = None) -> None:
+                heads: slice = slice(None)) -> None:
         """Add tokens to state ``g``: w [B, H', m] weights, keys [B, H', m, d], values [B, H', m, dv]
-        (H' = all heads, or one head ``head``)."""
+        (H' = the KV heads ``heads``)."""
         st["_version"] = st.get("_version", 0) + 1
-        sl = (slice(None), slice(None) if head is None else slice(head, head + 1), g)
+        sl = (slice(None), heads, g)
         w = w.float() / st["scale"][sl][..., None]  # sums are stored divided by the lazy decay scale
         k, v = keys.float(), values.float()
         if self.state_readout == "linear":
@@ -283,7 +287,7 @@ class RetentiveKV(Method):
                 if bool((w > 0).any()):
                     self._absorb(st, g, w, ctx.keys, ctx.values)
             self._states[ctx.layer_rank] = st
-        return Selection(keep, extras={"acc": alpha, "sw": spatial})
+        return Selection(keep, extras={ACC.name: alpha, SPATIAL.name: spatial})
 
     # -- decode -----------------------------------------------------------------------------------------------
     def _row_entropy(self, p: torch.Tensor, among: torch.Tensor) -> torch.Tensor:
@@ -294,94 +298,39 @@ class RetentiveKV(Method):
         count = among.sum(-1).float()
         return torch.where(count > 1, ent / torch.log(count.clamp(min=2)), torch.zeros_like(ent))
 
-    def decode(self, layer, probs) -> None:
-        st = self._states.get(layer.rank)
-        newest = layer.seen - 1
-        heads = layer.heads
-        if heads[0].batch == 1 and probs[0].shape[2] == 1 and all(s.all_valid and s.n == heads[0].n for s in heads):
-            over = [layer.over_budget(h) for h in range(len(heads))]
-            if all(isinstance(o, int) and o == over[0] for o in over):
-                self._decode_one(layer, probs, st, max(0, over[0]), newest)
-                return
-        for h, store in enumerate(layer.heads):
-            n = store.n
-            p = probs[h].mean(1)  # [B, q, n]
-            store.extras["acc"][:, :n] += p.sum(1).float()
-            last = p[:, -1].float()  # the current query's attention
-            valid = store.valid[:, :n]
-            visual = (store.mod[:, :n] != TEXT) & valid
+    def decode(self, step: DecodeStep) -> None:
+        st = self._states.get(step.layer.rank)
+        for g in step.groups():
+            p = g.probs().mean(2)  # [B, H', q, n] over the group's query heads
+            acc = g.extra(ACC.name)
+            acc += p.sum(2).float()
+            last = p[:, :, -1].float()  # the current query's attention
+            valid = g.valid
+            visual = (g.mod != TEXT) & valid
             if st is not None and self.decay:  # the decay of this step, from the attention before any eviction
                 among = torch.where(visual.sum(-1, keepdim=True) > 1, visual, valid)
                 h_t = self.h_min + (1 - self.h_min) * torch.sigmoid(self.beta * (self._row_entropy(last, among) - 0.5))
-            over = layer.over_budget(h)
-            count = torch.tensor([over], device=last.device) if isinstance(over, int) else over
-            m = int(count.max()) if count.numel() else 0
-            if m > 0:
-                pos = store.pos[:, :n].long()
-                target = valid.sum(-1) - count  # [B] entries each row keeps
+            over = g.over()
+            if not (isinstance(over, int) and over <= 0):
                 # the window and the sinks shrink to fit a target smaller than them (as at prefill)
-                recent = (target - self.n_sink).clamp(min=1, max=self.window)
-                protected = pos > newest - recent[:, None]
+                kept = g.kept_after(over)
+                if isinstance(kept, int):
+                    recent, with_sinks = max(1, min(self.window, kept - self.n_sink)), kept > self.n_sink
+                else:
+                    recent, with_sinks = (kept - self.n_sink).clamp(1, self.window), (kept > self.n_sink)[..., None]
+                protected = g.newer_than(recent)
                 if self._sink_end is not None:
-                    sinks = pos < self._sink_end.to(pos.device)[:, None]
-                    protected |= sinks & (target > self.n_sink)[:, None]
-                score = store.extras["acc"][:, :n].masked_fill(protected, float("inf"))
-                s = score.masked_fill(~valid, float("inf"))
-                victims = s.topk(m, dim=-1, largest=False, sorted=True).indices  # the same victims evict_lowest takes
-                use = (torch.arange(m, device=s.device)[None, :] < count[:, None]) & torch.isfinite(s.gather(1, victims))
+                    protected |= (g.pos < self._sink_end.to(g.pos.device).view(-1, 1, 1)) & with_sinks
+                absorb = None
                 if st is not None:
-                    self._absorb_decode(st, h, store, last, valid, visual, victims, use)
-                store.evict_lowest(s, use.sum(-1))
+                    def absorb(g, victims, use, st=st, last=last, valid=valid, visual=visual):
+                        self._absorb_victims(st, g, last, valid, visual, victims, use)
+                g.evict(acc.masked_fill(protected, float("inf")), over, keep_protected=True, on_evict=absorb)
             if st is not None and self.decay:
-                scale = st["scale"][:, h]
-                scale *= h_t[:, None]
+                scale = st["scale"][:, g.index]  # [B, H', S]
+                scale *= h_t[..., None]
                 if bool((scale < 1e-20).any()):  # fold the lazy scale back into the sums before it underflows
                     self._fold_scale(st)
-
-    def _decode_one(self, layer, probs, st, over: int, newest: int) -> None:
-        """The common decode step (one sequence, one new token, every head the same size and over its target by the
-        same count), vectorised over the layer's KV heads. Same result as the general per-head path."""
-        heads = layer.heads
-        n = heads[0].n
-        p = torch.stack([x[0, :, 0] for x in probs]).mean(1).float()  # [H, n] the current query's attention
-        acc = torch.stack([s.extras["acc"][0, :n] for s in heads]) + p
-        for s, a in zip(heads, acc):
-            s.extras["acc"][0, :n] = a
-        mod = torch.stack([s.mod[0, :n] for s in heads])
-        visual = mod != TEXT
-        if st is not None and self.decay:
-            among = torch.where(visual.sum(-1, keepdim=True) > 1, visual, torch.ones_like(visual))
-            h_t = self.h_min + (1 - self.h_min) * torch.sigmoid(self.beta * (self._row_entropy(p, among) - 0.5))
-        if over > 0:
-            pos = torch.stack([s.pos[0, :n] for s in heads]).long()
-            target = n - over
-            protected = pos > newest - max(1, min(self.window, target - self.n_sink))
-            if self._sink_end is not None and target > self.n_sink:
-                protected |= pos < int(self._sink_end[0])
-            score = acc.masked_fill(protected, float("inf"))
-            victims = score.topk(over, dim=-1, largest=False, sorted=True).indices  # [H, over]
-            use = torch.isfinite(score.gather(1, victims))
-            if st is not None:
-                sw = torch.stack([s.extras["sw"][0, :n] for s in heads])
-                weights = self._victim_weights(p, visual, ~visual, sw, victims, use, n)
-                kv = [s.kv() for s in heads]  # dense views of slots [0, n) (dequantized by quantized stores)
-                k = torch.stack([K[0].index_select(0, i) for (K, _), i in zip(kv, victims)])[None]
-                v = torch.stack([V[0].index_select(0, i) for (_, V), i in zip(kv, victims)])[None]
-                for g, w in enumerate(weights):
-                    if bool((w > 0).any()):
-                        self._absorb(st, g, w[None], k, v)
-            for s, vic, ok in zip(heads, victims, use):
-                if over == 1 and bool(ok[0]):
-                    s.remove(vic[:1])
-                else:
-                    sc = score.new_full((1, n), float("inf"))
-                    sc[0, vic[ok]] = 0.0
-                    s.evict_lowest(sc, ok.sum().view(1))
-        if st is not None and self.decay:
-            scale = st["scale"][0]  # [H, S]
-            scale *= h_t[:, None]
-            if bool((scale < 1e-20).any()):
-                self._fold_scale(st)
 
     def _fold_scale(self, st) -> None:
         """Multiply the lazy decay scale into the sums (before it underflows) and reset it to 1."""
@@ -393,31 +342,31 @@ class RetentiveKV(Method):
         st["_version"] = st.get("_version", 0) + 1
 
     def _victim_weights(self, att, visual, text, sw, victims, use, count) -> list[torch.Tensor]:
-        """Absorption weights of the victims [X, m] per state, from the current attention rows att [X, n]: visual
+        """Absorption weights of the victims [..., m] per state, from the current attention rows att [..., n]: visual
         victims by their spatial weight ``sw`` (gated by tau with ``gate_visual``), text victims 1 when their R >= tau;
         ``count`` entries the attention is spread over (for ``absorb_by_attention``)."""
         R = normalised_entropy_score(att, visual, self.lam) + normalised_entropy_score(att, text, self.lam)
-        r_v, is_vis = R.gather(1, victims), visual.gather(1, victims)
-        w_vis = sw.gather(1, victims) * is_vis * use
+        r_v, is_vis = R.gather(-1, victims), visual.gather(-1, victims)
+        w_vis = sw.gather(-1, victims) * is_vis * use
         if self.gate_visual:
             w_vis = w_vis * (r_v >= self.tau)
         w_txt = (~is_vis & use & (r_v >= self.tau)).float()
         if self.absorb_by_attention:
-            rel = att.gather(1, victims) * count
+            rel = att.gather(-1, victims) * count
             w_vis, w_txt = w_vis * rel, w_txt * rel
         return [w_vis, w_txt] if self.num_states == 2 else [w_vis + w_txt]
 
-    def _absorb_decode(self, st, h, store, last, valid, visual, victims, use) -> None:
-        """Fold the decode-time victims [B, m] (``use`` marks real ones) of head ``h`` into the states."""
-        text = (store.mod[:, : store.n] == TEXT) & valid
-        weights = self._victim_weights(last, visual, text, store.extras["sw"][:, : store.n], victims, use,
+    def _absorb_victims(self, st, g, last, valid, visual, victims, use) -> None:
+        """The eviction routine's hook: fold the victims [B, H', m] (``use`` marks real ones, None = all) of the
+        group ``g`` into the states before they are removed."""
+        use = torch.ones_like(victims, dtype=torch.bool) if use is None else use
+        text = (g.mod == TEXT) & valid
+        weights = self._victim_weights(last, visual, text, g.extra(SPATIAL.name), victims, use,
                                        valid.sum(-1, keepdim=True))
-        K, V = store.kv()
-        k = K.gather(1, victims[..., None].expand(-1, -1, K.shape[-1]))[:, None]
-        v = V.gather(1, victims[..., None].expand(-1, -1, V.shape[-1]))[:, None]
-        for g, w in enumerate(weights):
+        k, v = g.keys_values(victims)
+        for i, w in enumerate(weights):
             if bool((w > 0).any()):
-                self._absorb(st, g, w[:, None], k, v, head=h)
+                self._absorb(st, i, w, k, v, heads=g.index)
 
     # -- attention readout ------------------------------------------------------------------------------------
     def readout(self, layer, h, query, logits, values):

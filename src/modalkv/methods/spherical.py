@@ -582,7 +582,8 @@ class SphericalKV(Method):
             encode_store(store, [b[h] for b in books], tiers)
 
     # -- decode ---------------------------------------------------------------------------------------------
-    def decode(self, layer, probs) -> None:
+    def decode(self, step) -> None:
+        layer, probs = step.layer, [step.probs_of(h) for h in range(len(step.heads))]
         for h, store in enumerate(layer.heads):
             att = probs[h].amax(1)[:, -1].float()  # [B, n] max over the group's query heads, current query
             om = store.extras["omega"][:, : store.n]

@@ -8,6 +8,7 @@ import torch
 
 from .base import Method, PrefillContext, check_range, first_real, last_real
 from ..cache import Selection
+from ..decoding import DecodeStep
 
 
 @dataclass
@@ -68,27 +69,13 @@ class StreamingLLM(Method):
         scores = keep.float()[:, None, :].expand(-1, ctx.num_kv_heads, -1)
         return Selection(self.top(ctx, scores, k, force=keep))
 
-    def decode(self, layer, probs) -> None:
-        for h, store in enumerate(layer.heads):
-            over = layer.over_budget(h)
-            if isinstance(over, int):  # one sequence, no holes: decided without a device round trip
-                if over <= 0:
-                    continue
-                sinks = min(self.n_sink, store.n - over - 1)  # the sinks never take the newest token's slot
-                if over == 1 and sinks >= 0:  # evict the oldest non-sink: the (sinks+1)-th position
-                    pos = store.pos[0, : store.n]
-                    victim = pos.kthvalue(sinks + 1).indices if sinks else pos.argmin()
-                    store.remove(victim.view(1))
-                    continue
-                over = torch.tensor([over], device=store.pos.device)
-            elif not bool(over.any()):
+    def decode(self, step: DecodeStep) -> None:
+        for g in step.groups():
+            over = g.over()
+            if isinstance(over, int) and over <= 0:
                 continue
-            valid = store.valid[:, : store.n]
-            pos = store.pos[:, : store.n].float().masked_fill(~valid, float("inf"))
-            # sinks: the smallest valid positions (positions are unique), at most target - 1 of them; evict the
-            # oldest valid non-sinks
-            target = valid.sum(-1) - over
-            sinks = (target - 1).clamp(min=0, max=self.n_sink)
-            rank = pos.argsort(-1).argsort(-1)  # 0 = the oldest entry of the row
-            pos = pos.masked_fill(rank < sinks[:, None], float("inf"))
-            store.evict_lowest(pos, over)
+            # the oldest entries after the sinks go; the sinks (the smallest positions) never take the newest
+            # token's slot: at most kept - 1 of them
+            kept = g.kept_after(over)
+            sinks = min(self.n_sink, max(0, kept - 1)) if isinstance(kept, int) else (kept - 1).clamp(0, self.n_sink)
+            g.evict(g.pos.float(), over, skip=sinks)
