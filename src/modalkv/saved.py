@@ -63,7 +63,7 @@ import torch
 from .cache import CompressedLayer, HeadStore, KVCache
 
 FORMAT = "modalkv-cache"
-VERSION = 1
+VERSION = 2  # 2: method extras renamed (accumulated_attention, in_recycle_bin, ...), storage payloads
 _META_KEY = "modalkv.cache"
 
 
