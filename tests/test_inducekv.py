@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from modalkv import cache_kwargs
-from modalkv.inducekv import (
+from modalkv.continual import (
     Example,
     InduceKV,
     MemoryBank,

@@ -64,7 +64,7 @@ def methods() -> None:
     console.print(table)
     console.print("Quantized storage (composes with any method, --quantize): kivi-2, kivi-4, kivi-8")
     console.print("Continual adaptation (not a compression method): InduceKV, a fixed-size bank of induced KV "
-                  "memories for a frozen model (modalkv.inducekv; benchmark: modalkv continual)")
+                  "memories for a frozen model (modalkv.continual; benchmark: modalkv continual)")
 
 
 def _fmt_bytes(n: float) -> str:

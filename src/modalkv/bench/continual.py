@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from ..inducekv import InduceKV, continual_metrics
+from ..continual import InduceKV, continual_metrics
 
 LEARNERS = ("frozen", "growing", "inducekv", "inducekv-bilevel", "inducekv-random", "lora")
 

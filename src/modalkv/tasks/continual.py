@@ -18,6 +18,8 @@ import random
 import re
 from dataclasses import dataclass
 
+from ..continual import Example
+
 PERSON = re.compile(r"^(?P<t>[A-Z][^.()]{2,40}?) (?:was|is) an? (?P<a>[A-Z][a-z]+(?:-[A-Z][a-z]+)?) (?P<rest>[^.]{3,120})")
 CITY = re.compile(r"^(?P<t>[A-Z][^.()]{1,40}?) is (?:a|an|the) (?:[a-z-]+ ){0,4}(?:city|town|capital|port|municipality)"
                   r"(?: and [a-z ]+?)? (?:in|of) (?:the )?(?:[a-z]+ )?(?P<a>[A-Z][a-z]+(?: [A-Z][a-z]+){0,2})[ ,.]")
@@ -102,10 +104,8 @@ def fact_tasks(per_task: int = 32, seed: int = 0, names=("cities", "scientists",
 
 
 def fact_examples(tok, task: FactTask, task_id: int = 0):
-    """InduceKV :class:`~modalkv.inducekv.Example` objects for a fact task (training prefixes + calibration query)."""
+    """InduceKV :class:`~modalkv.continual.Example` objects for a fact task (training prefixes + calibration query)."""
     import torch
-
-    from ..inducekv import Example
 
     out = []
     for f in task.facts:
@@ -186,11 +186,10 @@ class Query:
 
 def vqa_tasks(processor, tokens_per_image: int, per_task: int = 32, test_per_task: int = 32, seed: int = 0):
     """easy-VQA as four continual tasks (colour, shape, yes/no about a shape, yes/no about a colour): per task,
-    ``per_task`` training examples (InduceKV :class:`~modalkv.inducekv.Example` with the image) and
+    ``per_task`` training examples (InduceKV :class:`~modalkv.continual.Example` with the image) and
     ``test_per_task`` test-split :class:`Query` objects. Returns (names, examples per task, queries per task)."""
     import torch
 
-    from ..inducekv import Example
     from ..vlm import easy_vqa_split, load_images, prompt_ids
 
     tok = processor.tokenizer
