@@ -375,3 +375,46 @@ def test_sequential_lora_baseline_trains_a_copy():
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     toks, info = InduceKV(budget_bytes=None, selection="all").generate(lora.model, exs[0].query, 3)
     assert len(toks) == 3 and info["memory_tokens"] == 0
+
+
+def _bilevel_problem(model, mode="unrolled"):
+    """The bilevel selection problem of a second task (pool of 7, capacity 3) on a float64 tiny model; queries pooled
+    over all their tokens and tau = 0.5, so that retrieval is not already perfect and φ*(w) depends on w."""
+    m = method(model, 3, selection="bilevel", dtype="float32", calib_steps=5, inner_steps=4, inner_lr=2.0, probes=3,
+               top_k=2, anchors_per_task=2, tau=0.5, hypergradient=mode)
+
+    def ex(seed):
+        e = example(seed, q=14)
+        e.query_span = (0, 14)
+        return e
+
+    m.add_task(model, 0, [ex(s) for s in range(3)])
+    bank = m._bank(model)
+    exs = [ex(s) for s in range(10, 14)]
+    pool, q, own = m._pool(model, bank, 1, exs)
+    for name in ("W", "task_bias", "mu", "anchors"):
+        setattr(bank, name, getattr(bank, name).double())
+    pool.keys = pool.keys.double()
+    return m.bilevel_problem(model, bank, pool, q.double(), own, 1, exs)
+
+
+def test_bilevel_hypergradient_matches_finite_differences():
+    """dJ/dw goes through the calibration fitted to w: along random directions in the simplex's tangent space it
+    equals the central finite difference of J(w, φ*(w)); holding φ constant (the old projected gradient, mode
+    'none') misses the indirect term and does not."""
+    model = tiny_llama(layers=1).double()
+    prob = _bilevel_problem(model)
+    g = torch.Generator().manual_seed(0)
+    w = 0.2 + 0.6 * torch.rand(len(prob.pool), generator=g, dtype=torch.float64)
+    J, grad, _ = prob.hypergradient(w)
+    assert torch.isclose(J, prob.objective(w))
+    prob_none = _bilevel_problem(model, "none")
+    _, grad_none, _ = prob_none.hypergradient(w)
+    eps = 3e-3  # the model's eager/SDPA softmax runs in float32: a smaller step would measure its rounding
+    for _ in range(3):
+        d = torch.randn(len(prob.pool), generator=g, dtype=torch.float64)
+        d -= d.mean()  # keep sum(w) fixed
+        with torch.no_grad():
+            fd = float(prob.objective(w + eps * d) - prob.objective(w - eps * d)) / (2 * eps)
+        assert abs(float(grad @ d) - fd) < 2e-3 * abs(fd) + 1e-6, (float(grad @ d), fd)
+        assert abs(float(grad_none @ d) - fd) > 5e-2 * abs(fd), (float(grad_none @ d), fd)

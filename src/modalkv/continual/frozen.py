@@ -75,4 +75,4 @@ def sequence_nll(model, cache, query: torch.Tensor, target: torch.Tensor, bias=N
     if bias is not None:
         mask = memory_mask(bias, ids.shape[1], next(model.parameters()).dtype)
     logits = forward(model, ids, cache, mask, **model_kwargs).logits[0, query.numel() - 1 : -1]
-    return F.cross_entropy(logits.float(), target.to(logits.device))
+    return F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), target.to(logits.device))

@@ -151,12 +151,13 @@ def unrolled_calibration(bank: MemoryBank, pool: Candidates, targets: RetrievalT
         return W, b
     if not differentiable:
         logw = logw.detach()
-    for _ in range(steps):
-        loss = calibration_loss(bank, pool, targets, W, b, logw, decay)
-        gW, gb = torch.autograd.grad(loss, (W, b), create_graph=differentiable)
-        W, b = W - lr * gW, b - lr * gb
-        if not differentiable:
-            W, b = W.detach().requires_grad_(True), b.detach().requires_grad_(True)
+    with torch.enable_grad():  # the inner solve is gradient descent, also when J is only evaluated
+        for _ in range(steps):
+            loss = calibration_loss(bank, pool, targets, W, b, logw, decay)
+            gW, gb = torch.autograd.grad(loss, (W, b), create_graph=differentiable)
+            W, b = W - lr * gW, b - lr * gb
+            if not differentiable:
+                W, b = W.detach().requires_grad_(True), b.detach().requires_grad_(True)
     return (W, b) if differentiable else (W.detach(), b.detach())
 
 
