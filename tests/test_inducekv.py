@@ -418,3 +418,42 @@ def test_bilevel_hypergradient_matches_finite_differences():
             fd = float(prob.objective(w + eps * d) - prob.objective(w - eps * d)) / (2 * eps)
         assert abs(float(grad @ d) - fd) < 2e-3 * abs(fd) + 1e-6, (float(grad @ d), fd)
         assert abs(float(grad_none @ d) - fd) > 5e-2 * abs(fd), (float(grad_none @ d), fd)
+
+
+def _reworded_facts(seed, facts=24, template=16):
+    """A constructed retrieval task on a tiny model: each fact is one token followed by a shared 16-token question
+    template. Training prefixes ask with template A, the calibration queries with template B, and the held-out
+    questions with B reworded (every fourth token replaced), so raw retrieval is confused by the template shift."""
+    g = torch.Generator().manual_seed(seed)
+    train, calib = (torch.randint(0, VOCAB, (template,), generator=g) for _ in range(2))
+    reworded = calib.clone()
+    reworded[::4] = torch.randint(0, VOCAB, (reworded[::4].numel(),), generator=g)
+    examples, held_out = [], []
+    for _ in range(facts):
+        fact = torch.randint(0, VOCAB, (1,), generator=g)
+        context, answer = torch.randint(0, VOCAB, (14,), generator=g), torch.randint(0, VOCAB, (3,), generator=g)
+        question, query = torch.cat([fact, train]), torch.cat([fact, calib])
+        prefix = torch.cat([question, context, answer])
+        examples.append(Example(prefix=prefix, key_span=(0, question.numel()),
+                                answer_span=(prefix.numel() - 3, prefix.numel()), query=query, target=answer,
+                                query_span=(0, query.numel())))
+        held_out.append(torch.cat([fact, reworded]))
+    return examples, held_out
+
+
+def test_calibration_improves_retrieval_of_held_out_questions():
+    """The retrieval calibration, fitted on the calibration queries of two tasks, routes held-out (reworded)
+    questions to their own fact's entry more often than the uncalibrated retrieval (calib_steps=0): never worse on
+    any of three tiny models, and +0.1 or more on average (measured: +0.58, 0, +0.17)."""
+    gains = []
+    for seed in range(3):
+        model = tiny_llama(layers=2, seed=seed)
+        examples, held_out = _reworded_facts(seed)
+        accuracy = {}
+        for steps in (0, 100):
+            m = InduceKV(budget_bytes=None, selection="all", ell=8, top_k=1, calib_steps=steps, calib_lr=1e-2)
+            m.add_task(model, 0, examples[:12])
+            m.add_task(model, 1, examples[12:])
+            accuracy[steps] = sum(int(m.retrieve(model, q)[0][0]) == i for i, q in enumerate(held_out)) / len(held_out)
+        gains.append(accuracy[100] - accuracy[0])
+    assert min(gains) >= 0 and sum(gains) / len(gains) >= 0.1, gains
