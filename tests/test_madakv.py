@@ -105,7 +105,7 @@ def test_budget_one_is_the_full_cache():
     assert m.memory_report()["entries_kept"] == full.memory_report()["entries_kept"]
 
 
-def _compensation_run(monkeypatch, first_layer_demand: str):
+def _compensation_run(monkeypatch, first_layer_demand: str, combine: str = "clip"):
     """A 4-layer LLaVA whose first layer's heads demand every token ('more') or none ('less'), the later layers the
     opposite. Returns (phi_1, the per-head budget phi of each layer, tokens kept beyond the fixed ones per layer)."""
     import modalkv.methods.madakv as mk
@@ -134,7 +134,8 @@ def _compensation_run(monkeypatch, first_layer_demand: str):
     monkeypatch.setattr(mk, "modality_quotas", record_phi)
     monkeypatch.setattr(mk, "coverage_demand", scripted_demand)
     window, sinks = 4, 2
-    cache = KVCache(model, "madakv", 0.4, window=window, n_sink=sinks, phi_min=1, phi_min_ratio=0.0, reserve=0)
+    cache = KVCache(model, "madakv", 0.4, window=window, n_sink=sinks, phi_min=1, phi_min_ratio=0.0, reserve=0,
+                    combine=combine)
     cache.set_modality(detect_modality(model.config, ids).ids)
     with torch.no_grad():
         model(input_ids=ids, **extra, **cache_kwargs(model, cache))
@@ -165,3 +166,16 @@ def test_compensation_gives_to_later_layers_when_a_layer_needs_less(monkeypatch)
     assert phis[1] == pytest.approx((L * H * phi1 - kept[0]) / (H * (L - 1))) and phis[1] > phi1
     assert kept[1] > H * phi1  # the next layer, which wants everything, can spend the gift
     assert sum(kept) == L * H * phi1
+
+
+@pytest.mark.parametrize("combine, borrows", [("demand", True), ("quota", False)])
+def test_combining_rule_decides_whether_a_layer_borrows(monkeypatch, combine, borrows):
+    """``combine="demand"`` lets the needy first layer keep all it asks for (more than clip's c_hi = 2 quota),
+    ``combine="quota"`` keeps exactly its quota whatever the demand (no transfer to later layers)."""
+    phi1, phis, kept, H = _compensation_run(monkeypatch, "more", combine)
+    if borrows:
+        assert kept[0] > 2 * H * phi1 and phis[1] < phi1
+    else:
+        assert abs(kept[0] - H * phi1) <= 2 * H and phis[1] == pytest.approx(phi1, abs=1)
+    with pytest.raises(TypeError, match="combine"):
+        KVCache(tiny_llama(), "madakv", 0.5, combine="both")
