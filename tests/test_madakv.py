@@ -174,7 +174,7 @@ def test_combining_rule_decides_whether_a_layer_borrows(monkeypatch, combine, bo
     ``combine="quota"`` keeps exactly its quota whatever the demand (no transfer to later layers)."""
     phi1, phis, kept, H = _compensation_run(monkeypatch, "more", combine)
     if borrows:
-        assert kept[0] > 2 * H * phi1 and phis[1] < phi1
+        assert kept[0] > 2 * H * (phi1 + 1) and phis[1] < phi1  # beyond clip's bound (one token of rounding a modality)
     else:
         assert abs(kept[0] - H * phi1) <= 2 * H and phis[1] == pytest.approx(phi1, abs=1)
     with pytest.raises(TypeError, match="combine"):
