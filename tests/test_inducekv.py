@@ -391,7 +391,7 @@ def _bilevel_problem(model, mode="unrolled"):
     m.add_task(model, 0, [ex(s) for s in range(3)])
     bank = m._bank(model)
     exs = [ex(s) for s in range(10, 14)]
-    pool, q, own = m._pool(model, bank, 1, exs)
+    pool, q, own, _ = m._pool(model, bank, 1, exs)
     for name in ("W", "task_bias", "mu", "anchors"):
         setattr(bank, name, getattr(bank, name).double())
     pool.keys = pool.keys.double()

@@ -611,7 +611,7 @@ def continual(
     budget_entries: int = typer.Option(32, help="InduceKV's fixed byte budget, as this many entries + calibration."),
     ell: int = typer.Option(64, help="Payload tokens per layer and KV head of one entry."),
     top_k: int = typer.Option(2, help="Entries retrieved and placed before each query."),
-    query: str = typer.Option("q_train", help="Test question template: q_train (held-in) or q_test (paraphrase)."),
+    query: str = typer.Option("q_train", help="Test question template: q_train (held-in), q_test or q_para (paraphrases), held_out (both)."),
     param: list[str] = typer.Option([], help="Extra InduceKV parameter KEY=VALUE (repeatable), e.g. bilevel_steps=5."),
     seed: int = typer.Option(0),
     threads: int = typer.Option(2),

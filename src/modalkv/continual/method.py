@@ -179,7 +179,8 @@ class InduceKV:
 
     def _pool(self, model, bank: MemoryBank, task: int, examples: list[Example]):
         """Induce the candidates, add the task's anchors, form the (prefiltered) pool and calibrate retrieval on it.
-        Returns (pool, query embeddings of the examples, pool index of each example's own candidate or -1)."""
+        Returns (pool, query embeddings of the examples, pool index of each example's own candidate or -1, the
+        new candidates)."""
         cand = extract_candidates(model, examples, task, self.ell, self.kernel, self.key_layer, bank.dtype)
         q = torch.stack([embed(model, ex.query, ex.query_span, self.key_layer, **ex.model_kwargs) for ex in examples])
         if self.refine_steps:
@@ -198,11 +199,11 @@ class InduceKV:
         bank.mu = pool.keys.mean(0)
         calibrate(bank, pool, retrieval_targets(bank, pool, q, own, task), self.calib_steps, self.calib_lr,
                   self.calib_decay)
-        return pool, q, own
+        return pool, q, own, cand
 
     def _add_task(self, model, bank: MemoryBank, task: int, examples: list[Example]) -> dict:
         gen = torch.Generator().manual_seed(self.seed + task)
-        pool, q, own = self._pool(model, bank, task, examples)
+        pool, q, own, cand = self._pool(model, bank, task, examples)
         cap = bank.capacity
         if self.selection == "all" or cap >= len(pool):
             chosen = torch.arange(len(pool))
@@ -220,9 +221,8 @@ class InduceKV:
         bank.entries = pool.take(chosen)
         if cap is not None:
             assert len(bank) <= cap and bank.nbytes <= bank.budget_bytes
-        return {"task": task, "candidates": len(examples), "pool": len(pool), "kept": len(bank), "capacity": cap,
-                "per_task": bank.tasks(), "bank_bytes": bank.nbytes,
-                "mean_gain": float(pool.gain[own[own >= 0]].mean()) if bool((own >= 0).any()) else 0.0}
+        return {"task": task, "candidates": len(cand), "pool": len(pool), "kept": len(bank), "capacity": cap,
+                "per_task": bank.tasks(), "bank_bytes": bank.nbytes, "mean_gain": float(cand.gain.mean())}
 
     def bilevel_problem(self, model, bank, pool: Candidates, q, own, task: int, examples, gen=None) -> Bilevel:
         """The bilevel selection problem of this task's consolidation (its objective and hypergradient)."""
