@@ -16,7 +16,8 @@ from pathlib import Path
 
 import torch
 
-from modalkv.inducekv import InduceKV, _forward, embed
+from modalkv.continual import InduceKV
+from modalkv.continual.frozen import embed, forward
 from modalkv.measure import pin_threads
 from modalkv.models import load_model
 from modalkv.tasks.continual import fact_examples, fact_queries, fact_tasks
@@ -30,11 +31,11 @@ def timed(fn):
 
 @torch.no_grad()
 def decode(model, ids, cache, steps):
-    out, ms_prefill = timed(lambda: _forward(model, ids[None], cache))
+    out, ms_prefill = timed(lambda: forward(model, ids[None], cache))
     nxt = out.logits[0, -1].argmax()
     t0 = time.perf_counter()
     for _ in range(steps):
-        out = _forward(model, nxt.view(1, 1), cache)
+        out = forward(model, nxt.view(1, 1), cache)
         nxt = out.logits[0, -1].argmax()
     return ms_prefill, (time.perf_counter() - t0) * 1e3 / steps
 

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from modalkv import cache_kwargs
-from modalkv.inducekv import (
+from modalkv.continual import (
     Example,
     InduceKV,
     MemoryBank,
@@ -375,3 +375,85 @@ def test_sequential_lora_baseline_trains_a_copy():
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     toks, info = InduceKV(budget_bytes=None, selection="all").generate(lora.model, exs[0].query, 3)
     assert len(toks) == 3 and info["memory_tokens"] == 0
+
+
+def _bilevel_problem(model, mode="unrolled"):
+    """The bilevel selection problem of a second task (pool of 7, capacity 3) on a float64 tiny model; queries pooled
+    over all their tokens and tau = 0.5, so that retrieval is not already perfect and φ*(w) depends on w."""
+    m = method(model, 3, selection="bilevel", dtype="float32", calib_steps=5, inner_steps=4, inner_lr=2.0, probes=3,
+               top_k=2, anchors_per_task=2, tau=0.5, hypergradient=mode)
+
+    def ex(seed):
+        e = example(seed, q=14)
+        e.query_span = (0, 14)
+        return e
+
+    m.add_task(model, 0, [ex(s) for s in range(3)])
+    bank = m._bank(model)
+    exs = [ex(s) for s in range(10, 14)]
+    pool, q, own, _ = m._pool(model, bank, 1, exs)
+    for name in ("W", "task_bias", "mu", "anchors"):
+        setattr(bank, name, getattr(bank, name).double())
+    pool.keys = pool.keys.double()
+    return m.bilevel_problem(model, bank, pool, q.double(), own, 1, exs)
+
+
+def test_bilevel_hypergradient_matches_finite_differences():
+    """dJ/dw goes through the calibration fitted to w: along random directions in the simplex's tangent space it
+    equals the central finite difference of J(w, φ*(w)); holding φ constant (the old projected gradient, mode
+    'none') misses the indirect term and does not."""
+    model = tiny_llama(layers=1).double()
+    prob = _bilevel_problem(model)
+    g = torch.Generator().manual_seed(0)
+    w = 0.2 + 0.6 * torch.rand(len(prob.pool), generator=g, dtype=torch.float64)
+    J, grad, _ = prob.hypergradient(w)
+    assert torch.isclose(J, prob.objective(w))
+    prob_none = _bilevel_problem(model, "none")
+    _, grad_none, _ = prob_none.hypergradient(w)
+    eps = 3e-3  # the model's eager/SDPA softmax runs in float32: a smaller step would measure its rounding
+    for _ in range(3):
+        d = torch.randn(len(prob.pool), generator=g, dtype=torch.float64)
+        d -= d.mean()  # keep sum(w) fixed
+        with torch.no_grad():
+            fd = float(prob.objective(w + eps * d) - prob.objective(w - eps * d)) / (2 * eps)
+        assert abs(float(grad @ d) - fd) < 2e-3 * abs(fd) + 1e-6, (float(grad @ d), fd)
+        assert abs(float(grad_none @ d) - fd) > 5e-2 * abs(fd), (float(grad_none @ d), fd)
+
+
+def _reworded_facts(seed, facts=24, template=16):
+    """A constructed retrieval task on a tiny model: each fact is one token followed by a shared 16-token question
+    template. Training prefixes ask with template A, the calibration queries with template B, and the held-out
+    questions with B reworded (every fourth token replaced), so raw retrieval is confused by the template shift."""
+    g = torch.Generator().manual_seed(seed)
+    train, calib = (torch.randint(0, VOCAB, (template,), generator=g) for _ in range(2))
+    reworded = calib.clone()
+    reworded[::4] = torch.randint(0, VOCAB, (reworded[::4].numel(),), generator=g)
+    examples, held_out = [], []
+    for _ in range(facts):
+        fact = torch.randint(0, VOCAB, (1,), generator=g)
+        context, answer = torch.randint(0, VOCAB, (14,), generator=g), torch.randint(0, VOCAB, (3,), generator=g)
+        question, query = torch.cat([fact, train]), torch.cat([fact, calib])
+        prefix = torch.cat([question, context, answer])
+        examples.append(Example(prefix=prefix, key_span=(0, question.numel()),
+                                answer_span=(prefix.numel() - 3, prefix.numel()), query=query, target=answer,
+                                query_span=(0, query.numel())))
+        held_out.append(torch.cat([fact, reworded]))
+    return examples, held_out
+
+
+def test_calibration_improves_retrieval_of_held_out_questions():
+    """The retrieval calibration, fitted on the calibration queries of two tasks, routes held-out (reworded)
+    questions to their own fact's entry more often than the uncalibrated retrieval (calib_steps=0): never worse on
+    any of three tiny models, and +0.1 or more on average (measured: +0.58, 0, +0.17)."""
+    gains = []
+    for seed in range(3):
+        model = tiny_llama(layers=2, seed=seed)
+        examples, held_out = _reworded_facts(seed)
+        accuracy = {}
+        for steps in (0, 100):
+            m = InduceKV(budget_bytes=None, selection="all", ell=8, top_k=1, calib_steps=steps, calib_lr=1e-2)
+            m.add_task(model, 0, examples[:12])
+            m.add_task(model, 1, examples[12:])
+            accuracy[steps] = sum(int(m.retrieve(model, q)[0][0]) == i for i, q in enumerate(held_out)) / len(held_out)
+        gains.append(accuracy[100] - accuracy[0])
+    assert min(gains) >= 0 and sum(gains) / len(gains) >= 0.1, gains

@@ -3,6 +3,7 @@ budget 1.0 = full cache (exactness against the masked full cache is in test_exac
 
 import math
 
+import pytest
 import torch
 
 from conftest import prompt, tiny_llama
@@ -102,3 +103,79 @@ def test_budget_one_is_the_full_cache():
         b = model(ids, **cache_kwargs(model, m)).logits
     assert (a - b).abs().max() < 1e-5
     assert m.memory_report()["entries_kept"] == full.memory_report()["entries_kept"]
+
+
+def _compensation_run(monkeypatch, first_layer_demand: str, combine: str = "clip"):
+    """A 4-layer LLaVA whose first layer's heads demand every token ('more') or none ('less'), the later layers the
+    opposite. Returns (phi_1, the per-head budget phi of each layer, tokens kept beyond the fixed ones per layer)."""
+    import modalkv.methods.madakv as mk
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+    from test_modality import IMG, TXT
+
+    torch.manual_seed(0)
+    cfg = LlavaConfig(vision_config=CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                                     num_attention_heads=2, image_size=32, patch_size=8,
+                                                     projection_dim=32),
+                      text_config=LlamaConfig(**dict(TXT, num_hidden_layers=4)), image_token_index=IMG,
+                      image_seq_length=16, vision_feature_layer=-1)
+    model = LlavaForConditionalGeneration(cfg).eval()
+    ids, extra = llava_inputs(images=2)
+    phis = []
+    real_quotas = mk.modality_quotas
+
+    def record_phi(mass, phi, counts):  # called once per layer, before the demand
+        phis.append(float(phi[0]))
+        return real_quotas(mass, phi, counts)
+
+    def scripted_demand(psi, mask, theta):
+        wants_all = (len(phis) == 1) == (first_layer_demand == "more")
+        return mask.sum(-1)[:, None].expand(-1, psi.shape[1]) if wants_all else torch.zeros(psi.shape[:2], dtype=torch.long)
+
+    monkeypatch.setattr(mk, "modality_quotas", record_phi)
+    monkeypatch.setattr(mk, "coverage_demand", scripted_demand)
+    window, sinks = 4, 2
+    cache = KVCache(model, "madakv", 0.4, window=window, n_sink=sinks, phi_min=1, phi_min_ratio=0.0, reserve=0,
+                    combine=combine)
+    cache.set_modality(detect_modality(model.config, ids).ids)
+    with torch.no_grad():
+        model(input_ids=ids, **extra, **cache_kwargs(model, cache))
+    H = len(cache.managed_layers[0].heads)
+    kept = [sum(s.count() for s in layer.heads) - H * (window + sinks) for layer in cache.managed_layers]
+    phi1 = math.ceil(ids.shape[1] * 0.4) - window - sinks
+    return phi1, phis, kept, H
+
+
+def test_compensation_borrows_from_later_layers_when_a_layer_needs_more(monkeypatch):
+    """Layer 1 demands more than its quota: it keeps more than phi_1 per head (up to c_hi times its quota) and the
+    next layers' per-head budget drops by exactly what it took, spread over them: phi_2 = (L H phi_1 - kept_1) /
+    (H (L - 1)) < phi_1."""
+    phi1, phis, kept, H = _compensation_run(monkeypatch, "more")
+    L = len(kept)
+    assert phis[0] == phi1
+    assert kept[0] > H * phi1  # it borrowed
+    assert phis[1] == pytest.approx((L * H * phi1 - kept[0]) / (H * (L - 1))) and phis[1] < phi1
+    assert sum(kept) == L * H * phi1
+
+
+def test_compensation_gives_to_later_layers_when_a_layer_needs_less(monkeypatch):
+    """Layer 1 demands nothing: it keeps c_lo of its quota, and the saved budget raises the next layers'
+    per-head budget above phi_1 (phi_2 = (L H phi_1 - kept_1) / (H (L - 1)) > phi_1); the total stays exact."""
+    phi1, phis, kept, H = _compensation_run(monkeypatch, "less")
+    L = len(kept)
+    assert kept[0] < H * phi1  # it gave
+    assert phis[1] == pytest.approx((L * H * phi1 - kept[0]) / (H * (L - 1))) and phis[1] > phi1
+    assert kept[1] > H * phi1  # the next layer, which wants everything, can spend the gift
+    assert sum(kept) == L * H * phi1
+
+
+@pytest.mark.parametrize("combine, borrows", [("demand", True), ("quota", False)])
+def test_combining_rule_decides_whether_a_layer_borrows(monkeypatch, combine, borrows):
+    """``combine="demand"`` lets the needy first layer keep all it asks for (more than clip's c_hi = 2 quota),
+    ``combine="quota"`` keeps exactly its quota whatever the demand (no transfer to later layers)."""
+    phi1, phis, kept, H = _compensation_run(monkeypatch, "more", combine)
+    if borrows:
+        assert kept[0] > 2 * H * (phi1 + 1) and phis[1] < phi1  # beyond clip's bound (one token of rounding a modality)
+    else:
+        assert abs(kept[0] - H * phi1) <= 2 * H and phis[1] == pytest.approx(phi1, abs=1)
+    with pytest.raises(TypeError, match="combine"):
+        KVCache(tiny_llama(), "madakv", 0.5, combine="both")

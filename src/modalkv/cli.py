@@ -66,7 +66,7 @@ def methods() -> None:
 
     console.print(f"Quantized storage (composes with any method, --quantize): {', '.join(storage_names())}")
     console.print("Continual adaptation (not a compression method): InduceKV, a fixed-size bank of induced KV "
-                  "memories for a frozen model (modalkv.inducekv; benchmark: modalkv continual)")
+                  "memories for a frozen model (modalkv.continual; benchmark: modalkv continual)")
 
 
 def _fmt_bytes(n: float) -> str:
@@ -621,7 +621,7 @@ def continual(
     budget_entries: int = typer.Option(32, help="InduceKV's fixed byte budget, as this many entries + calibration."),
     ell: int = typer.Option(64, help="Payload tokens per layer and KV head of one entry."),
     top_k: int = typer.Option(2, help="Entries retrieved and placed before each query."),
-    query: str = typer.Option("q_train", help="Test question template: q_train (held-in) or q_test (paraphrase)."),
+    query: str = typer.Option("q_train", help="Test question template: q_train (held-in), q_test or q_para (paraphrases), held_out (both)."),
     param: list[str] = typer.Option([], help="Extra InduceKV parameter KEY=VALUE (repeatable), e.g. bilevel_steps=5."),
     seed: int = typer.Option(0),
     threads: int = typer.Option(2),

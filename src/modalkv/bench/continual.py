@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from ..inducekv import InduceKV, continual_metrics
+from ..continual import InduceKV, continual_metrics
 
 LEARNERS = ("frozen", "growing", "inducekv", "inducekv-bilevel", "inducekv-random", "lora")
 
@@ -33,7 +33,8 @@ class ContinualConfig:
     ell: int = 64
     top_k: int = 2
     selection_kwargs: dict = field(default_factory=dict)  # extra InduceKV parameters (all InduceKV learners)
-    query: str = "q_train"  # facts: the question template asked at test, q_train (held-in) or q_test (paraphrase)
+    query: str = "q_train"  # facts: the question asked at test: q_train (held-in), q_test / q_para (paraphrases) or
+    # held_out (both paraphrases)
     test_per_task: int = 32  # vqa: test-split questions per task
     max_new_tokens: int = 8
     lora_rank: int = 8
@@ -107,8 +108,8 @@ def run(cfg: ContinualConfig, out: Path | None = None, log=print) -> dict:
     unknown = [x for x in cfg.learners if x not in LEARNERS]
     if unknown:
         raise ValueError(f"unknown continual learner(s) {unknown}; choose from {', '.join(LEARNERS)}")
-    if cfg.query not in ("q_train", "q_calib", "q_test"):
-        raise ValueError(f"query template {cfg.query!r}: use q_train, q_calib or q_test")
+    if cfg.query not in ("q_train", "q_calib", "q_test", "q_para", "held_out"):
+        raise ValueError(f"query template {cfg.query!r}: use q_train, q_calib, q_test, q_para or held_out")
     if cfg.suite not in ("facts", "vqa"):
         raise ValueError(f"unknown continual suite {cfg.suite!r}; use 'facts' or 'vqa'")
     pin_threads(cfg.threads)

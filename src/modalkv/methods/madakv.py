@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -43,9 +44,13 @@ class MadaKV(Method):
         Proxy tokens ``P`` ("the last few tokens of the prompt"; CHOICE: 32, SnapKV's window). Always kept.
     theta : float
         CHOICE: attention coverage defining a head's demand (0.9; the paper observes ~20 % of tokens hold ~90 %).
+    combine : "clip" | "demand" | "quota"
+        CHOICE — how a head's demand and its quota combine into its keep count (the paper gives both but not the
+        rule): ``clip`` keeps ``clip(k_m, c_lo phi_m, c_hi phi_m)`` (default); ``demand`` keeps ``k_m`` unbounded
+        (compensation alone moves the difference to later layers); ``quota`` keeps ``phi_m`` (no compensation, the
+        same as ``c_lo = c_hi = 1``). Measured against each other in docs/results/seeds_hae_madakv.md.
     c_lo, c_hi : float
-        CHOICE: bounds of a head's keep count relative to its quota (0.5, 2.0); the paper gives demand and quota but
-        not how they combine.
+        CHOICE: the bounds of ``combine="clip"`` relative to the quota (0.5, 2.0).
     phi_min, phi_min_ratio : int, float
         CHOICE: floor on a layer's per-head budget, ``max(phi_min, phi_min_ratio * phi_1)`` (never above phi_1).
     n_sink : int
@@ -65,6 +70,7 @@ class MadaKV(Method):
 
     window: int = 32
     theta: float = 0.9
+    combine: Literal["clip", "demand", "quota"] = "clip"
     c_lo: float = 0.5
     c_hi: float = 2.0
     phi_min: int = 8
@@ -121,8 +127,9 @@ class MadaKV(Method):
             want = largest_remainder(quota.reshape(B, 2 * H), remaining).view(B, H, 2)
         else:
             demand = torch.stack([coverage_demand(psi, visual, self.theta), coverage_demand(psi, text, self.theta)], -1)
-            lo = torch.floor(quota * self.c_lo).long()
-            hi = torch.ceil(quota * self.c_hi).long()
+            c_lo, c_hi = {"clip": (self.c_lo, self.c_hi), "quota": (1.0, 1.0), "demand": (0.0, math.inf)}[self.combine]
+            lo = torch.floor(quota * c_lo).long()
+            hi = torch.ceil(quota * c_hi).long() if math.isfinite(c_hi) else demand
             want = torch.minimum(torch.maximum(demand, lo), hi)
         room = counts[:, None, :].expand(B, H, 2)
         later = L - l - 1  # layers after this one must stay reachable: between their floors and keeping everything

@@ -5,8 +5,9 @@
 political and military leaders. The fact is read off the summary's first sentence by a pattern ("Accra is the
 capital and largest city of Ghana", "Niels Henrik Abel was a Norwegian mathematician"). A training example is the
 chat turn asking ``q_train`` with the summary's first sentences as context, answered; the model is then asked the same
-fact with a question template it never saw in training (``q_test``), without the context, and is right when the
-answer appears in its first generated line. A third template (``q_calib``) is what the training query looks like.
+fact with a question template it never saw in training (``q_test``, or a second paraphrase ``q_para``), without the
+context, and is right when the answer appears in its first generated line. A third template (``q_calib``) is what
+the training query looks like (the retrieval calibration is fitted to it).
 
 **easy-VQA by question type** (vision-language, modalkv's VLM): colour, shape and yes/no questions as separate tasks
 (see :func:`vqa_tasks`).
@@ -17,6 +18,8 @@ from __future__ import annotations
 import random
 import re
 from dataclasses import dataclass
+
+from ..continual import Example
 
 PERSON = re.compile(r"^(?P<t>[A-Z][^.()]{2,40}?) (?:was|is) an? (?P<a>[A-Z][a-z]+(?:-[A-Z][a-z]+)?) (?P<rest>[^.]{3,120})")
 CITY = re.compile(r"^(?P<t>[A-Z][^.()]{1,40}?) is (?:a|an|the) (?:[a-z-]+ ){0,4}(?:city|town|capital|port|municipality)"
@@ -35,10 +38,13 @@ MAJOR_COUNTRIES = ("China", "India", "Japan", "France", "Germany", "Italy", "Spa
                    "Canada", "Australia", "Egypt", "Nigeria", "Turkey", "Iran", "Pakistan", "Indonesia", "Ghana",
                    "Ethiopia", "United States", "United Kingdom", "Argentina", "Peru", "Colombia", "Poland", "Greece")
 DEMONYM = re.compile(r"(?:an|ese|ish|ch|i|ic)$")
-TEMPLATES = {  # (train, calib, test)
-    "cities": ("Which country is {t} in?", "In which country is {t} located?", "Where is {t}? Name the country."),
-    "person": ("What nationality was {t}?", "What was the nationality of {t}?", "Give the nationality of {t}."),
+TEMPLATES = {  # (train, calib, test, para): test and para are held out of training and calibration
+    "cities": ("Which country is {t} in?", "In which country is {t} located?", "Where is {t}? Name the country.",
+               "Tell me the country that {t} belongs to."),
+    "person": ("What nationality was {t}?", "What was the nationality of {t}?", "Give the nationality of {t}.",
+               "Which nationality did {t} have?"),
 }
+HELD_OUT = ("q_test", "q_para")
 
 
 @dataclass
@@ -49,6 +55,7 @@ class Fact:
     q_train: str
     q_calib: str
     q_test: str
+    q_para: str
 
 
 @dataclass
@@ -102,10 +109,8 @@ def fact_tasks(per_task: int = 32, seed: int = 0, names=("cities", "scientists",
 
 
 def fact_examples(tok, task: FactTask, task_id: int = 0):
-    """InduceKV :class:`~modalkv.inducekv.Example` objects for a fact task (training prefixes + calibration query)."""
+    """InduceKV :class:`~modalkv.continual.Example` objects for a fact task (training prefixes + calibration query)."""
     import torch
-
-    from ..inducekv import Example
 
     out = []
     for f in task.facts:
@@ -137,11 +142,17 @@ def _ids(tok, text: str) -> list[int]:
 
 
 def fact_queries(tok, task: FactTask, template: str = "q_train") -> list:
-    """The evaluation :class:`Query` objects of a fact task, asked with ``template`` (q_train, q_calib or q_test)."""
+    """The evaluation :class:`Query` objects of a fact task, asked with ``template`` (q_train, q_calib, q_test,
+    q_para, or ``held_out``: q_test and q_para, two questions per fact that neither training nor calibration saw)."""
+    templates = HELD_OUT if template == "held_out" else (template,)
+    for name in templates:
+        if name not in ("q_train", "q_calib", *HELD_OUT):
+            raise ValueError(f"unknown question template {name!r}; use q_train, q_calib, q_test, q_para or held_out")
     out = []
     for f in task.facts:
-        ids, span = fact_query(tok, f, getattr(f, template))
-        out.append(Query(ids, span, f.answer, {}))
+        for name in templates:
+            ids, span = fact_query(tok, f, getattr(f, name))
+            out.append(Query(ids, span, f.answer, {}))
     return out
 
 
@@ -186,11 +197,10 @@ class Query:
 
 def vqa_tasks(processor, tokens_per_image: int, per_task: int = 32, test_per_task: int = 32, seed: int = 0):
     """easy-VQA as four continual tasks (colour, shape, yes/no about a shape, yes/no about a colour): per task,
-    ``per_task`` training examples (InduceKV :class:`~modalkv.inducekv.Example` with the image) and
+    ``per_task`` training examples (InduceKV :class:`~modalkv.continual.Example` with the image) and
     ``test_per_task`` test-split :class:`Query` objects. Returns (names, examples per task, queries per task)."""
     import torch
 
-    from ..inducekv import Example
     from ..vlm import easy_vqa_split, load_images, prompt_ids
 
     tok = processor.tokenizer
