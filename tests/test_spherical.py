@@ -383,7 +383,7 @@ def test_paper_preset_sets_the_papers_regime():
     cache = KVCache(model, "sphericalkv", 0.3, preset="paper", **SMALL)
     m = cache.method
     assert (m.tiers, m.proxy, m.allocation) == ("paper", "paper", "global")
-    changed = KVCache(model, "sphericalkv", 0.3, preset="paper", allocation="layer", proxy="bound", **SMALL).method
-    assert (changed.tiers, changed.proxy, changed.allocation) == ("paper", "bound", "layer")  # a changed value wins
+    changed = KVCache(model, "sphericalkv", 0.3, preset="paper", tiers="16:4,32:3", proxy="bound", **SMALL).method
+    assert (changed.tiers, changed.proxy, changed.allocation) == ("16:4,32:3", "bound", "global")  # changed ones win
     with pytest.raises(TypeError, match="preset"):
         KVCache(model, "sphericalkv", 0.3, preset="fast")
