@@ -557,8 +557,11 @@ class SphericalKV(Method):
     constant, like the authors' codebook files); ``"prompt"`` fits them on each prompt's own keys (the first batch
     row's), counted in the sequence's ``state_bytes`` and inside its byte budget.
 
-    **RDR.** Per layer (CHOICE: the authors allocate over all layers at once; here each layer is allocated when
-    its prefill ends, so layers need not be held dense together), every (token, KV head) gets a tier under the
+    **RDR.** ``allocation="layer"`` (CHOICE, default): each layer is allocated when its prefill ends, under its own
+    share of the budget, so layers need not be held dense together; ``allocation="global"`` (the paper): every
+    (layer, KV head, token) competes in one greedy under the sum of the layers' budgets, after the last layer is
+    prefilled (the prompt's dense K/V of every layer are held until then) and at every re-allocation while decoding
+    (:mod:`~modalkv.methods.spherical_rdr`). Either way, every (token, KV head) gets a tier under the
     byte budget ``budget * dense K+V bytes of the prompt`` (``price="kv"``, CHOICE recommended: a tier costs its
     key codes, radius codes, amortised page header and scales, the dense value and the entry's metadata; dropping
     saves all of it) or, with ``price="keys"`` (the authors' code), the key bytes only against
@@ -599,12 +602,25 @@ class SphericalKV(Method):
         Calibration text length (2048), k-means iterations (20), seed. CHOICE: 1024 / 15 lost needles on real
         weights (docs/results/seeds_retentive_spherical.md).
     price : "kv" | "keys"
-    proxy : "rms" | "bound"
-        How the logit error of a tier is estimated. ``bound`` is the paper's logit-error bound as written,
+    proxy : "rms" | "bound" | "paper"
+        The distortion of each tier. ``paper`` is the authors' own proxy (their code): at prefill
+        ``u_hat pi / 2^b + (1 - s_hat) sum_j r_ij / 256`` from head-level reuse and stability proxies
+        (:func:`~modalkv.methods.spherical_rdr.head_proxies`), while decoding
+        ``max(omega_i, 0.1) (1/sqrt(d)) sum_j r_ij (0.01 + lambda_b)`` (lambda = 0.05 / 0.10 / 0.30), and a constant
+        10 for a dropped token -- so its drop order does not follow attention (it drops the b3 entries with the
+        largest distortion first). ``rms`` and ``bound`` are utility-weighted: the distortion of a kept tier is
+        the dropped one's scaled by the tier's estimated logit error. ``bound`` is the logit-error bound as written,
         ``sum_j ||q_bar_j|| r_ij (e_jb + 1/255)``, which assumes every group's error points along the query; on
         SmolLM2 it exceeds 1 for every tier, so the clamp makes keeping as bad as dropping and the allocator drops at
         random. CHOICE (default ``rms``): the expected size of independent group errors,
         ``sqrt(sum_j (||q_bar_j|| r_ij)^2 (e_jb^2 / g + 1 / (12 * 255^2)))``.
+    allocation : "layer" | "global"
+        Rate-distortion allocation per layer or over all layers at once (above).
+    preset : "" | "paper"
+        ``"paper"``: the paper's regime, ``tiers="paper"`` (b1 16:6 is 0.875 key bits per dimension: 0.375 of
+        direction code, 0.5 of radius), ``proxy="paper"``, ``allocation="global"``. A shorthand for those three
+        fields; one given with a value other than its default keeps that value (for the paper's regime with the
+        RMS proxy, which is the default, write ``tiers="paper", allocation="global"``).
     window : int
         Observation window for the prefill proxy (32).
     kernel : int
