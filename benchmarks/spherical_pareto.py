@@ -3,6 +3,7 @@
     PYTHONPATH=src .venv/bin/python benchmarks/spherical_pareto.py needle --samples 8      # SmolLM2, ~2.2k tokens
     modalkv bench --config benchmarks/sweep_spherical_pareto_vlm.toml                      # the VLM's task (c)
     PYTHONPATH=src .venv/bin/python benchmarks/spherical_pareto.py plot                    # CSV summary + plot
+    PYTHONPATH=src .venv/bin/python benchmarks/spherical_pareto.py shares                  # bytes per layer
 
 The needle prompts are those of ``benchmarks/needle.py`` (a 4-digit code at a seeded depth in ~2.2k tokens of
 offline Wikipedia summaries, chat template, question last); each prompt is prefilled once and every variant's cache
@@ -74,6 +75,41 @@ def run_needle(args) -> None:
         print(f"[{i + 1}/{args.samples} {time.time() - t0:.0f}s] " +
               ", ".join(f"{m} {g.score.mean():.2f}" for m, g in done.groupby("method")), flush=True)
         done.to_csv(args.out, index=False)
+    print(f"wrote {args.out}")
+
+
+def run_shares(args) -> None:
+    """Per layer: the bytes a global allocation gives it against its per-layer share (one needle prompt)."""
+    import pandas as pd
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from needle import chat_ids
+
+    from modalkv.measure import pin_threads
+    from modalkv.models import load_model
+    from modalkv.replay import capture_prefill
+    from modalkv.tasks import make_needle
+
+    pin_threads(args.threads)
+    model, tok = load_model("smollm2-135m")
+    ids = chat_ids(tok, make_needle(tok, args.tokens, seed=0).prompt)
+    cap = capture_prefill(model, ids)
+    rows = []
+    for proxy in ("rms", "paper"):
+        for allocation in ("layer", "global"):
+            for budget in args.budgets:
+                cache = cap.build_cache(model, "sphericalkv", budget, allocation=allocation, proxy=proxy)
+                for layer in cache.managed_layers:
+                    held = sum(s.bytes()["payload"] + s.bytes()["meta"] for s in layer.heads)
+                    dense = layer.seen * sum(s.dense_bytes_per_entry() for s in layer.heads)
+                    tiers = torch.cat([s.tiers()[0][s.valid[0, : s.n]] for s in layer.heads])
+                    rows.append(dict(proxy=proxy, allocation=allocation, budget=budget, layer=layer.layer_idx,
+                                     held_over_dense=held / dense, entries=int(tiers.numel()),
+                                     b1=int((tiers == 1).sum()), b2=int((tiers == 2).sum()),
+                                     b3=int((tiers == 3).sum())))
+    df = pd.DataFrame(rows)
+    df.to_csv(args.out, index=False, float_format="%.4f")
+    print(df.groupby(["proxy", "allocation", "budget"]).held_over_dense.agg(["min", "max", "mean"]))
     print(f"wrote {args.out}")
 
 
@@ -152,6 +188,11 @@ def main() -> None:
     a.add_argument("--variants", nargs="+", default=VARIANTS)
     a.add_argument("--threads", type=int, default=1)
     a.add_argument("--out", default=str(NEEDLE_CSV))
+    c = sub.add_parser("shares")
+    c.add_argument("--tokens", type=int, default=2200)
+    c.add_argument("--budgets", nargs="+", type=float, default=[0.1, 0.25, 0.5])
+    c.add_argument("--threads", type=int, default=1)
+    c.add_argument("--out", default=str(ROOT / "docs/results/spherical_layer_shares.csv"))
     b = sub.add_parser("plot")
     b.add_argument("--needle-csv", default=str(NEEDLE_CSV))
     b.add_argument("--vlm-csv", default=str(VLM_CSV))
@@ -159,7 +200,7 @@ def main() -> None:
     b.add_argument("--out-png", default=str(ROOT / "docs/results/spherical_pareto.png"))
     args = ap.parse_args()
     torch.set_num_threads(1)
-    run_needle(args) if args.cmd == "needle" else plot(args)
+    {"needle": run_needle, "shares": run_shares, "plot": plot}[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -82,7 +82,7 @@ def test_lut_and_reference_paths_give_the_same_logits_end_to_end():
 def test_byte_budget_is_never_exceeded(budget, price):
     model = tiny_llama()
     n = 120
-    cache = KVCache(model, "sphericalkv", budget, price=price, **SMALL)
+    cache = KVCache(model, "sphericalkv", budget, price=price, allocation="layer", **SMALL)  # per-layer shares
     model(prompt(n), **cache_kwargs(model, cache))
     for step in range(30):
         for layer in cache.managed_layers:
@@ -344,7 +344,7 @@ def test_reencoding_does_not_compound_error_over_500_decode_steps():
     from modalkv.methods.spherical import unpack_codes
 
     model = tiny_llama(layers=2)
-    cache = KVCache(model, "sphericalkv", 0.5, **SMALL)
+    cache = KVCache(model, "sphericalkv", 0.5, allocation="layer", **SMALL)
 
     def snapshot():
         out = {}

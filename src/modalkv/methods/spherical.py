@@ -557,11 +557,12 @@ class SphericalKV(Method):
     constant, like the authors' codebook files); ``"prompt"`` fits them on each prompt's own keys (the first batch
     row's), counted in the sequence's ``state_bytes`` and inside its byte budget.
 
-    **RDR.** ``allocation="layer"`` (CHOICE, default): each layer is allocated when its prefill ends, under its own
-    share of the budget, so layers need not be held dense together; ``allocation="global"`` (the paper): every
-    (layer, KV head, token) competes in one greedy under the sum of the layers' budgets, after the last layer is
-    prefilled (the prompt's dense K/V of every layer are held until then) and at every re-allocation while decoding
-    (:mod:`~modalkv.methods.spherical_rdr`). Either way, every (token, KV head) gets a tier under the
+    **RDR.** ``allocation="global"`` (default, the paper): every (layer, KV head, token) competes in one greedy under
+    the sum of the layers' budgets, after the last layer is prefilled (the prompt's dense K/V of every layer are held
+    until then) and at every re-allocation while decoding (:mod:`~modalkv.methods.spherical_rdr`);
+    ``allocation="layer"`` (CHOICE): each layer is allocated when its prefill ends, under its own share of the
+    budget, so layers need not be held dense together (docs/results/spherical_rdr.md compares them). Either way,
+    every (token, KV head) gets a tier under the
     byte budget ``budget * dense K+V bytes of the prompt`` (``price="kv"``, CHOICE recommended: a tier costs its
     key codes, radius codes, amortised page header and scales, the dense value and the entry's metadata; dropping
     saves all of it) or, with ``price="keys"`` (the authors' code), the key bytes only against
@@ -614,8 +615,8 @@ class SphericalKV(Method):
         SmolLM2 it exceeds 1 for every tier, so the clamp makes keeping as bad as dropping and the allocator drops at
         random. CHOICE (default ``rms``): the expected size of independent group errors,
         ``sqrt(sum_j (||q_bar_j|| r_ij)^2 (e_jb^2 / g + 1 / (12 * 255^2)))``.
-    allocation : "layer" | "global"
-        Rate-distortion allocation per layer or over all layers at once (above).
+    allocation : "global" | "layer"
+        Rate-distortion allocation over all layers at once (default) or per layer (above).
     preset : "" | "paper"
         ``"paper"``: the paper's regime, ``tiers="paper"`` (b1 16:6 is 0.875 key bits per dimension: 0.375 of
         direction code, 0.5 of radius), ``proxy="paper"``, ``allocation="global"``. A shorthand for those three
@@ -648,7 +649,7 @@ class SphericalKV(Method):
     seed: int = 42
     price: Literal["kv", "keys"] = "kv"
     proxy: Literal["rms", "bound", "paper"] = "rms"
-    allocation: Literal["layer", "global"] = "layer"
+    allocation: Literal["layer", "global"] = "global"
     preset: Literal["", "paper"] = ""
     window: int = 32
     kernel: int = 7
