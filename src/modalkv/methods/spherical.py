@@ -22,8 +22,10 @@ from ..cache import Selection
 from ..storage.spherical import (BIG, SphericalStorage, code_bytes, directions as _directions, encode_directions,
                                  pack_codes, unpack_codes)
 from ..scoring import _probs, check_finite, mask_to_sorted, pool1d
+from .spherical_rdr import allocate_jointly, head_proxies, paper_decode_distortion, paper_prefill_distortion
 
 PRESETS = {"paper": "16:6,16:4,32:3"}  # the authors' b1, b2, b3 (g = 16 / 16 / 32 dims, 6 / 4 / 3 bits)
+PAPER_PRESET = {"tiers": "paper", "proxy": "paper", "allocation": "global"}  # SphericalKV(preset="paper")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -272,8 +274,12 @@ class SphericalKV(Method):
     constant, like the authors' codebook files); ``"prompt"`` fits them on each prompt's own keys (the first batch
     row's), counted in the sequence's ``state_bytes`` and inside its byte budget.
 
-    **RDR.** Per layer (CHOICE: the authors allocate over all layers at once; here each layer is allocated when
-    its prefill ends, so layers need not be held dense together), every (token, KV head) gets a tier under the
+    **RDR.** ``allocation="global"`` (default, the paper): every (layer, KV head, token) competes in one greedy under
+    the sum of the layers' budgets, after the last layer is prefilled (the prompt's dense K/V of every layer are held
+    until then) and at every re-allocation while decoding (:mod:`~modalkv.methods.spherical_rdr`);
+    ``allocation="layer"`` (CHOICE): each layer is allocated when its prefill ends, under its own share of the
+    budget, so layers need not be held dense together (docs/results/spherical_rdr.md compares them). Either way,
+    every (token, KV head) gets a tier under the
     byte budget ``budget * dense K+V bytes of the prompt`` (``price="kv"``, CHOICE recommended: a tier costs its
     key codes, radius codes, amortised page header and scales, the dense value and the entry's metadata; dropping
     saves all of it) or, with ``price="keys"`` (the authors' code), the key bytes only against
@@ -314,12 +320,25 @@ class SphericalKV(Method):
         Calibration text length (2048), k-means iterations (20), seed. CHOICE: 1024 / 15 lost needles on real
         weights (docs/results/seeds_retentive_spherical.md).
     price : "kv" | "keys"
-    proxy : "rms" | "bound"
-        How the logit error of a tier is estimated. ``bound`` is the paper's logit-error bound as written,
+    proxy : "rms" | "bound" | "paper"
+        The distortion of each tier. ``paper`` is the authors' own proxy (their code): at prefill
+        ``u_hat pi / 2^b + (1 - s_hat) sum_j r_ij / 256`` from head-level reuse and stability proxies
+        (:func:`~modalkv.methods.spherical_rdr.head_proxies`), while decoding
+        ``max(omega_i, 0.1) (1/sqrt(d)) sum_j r_ij (0.01 + lambda_b)`` (lambda = 0.05 / 0.10 / 0.30), and a constant
+        10 for a dropped token -- so its drop order does not follow attention (it drops the b3 entries with the
+        largest distortion first). ``rms`` and ``bound`` are utility-weighted: the distortion of a kept tier is
+        the dropped one's scaled by the tier's estimated logit error. ``bound`` is the logit-error bound as written,
         ``sum_j ||q_bar_j|| r_ij (e_jb + 1/255)``, which assumes every group's error points along the query; on
         SmolLM2 it exceeds 1 for every tier, so the clamp makes keeping as bad as dropping and the allocator drops at
         random. CHOICE (default ``rms``): the expected size of independent group errors,
         ``sqrt(sum_j (||q_bar_j|| r_ij)^2 (e_jb^2 / g + 1 / (12 * 255^2)))``.
+    allocation : "global" | "layer"
+        Rate-distortion allocation over all layers at once (default) or per layer (above).
+    preset : "" | "paper"
+        ``"paper"``: the paper's regime, ``tiers="paper"`` (b1 16:6 is 0.875 key bits per dimension: 0.375 of
+        direction code, 0.5 of radius), ``proxy="paper"``, ``allocation="global"``. A shorthand for those three
+        fields; one given with a value other than its default keeps that value (for the paper's regime with the
+        RMS proxy, which is the default, write ``tiers="paper", allocation="global"``).
     window : int
         Observation window for the prefill proxy (32).
     kernel : int
@@ -346,7 +365,9 @@ class SphericalKV(Method):
     kmeans_iters: int = 20
     seed: int = 42
     price: Literal["kv", "keys"] = "kv"
-    proxy: Literal["rms", "bound"] = "rms"
+    proxy: Literal["rms", "bound", "paper"] = "rms"
+    allocation: Literal["layer", "global"] = "global"
+    preset: Literal["", "paper"] = ""
     window: int = 32
     kernel: int = 7
     n_sink: int = 4
@@ -365,6 +386,10 @@ class SphericalKV(Method):
 
     def validate(self) -> None:
         cls = type(self).__name__
+        if self.preset == "paper":  # the paper's regime; a parameter the caller changed from its default wins
+            for field, value in PAPER_PRESET.items():
+                if getattr(self, field) == getattr(type(self), field):
+                    setattr(self, field, value)
         self.tier_spec = parse_tiers(self.tiers)
         for field in ("window", "kernel", "page_size", "refresh", "calib_tokens"):
             check_range(cls, field, getattr(self, field), 1)
@@ -378,6 +403,7 @@ class SphericalKV(Method):
         self._prompt_books: dict = {}
         self._prompt_chord: dict = {}
         self._qbar: dict = {}
+        self._pending: dict = {}  # allocation="global": per layer, the prefill's problems until the last layer
         self._every: dict = {}  # per layer: decode steps between re-allocations (<= refresh for small budgets)
         cfg = cache.config
         d = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
@@ -501,14 +527,28 @@ class SphericalKV(Method):
         wq = self.grouped((ctx.query[:, :, rows_idx].float() * ctx.scaling).reshape(B, H, -1, d))
         self._qbar[ctx.layer.layer_idx] = [
             wq.unflatten(-1, (d // g, g)).norm(dim=-1).pow(2).mean(2).sqrt() for g, _ in self.tier_spec]  # [B, H, G]
-        tiers = self._allocate_prefill(ctx, p, chord)
+        heads = None
+        if self.proxy == "paper":  # the authors' head-level reuse and stability proxies
+            fixed = first_real(ctx.real, self.n_sink) | last_real(ctx.real, self.recent)
+            heads = head_proxies(probs.view(B, H, G_q, rows_idx.numel(), n), ctx.values, ctx.real & ~fixed)
+        tiers = self._allocate_prefill(ctx, p, chord, heads)
         keep = tiers > 0
         idx = mask_to_sorted(torch.arange(n, device=keep.device).expand(B, H, n), keep, n)
+        if self.allocation == "global":  # tiers come once every layer is prefilled (after_prefill of the last one)
+            self._pending[ctx.layer.layer_idx]["idx"] = idx
         return Selection(idx[..., : int(keep.sum(-1).max())], extras={"tier": tiers.float(), "omega": p})
 
-    def _distortion(self, p, values, keys, qbar, chord, obar) -> torch.Tensor:
+    def _distortion(self, p, values, keys, qbar, chord, obar, heads=None) -> torch.Tensor:
         """[..., n, T+1] distortion of tier 0..T (proxy (b)); p [..., n], values/keys [..., n, d], qbar [per tier:
-        [..., G]], chord [per tier: [..., G]], obar [..., d]."""
+        [..., G]], chord [per tier: [..., G]], obar [..., d]; ``heads`` the prefill's (u_hat, s_hat) for
+        ``proxy="paper"`` (None while decoding)."""
+        if self.proxy == "paper":
+            k = self.grouped(keys.float())
+            d = k.shape[-1]
+            sums = [k.unflatten(-1, (d // g, g)).norm(dim=-1).sum(-1) for g, _ in self.tier_spec]
+            if heads is not None:
+                return paper_prefill_distortion(sums[0], [b for _, b in self.tier_spec], *heads)
+            return paper_decode_distortion(p, sums, d)
         util = p * (values.float() - obar[..., None, :]).norm(dim=-1)
         out = [util]
         for t, (g, _) in enumerate(self.tier_spec):
@@ -551,7 +591,7 @@ class SphericalKV(Method):
         recent = min(self.recent, allowed - sinks)
         return sinks, recent
 
-    def _allocate_prefill(self, ctx, p, chord) -> torch.Tensor:
+    def _allocate_prefill(self, ctx, p, chord, heads=None) -> torch.Tensor:
         B, H, n, d = ctx.keys.shape
         self._layer_idx = ctx.layer.layer_idx
         dv = ctx.values.shape[-1]
@@ -560,6 +600,7 @@ class SphericalKV(Method):
         C = torch.tensor(self._costs(d, dv, elsize, meta), device=ctx.keys.device)
         obar = (p[..., None] * ctx.values.float()).sum(-2) / p.sum(-1, keepdim=True).clamp(min=1e-12)
         tiers = torch.zeros(B, H, n, dtype=torch.long, device=ctx.keys.device)
+        problems = []
         for b in range(B):
             real = ctx.real[b]
             budget = self._layer_budget(float(ctx.n_real[b]), d, dv, elsize, meta, H)
@@ -570,11 +611,21 @@ class SphericalKV(Method):
             prot = first_real(real[None], sinks)[0] | last_real(real[None], recent)[0]
             start = torch.where(real, 1, 0).expand(H, n)
             D = self._distortion(p[b], ctx.values[b], ctx.keys[b], [q[b] for q in self._qbar[ctx.layer.layer_idx]],
-                                 chord, obar[b])
-            tiers[b] = self._allocate(D, C, start, prot.expand(H, n), budget)
+                                 chord, obar[b], None if heads is None else (heads[0][b], heads[1][b]))
+            if self.allocation == "global":  # keep every real token until the joint allocation
+                problems.append((D, C, start, prot.expand(H, n), budget))
+                tiers[b] = start
+            else:
+                tiers[b] = self._allocate(D, C, start, prot.expand(H, n), budget)
+        if self.allocation == "global":
+            self._pending[ctx.layer.layer_idx] = {"problems": problems}
         return tiers
 
     def after_prefill(self, layer) -> None:
+        if self.allocation == "global":  # the layers stay dense until the last one is prefilled
+            if layer.rank == self.cache.num_managed - 1:
+                self._prefill_global()
+            return
         books = self._prompt_books.get(layer.layer_idx) if self.codebooks == "prompt" else \
             self._books.books[layer.layer_idx]
         for h, store in enumerate(layer.heads):
@@ -589,11 +640,57 @@ class SphericalKV(Method):
             om = store.extras["omega"][:, : store.n]
             om.mul_(self.ema).add_((1 - self.ema) * att)
         tail = layer.heads[0].n - layer.heads[0].payload.tail_start
-        if tail >= self._every.get(layer.layer_idx, self.refresh):
+        if self.allocation == "global":  # every layer holds the same tail: re-allocate them all after the last one
+            if layer.rank == self.cache.num_managed - 1 and tail >= min(self._every.values(), default=self.refresh):
+                self._refresh_global()
+        elif tail >= self._every.get(layer.layer_idx, self.refresh):
             self._refresh(layer)
+
+    def _prefill_global(self) -> None:
+        """One allocation over every (layer, KV head, token) of the prompt under the sum of the layers' budgets."""
+        layers = self.cache.managed_layers
+        pending = [self._pending.pop(layer.layer_idx) for layer in layers]
+        B = len(pending[0]["problems"])
+        rows = [self._allocate_rows([p["problems"][b] for p in pending]) for b in range(B)]
+        for i, layer in enumerate(layers):
+            idx = pending[i]["idx"]
+            books = self._prompt_books.get(layer.layer_idx) if self.codebooks == "prompt" else \
+                self._books.books[layer.layer_idx]
+            for h, store in enumerate(layer.heads):
+                slots = idx[:, h, : store.n]
+                tiers = torch.stack([rows[b][i][h] for b in range(B)]).gather(1, slots.clamp(min=0))
+                encode_store(store, [bk[h] for bk in books], torch.where(slots >= 0, tiers, 0))
+
+    def _allocate_rows(self, problems: list) -> list:
+        """Tiers of several layers' problems of one batch row, allocated jointly (``mode="top"``: unchanged)."""
+        if self.mode == "top":
+            return [p[2] for p in problems]
+        return allocate_jointly(problems, self._chain())
+
+    def _refresh_global(self) -> None:
+        layers = self.cache.managed_layers
+        per_layer = [self._refresh_problems(layer) for layer in layers]
+        rows = [self._allocate_rows([pl[b] for pl in per_layer]) for b in range(len(per_layer[0]))]
+        for i, layer in enumerate(layers):
+            self._encode_rows(layer, [row[i] for row in rows])
 
     def _refresh(self, layer) -> None:
         """Re-allocate the layer under the budget of the tokens seen so far (see the class docstring)."""
+        self._encode_rows(layer, [self._allocate(*problem) for problem in self._refresh_problems(layer)])
+
+    def _encode_rows(self, layer, rows: list) -> None:
+        """Re-encode every head of ``layer`` with the tiers [H, width] of each batch row."""
+        for store in layer.heads:
+            store._new_tiers = torch.zeros(store.batch, store.n, dtype=torch.long, device=store.pos.device)
+        for b, tiers in enumerate(rows):
+            for h, store in enumerate(layer.heads):
+                store._new_tiers[b] = tiers[h, : store.n]
+        for store in layer.heads:
+            encode_store(store, store.payload.books, store._new_tiers)
+            del store._new_tiers
+
+    def _refresh_problems(self, layer) -> list:
+        """Per batch row, the allocation problem of ``layer`` now: (D, C, start, protected, budget)."""
         self._layer_idx = layer.layer_idx
         store0 = layer.heads[0]
         B, H = store0.batch, len(layer.heads)
@@ -611,6 +708,7 @@ class SphericalKV(Method):
             per_head.append((K, V, store.payload.tiers(store.n), store.extras["omega"][:, : store.n], store.pos[:, : store.n].long(),
                              store.valid[:, : store.n]))
         width = max(x[0].shape[1] for x in per_head)
+        problems = []
         for b in range(B):
             budget = self._layer_budget(float(seen_real[b]), d, dv, elsize, meta, H)
             sinks, recent = (self.n_sink, self.recent) if self.mode == "top" else \
@@ -625,15 +723,8 @@ class SphericalKV(Method):
                 start[h, :m] = torch.where(valid[b], torch.where(tier[b] == 0, 1, tier[b]), 0)
                 rank_first = pos[b].masked_fill(~valid[b], BIG).argsort().argsort()
                 prot[h, :m] = valid[b] & ((pos[b] > newest - recent) | (rank_first < sinks))
-            tiers = self._allocate(D, C, start, prot, budget)
-            for h, store in enumerate(layer.heads):
-                m = store.n
-                if b == 0:
-                    store._new_tiers = torch.zeros(B, m, dtype=torch.long, device=C.device)
-                store._new_tiers[b] = tiers[h, :m]
-        for store in layer.heads:
-            encode_store(store, store.payload.books, store._new_tiers)
-            del store._new_tiers
+            problems.append((D, C, start, prot, budget))
+        return problems
 
     def _chords(self, layer_idx: int) -> list:
         return self._prompt_chord[layer_idx] if self.codebooks == "prompt" else self._books.chord[layer_idx]
