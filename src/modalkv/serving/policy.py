@@ -66,8 +66,8 @@ class ServingConfig:
     def __post_init__(self) -> None:
         if self.method not in SERVABLE_METHODS:
             raise ValueError(f"method {self.method!r} cannot be served inside vLLM; servable: "
-                             f"{', '.join(SERVABLE_METHODS)} (methods with per-head or per-layer entry counts need "
-                             "a kernel that reads a length per head)")
+                             f"{', '.join(SERVABLE_METHODS)} (a served request keeps one entry count in every layer and "
+                             "KV head, chosen once when its prompt is done; docs/serving.md says why others are not)")
         self.budget = check_ratio(self.budget, "budget")
         self.make()  # refuse bad parameters now, not inside the engine
 

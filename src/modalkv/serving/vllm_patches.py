@@ -24,7 +24,6 @@ refused with a clear error.
 from __future__ import annotations
 
 import inspect
-import logging
 import re
 from dataclasses import dataclass, field
 
@@ -44,6 +43,7 @@ if vllm.__version__ != SUPPORTED_VLLM:
         "environment, or unset MODALKV_VLLM_METHOD to run vLLM without modalkv."
     )
 
+from vllm.logger import init_logger  # noqa: E402
 from vllm.sampling_params import SamplingParams  # noqa: E402
 from vllm.v1.attention.backend import AttentionType  # noqa: E402
 from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackendImpl  # noqa: E402
@@ -51,7 +51,7 @@ from vllm.v1.core.kv_cache_coordinator import KVCacheCoordinator  # noqa: E402
 from vllm.v1.core.sched.scheduler import Scheduler  # noqa: E402
 from vllm.v1.worker.gpu_model_runner import GPUModelRunner  # noqa: E402
 
-log = logging.getLogger("modalkv.vllm")
+log = init_logger("modalkv.vllm")
 
 # The upstream names the patches wrap (class, attribute, parameters the wrapper relies on). check_upstream() fails
 # when one of them moved; tests/test_vllm.py runs it.
