@@ -1,8 +1,9 @@
 """Runs inside .venv-vllm for tests/test_vllm.py: reads a JSON job on stdin, prints one JSON line of results.
 
 Job: {"model": folder, "prompts": [[token ids], ...], "budgets": [null | ratio, ...], "max_tokens": int,
-      "block_pool": bool}. null runs without a per-request budget (the server default). With "block_pool", the
-first prompt is stepped through the engine by hand and the free blocks of vLLM's pool are read after each step.
+      "block_pool": [token ids], "block_pool_budget": ratio}. null runs without a per-request budget (the server
+default). The "block_pool" prompt is stepped through the engine by hand and the free blocks of vLLM's pool are read
+after each step.
 """
 
 import json
@@ -35,14 +36,11 @@ def main() -> None:
     if job.get("block_pool"):
         pool = scheduler.kv_cache_manager.block_pool
         free = [pool.get_num_free_blocks()]
-        engine.add_request("pool", {"prompt_token_ids": job["prompts"][0]}, params(job["block_pool_budget"]))
-        held = []
+        engine.add_request("pool", {"prompt_token_ids": job["block_pool"]}, params(job["block_pool_budget"]))
         while engine.has_unfinished_requests():
             engine.step()
             free.append(pool.get_num_free_blocks())
-            blocks = scheduler.kv_cache_manager.coordinator.single_type_managers[0].req_to_blocks.get("pool")
-            held.append(len(blocks) if blocks else 0)
-        out["pool"] = {"total": pool.num_gpu_blocks, "free": free, "held": held}
+        out["pool"] = {"total": pool.num_gpu_blocks, "free": free}
     state = scheduler.__dict__.get("_modalkv")
     out["log"] = state["log"] if state else None
     print("RESULT " + json.dumps(out))
