@@ -641,7 +641,7 @@ def serve(
     param: list[str] = typer.Option([], "--param", "-p", help="Method parameter KEY=VALUE (repeatable)."),
     host: str = typer.Option("127.0.0.1", help="Address the server listens on."),
     port: int = typer.Option(8000, help="Port."),
-    kv_space: float = typer.Option(1.0, help="vLLM's KV cache size in GiB (VLLM_CPU_KVCACHE_SPACE)."),
+    kv_space: int = typer.Option(1, help="vLLM's KV cache size in whole GiB (VLLM_CPU_KVCACHE_SPACE)."),
     max_model_len: int = typer.Option(4096, help="Longest prompt + output in tokens."),
     dry_run: bool = typer.Option(False, help="Print the server command instead of starting it."),
 ) -> None:

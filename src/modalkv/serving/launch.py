@@ -43,11 +43,12 @@ def model_folder(model: str) -> tuple[Path, str]:
 
 
 def serve_command(model: str, config: ServingConfig, host: str = "127.0.0.1", port: int = 8000,
-                  max_model_len: int = 4096, kv_space_gib: float = 1.0, extra: tuple[str, ...] = ()
+                  max_model_len: int = 4096, kv_space_gib: int = 1, extra: tuple[str, ...] = ()
                   ) -> tuple[list[str], dict[str, str]]:
     """The server's argv and environment (a copy of ``os.environ`` with modalkv's and vLLM's settings)."""
-    if not 0 < kv_space_gib <= 1024:
-        raise ValueError(f"kv_space must be a size in GiB in (0, 1024], got {kv_space_gib}")
+    if isinstance(kv_space_gib, bool) or not isinstance(kv_space_gib, int) or not 1 <= kv_space_gib <= 1024:
+        raise ValueError(f"kv_space must be a whole number of GiB in [1, 1024] (vLLM reads an integer), "
+                         f"got {kv_space_gib!r}")
     folder, name = model_folder(model)
     argv = [str(vllm_python()), "-m", "vllm.entrypoints.openai.api_server", "--model", str(folder),
             "--served-model-name", name, "--dtype", "float32", "--max-model-len", str(max_model_len),
@@ -55,7 +56,7 @@ def serve_command(model: str, config: ServingConfig, host: str = "127.0.0.1", po
             "--host", host, "--port", str(port), *extra]
     env = dict(os.environ)
     env.update(config.to_env())
-    env["VLLM_CPU_KVCACHE_SPACE"] = f"{kv_space_gib:g}"
+    env["VLLM_CPU_KVCACHE_SPACE"] = str(kv_space_gib)
     env.setdefault("HF_HUB_OFFLINE", "1")
     return argv, env
 
