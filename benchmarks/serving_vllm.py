@@ -113,7 +113,7 @@ def main() -> None:
     for label, method, budget in CONFIGS:
         job = {"model": model, "prompts": [ids for ids, _ in prompts], "codes": [c for _, c in prompts],
                "output_tokens": args.output_tokens, "blocks": args.blocks, "budget": None if method is None else budget,
-               "max_model_len": max(4096, args.prompt_tokens + args.output_tokens + 64)}
+               "max_model_len": args.prompt_tokens + args.output_tokens + 128}
         path = Path(args.out).with_suffix(f".{label}-{budget}.job.json")
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(job))
