@@ -62,7 +62,6 @@ def test_serving_config_refuses_what_it_cannot_serve():
     assert cfg.request_budget(None) == 0.5 and cfg.request_budget({"modalkv_budget": 0.25}) == 0.25
     with pytest.raises(ValueError, match="modalkv_budget"):
         cfg.request_budget({"modalkv_budget": 2})
-    assert ServingConfig.from_env.__func__  # classmethod
     env = cfg.to_env()
     assert env["MODALKV_VLLM_METHOD"] == "snapkv" and float(env["MODALKV_VLLM_BUDGET"]) == 0.5
 
@@ -133,6 +132,7 @@ def runs(vllm_python, smollm):
     _, tok = smollm
     folder = str(ensure_converted("smollm2-135m"))
     prompts = _prompts(tok)
+    assert [len(p) for p in prompts] == [562, 372]
     long_prompt = tok(_text(150, "The secret code is 4172.") + "\nQuestion: What is the secret code? Answer:").input_ids[:2000]
     job = {"model": folder, "prompts": prompts, "budgets": [None], "max_tokens": 8}
     return {
@@ -141,6 +141,9 @@ def runs(vllm_python, smollm):
         "snapkv": _run_worker(vllm_python, {**job, "budgets": [None, 0.25], "block_pool": long_prompt,
                                             "block_pool_budget": 0.25}, MODALKV_VLLM_METHOD="snapkv"),
         "streaming": _run_worker(vllm_python, {**job, "budgets": [0.25]}, MODALKV_VLLM_METHOD="streamingllm"),
+        # prompts prefilled in chunks of at most 60 tokens: the first prompt's last chunk (562 = 9 x 60 + 22) is
+        # shorter than SnapKV's 32-query observation window, which then spans two chunks
+        "chunked": _run_worker(vllm_python, {**job, "budgets": [0.25], "chunk": 60}, MODALKV_VLLM_METHOD="snapkv"),
     }
 
 
@@ -165,7 +168,7 @@ def test_budget_one_is_vllms_own_greedy_decoding(runs):
 
 
 @pytest.mark.real
-@pytest.mark.parametrize("method, key, params", [("snapkv", "snapkv", {}),
+@pytest.mark.parametrize("method, key, params", [("snapkv", "snapkv", {}), ("snapkv", "chunked", {}),
                                                  ("streamingllm", "streaming", {"evict_during_decode": False})])
 def test_compressed_decoding_equals_modalkv_kvcache(runs, smollm, method, key, params):
     """The same selection as modalkv's transformers KVCache at budget 0.25: same tokens, logprobs within 1e-3,

@@ -1,9 +1,9 @@
 """Runs inside .venv-vllm for tests/test_vllm.py: reads a JSON job on stdin, prints one JSON line of results.
 
 Job: {"model": folder, "prompts": [[token ids], ...], "budgets": [null | ratio, ...], "max_tokens": int,
-      "block_pool": [token ids], "block_pool_budget": ratio}. null runs without a per-request budget (the server
-default). The "block_pool" prompt is stepped through the engine by hand and the free blocks of vLLM's pool are read
-after each step.
+      "block_pool": [token ids], "block_pool_budget": ratio, "chunk": prefill chunk size}. null runs without a
+per-request budget (the server default). The "block_pool" prompt is stepped through the engine by hand and the
+free blocks of vLLM's pool are read after each step.
 """
 
 import json
@@ -18,8 +18,9 @@ def main() -> None:
     job = json.loads(sys.stdin.read())
     from vllm import LLM, SamplingParams
 
+    chunk = {"max_num_batched_tokens": job["chunk"], "max_num_seqs": 4} if job.get("chunk") else {}
     llm = LLM(model=job["model"], dtype="float32", max_model_len=job.get("max_model_len", 4096), enforce_eager=True,
-              enable_prefix_caching=False, async_scheduling=False, seed=0)
+              enable_prefix_caching=False, async_scheduling=False, seed=0, **chunk)
     out = {"runs": []}
 
     def params(budget):

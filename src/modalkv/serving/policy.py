@@ -118,7 +118,8 @@ def select_kept(method, window_queries: torch.Tensor, keys: torch.Tensor, scalin
 
     window_queries [Hq, w, d] are the last ``w`` prompt queries (post-RoPE), keys [H, n, d] the post-RoPE keys of
     the whole prompt. The method sees exactly what :class:`modalkv.KVCache` gives it at prefill with an absolute
-    budget of ``kept`` tokens; only the window rows of the query are filled (SnapKV reads no others).
+    budget of ``kept`` tokens; only the window rows of the query are filled (SnapKV reads no others), and the
+    servable methods read no values (the keys stand in for them).
     """
     H, n, d = keys.shape
     Hq, w, _ = window_queries.shape
