@@ -87,12 +87,6 @@ def parse_label(label: str) -> tuple[str, dict, dict[str, float]]:
     return name.strip(), params, parse_caps(caps)
 
 
-def split_label(label: str) -> tuple[str, dict[str, float]]:
-    """(method name, per-modality caps) of a benchmark method label (see :func:`parse_label`)."""
-    name, _, caps = parse_label(label)
-    return name, caps
-
-
 QUANTIZERS = ("kivi-2", "kivi-4", "kivi-8")
 
 
@@ -113,7 +107,7 @@ def make_quantizer(spec):
 
 __all__ = [
     "QUANTIZERS", "REGISTRY", "Method", "PrefillContext", "available_methods", "make_method", "make_quantizer", "register",
-    "parse_label", "split_label",
+    "parse_label",
     "Full", "StreamingLLM", "H2O", "SnapKV", "PyramidKV", "AdaKV", "LookM", "MadaKV", "HAE", "RetentiveKV", "SphericalKV",
     "KVzip", "ExpectedAttention",
 ]
