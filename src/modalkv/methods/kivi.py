@@ -53,35 +53,20 @@ class KIVI:
     """Quantized storage: keys per channel, values per token, the most recent tokens in full precision.
 
     Paper: Liu et al., "KIVI: A Tuning-Free Asymmetric 2bit Quantization for KV Cache", ICML 2024
-    (arXiv 2402.02750). Asymmetric min-max quantisation ``Q(x) = round((x - z) / s)``, ``z = min``,
-    ``s = (max - min) / (2^b - 1)``. Keys: per channel, every ``group_size`` consecutive tokens share one (s, z)
-    per channel. Values: per token, every ``group_size`` channels share one (s, z). Codes are bit-packed
-    (four 2-bit or two 4-bit codes per byte), so the bytes reported are the bytes held.
+    (arXiv 2402.02750). Asymmetric min-max quantisation; keys share one (scale, zero) per channel over ``group_size``
+    tokens, values per token over ``group_size`` channels; codes are bit-packed, so the bytes reported are the bytes
+    held.
 
     Parameters
     ----------
     bits : int
         2, 4 or 8.
     group_size : int
-        ``G``: tokens per key group and channels per value group (paper: 32). CHOICE: the value group is
-        ``min(G, head_dim)`` and must divide the head dimension.
+        Tokens per key group and channels per value group (paper: 32).
     residual : int
-        ``R``: the most recent entries kept in full precision (paper: 128).
+        The most recent entries kept in full precision (paper: 128).
 
-    Notes
-    -----
-    CHOICE (quantisation schedule): once ``R + G`` entries are full precision, the oldest ``G`` of them are
-    quantized as one key group (the paper quantizes keys in chunks, values token by token; here values leave the
-    residual in the same chunks — per-token value quantisation makes the result identical, they only stay exact a
-    little longer). At prefill the kept prompt entries are quantized the same way, so at most ``R + G - 1`` stay
-    exact.
-    CHOICE (scale storage): scales and zeros in fp16, as in the paper's kernels.
-    CHOICE (eviction inside quantized groups): an evicted entry becomes a hole (masked, not counted as kept);
-    when every batch row has at least ``G`` holes the store is repacked (dequantized, compacted, requantized),
-    so evicting methods stay bounded in memory. Requantizing repacked groups compounds the quantisation error
-    of those entries once per repack.
-    Cost: attention dequantizes one head's keys and values per step (a reference implementation; the paper's
-    fused kernels compute on the codes). Only one head is dense at a time.
+    CHOICE (quantisation schedule, fp16 scales, holes left by eviction and repacking): see docs/methods/kivi.md.
     """
 
     bits: int = 4

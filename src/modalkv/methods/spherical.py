@@ -2,9 +2,9 @@
 Rate-Distortion Retention (per token and KV head: drop or a precision tier, under one byte budget).
 
 Paper: Chauhan, Marthi Krishna Kumar, Das, Dhanda, Jain, Chadha, Das, "Spherical KV: Angle-Domain Attention and
-Rate-Distortion Retention for KV Caches", arXiv 2605.18856 (v2). See :class:`SphericalKV` for the method and every
-choice the paper leaves open; this module also holds the codebooks (:class:`Codebooks`, spherical k-means) and the
-coded entry store (:class:`SphericalHeadStore`).
+Rate-Distortion Retention for KV Caches", arXiv 2605.18856 (v2). :class:`SphericalKV` is the method; this module
+also holds the codebooks (:class:`Codebooks`, spherical k-means) and the coded entry store
+(:class:`SphericalHeadStore`). Every choice the paper leaves open: docs/methods/spherical.md.
 """
 
 from __future__ import annotations
@@ -533,92 +533,20 @@ def greedy_allocate(D: torch.Tensor, C: torch.Tensor, start: torch.Tensor, movab
 class SphericalKV(Method):
     """Angle-Domain Attention + Rate-Distortion Retention.
 
-    Paper: Chauhan et al., "Spherical KV", arXiv 2605.18856 (v2); the authors' code was read (the formulas
-    used are written out below). Text-LLM method applied here to any decoder (the VLM's language model included).
-
-    **ADA.** Each key (per layer, KV head) is split into groups of ``g`` dims; a group is stored as an 8-bit
-    radius code (``r_hat = sigma round(255 r / sigma) / 255`` with a float32 scale ``sigma`` per page and group)
-    and a ``b``-bit direction code, the nearest of ``2^b`` unit codewords of that (layer, KV head, group, tier).
-    Values stay dense in the model's dtype. Decode logits come from the codes through per-query lookup tables
-    (:meth:`SphericalHeadStore.section_logits`), never from rebuilt keys; ``reference=True`` rebuilds dense keys
-    instead (the authors' ``sphkv_recon`` ablation and the test oracle). CHOICE (RoPE): keys are encoded after
-    RoPE, with codebooks fitted on post-RoPE keys, so one table serves every position.
-
-    **Tiers** (``tiers``, group:bits, best first; b0 = dropped). CHOICE (default ``"2:6,2:4,4:6"``): the authors'
-    b1 16:6, b2 16:4, b3 32:3 (``tiers="paper"``) leave an RMS chord error of 0.65 on SmolLM2's keys and break the
-    model even with every token at b1; 2-dimensional groups bring it to ~0.06 (docs/results/spherical_tiers.md).
-
-    **Codebooks** (``codebooks``). CHOICE: ``"calibrate"`` (default) fits them once per model with spherical
-    k-means on the post-RoPE keys of a fixed calibration text (200 Wikipedia summaries read by the model's own
-    tokenizer; seeded random token ids when no tokenizer is available offline; the needle haystacks draw from all
-    summaries, so they may share articles with it), remembered per model and reported as ``shared_bytes`` (a model
-    constant, like the authors' codebook files); ``"prompt"`` fits them on each prompt's own keys (the first batch
-    row's), counted in the sequence's ``state_bytes`` and inside its byte budget.
-
-    **RDR.** Per layer (CHOICE: the authors allocate over all layers at once; here each layer is allocated when
-    its prefill ends, so layers need not be held dense together), every (token, KV head) gets a tier under the
-    byte budget ``budget * dense K+V bytes of the prompt`` (``price="kv"``, CHOICE recommended: a tier costs its
-    key codes, radius codes, amortised page header and scales, the dense value and the entry's metadata; dropping
-    saves all of it) or, with ``price="keys"`` (the authors' code), the key bytes only against
-    ``budget * dense key bytes``. Distortion (CHOICE, the paper's logit-error bound, utility-weighted):
-    ``D_i(b) = p_i ||v_i - o_bar|| min(1, sum_j ||q_bar_j|| r_ij (e_jb + 1/255))`` for kept tiers and
-    ``p_i ||v_i - o_bar||`` when dropped, with ``p_i`` the observation-window attention (SnapKV's), ``o_bar`` the
-    window's mean attention output, ``q_bar_j`` the RMS window query of group j and ``e_jb`` tier b's RMS chord error
-    on the codebook's fitting data. The greedy downgrades b1 -> b2 -> b3 -> b0 by the smallest distortion per byte
-    (:func:`greedy_allocate`). Sinks (``n_sink``) and the ``recent`` window are pinned to b1 (the authors: 4 and
-    256; CHOICE here 4 and 32, as the other methods' windows), shrunk when the budget cannot hold them.
-
-    **Decode.** New entries are kept dense; every ``refresh`` steps (the authors' C_ref = 16) the layer is
-    re-allocated under the budget for the tokens seen so far: the dense entries get tiers, older entries may be
-    downgraded or dropped with the decode proxy (``p_i`` = EMA ``omega_i`` with ``ema`` of the attention the entry
-    received; ``o_bar`` the omega-weighted mean value). The allocation keeps room for the dense entries of the next
-    ``refresh`` steps, so the budget holds at every step. CHOICE (the paper allows either): no upgrades (codes of
-    other tiers are not kept); a downgraded entry is re-encoded from its reconstruction, and entries that keep their
-    tier are re-encoded from theirs (their direction codes are unchanged; radius codes may move by at most one step
-    of the new page scale).
-
-    **Pages.** Tokens of one (layer, KV head, tier) sorted by position in pages of ``page_size`` (128); per page an
-    8-byte header and G float32 scales (counted).
+    Paper: Chauhan et al., "Spherical KV", arXiv 2605.18856 (v2). Each key is split into groups of ``g`` dims, stored
+    as an 8-bit radius code and a ``b``-bit direction code (nearest unit codeword); decode logits come from the codes
+    through per-query lookup tables. Per layer, every (token, KV head) gets a precision tier or is dropped, greedily
+    by distortion per byte under ``budget`` times the dense bytes; while decoding the layer is re-allocated every
+    ``refresh`` steps so the budget holds at every step. Values stay dense.
 
     Parameters
     ----------
-    tiers : str
-        ``group:bits`` per tier, best first (default ``"2:6,2:4,4:6"``; ``"paper"`` = ``"16:6,16:4,32:3"``).
-    mode : "rd" | "top" | "quant_only" | "keep_drop"
-        ``rd``: the full allocator; ``top``: every entry at b1, nothing dropped (ignores the budget); ``quant_only``:
-        tiers only, no drops; ``keep_drop``: b1 or dropped (the authors' ablations).
-    codebooks : "calibrate" | "prompt"
-    pairs : "contiguous" | "rope"
-        Which dimensions form a group: ``contiguous`` (default, the authors' code) takes dims in order; ``rope``
-        (a PolarQuant-style layout) puts the two dimensions RoPE rotates into each other side by side
-        (transformers pairs dim i with i + d/2). Measured on SmolLM2 with the top tier everywhere: KL to the full
-        cache 0.020 (contiguous) vs 0.216 (rope) over 24 teacher-forced tokens, so ``rope`` is not the default.
-    calib_tokens, kmeans_iters, seed : int
-        Calibration text length (2048), k-means iterations (20), seed. CHOICE: 1024 / 15 lost needles on real
-        weights (docs/results/seeds_retentive_spherical.md).
-    price : "kv" | "keys"
-    proxy : "rms" | "bound"
-        How the logit error of a tier is estimated. ``bound`` is the paper's logit-error bound as written,
-        ``sum_j ||q_bar_j|| r_ij (e_jb + 1/255)``, which assumes every group's error points along the query; on
-        SmolLM2 it exceeds 1 for every tier, so the clamp makes keeping as bad as dropping and the allocator drops at
-        random. CHOICE (default ``rms``): the expected size of independent group errors,
-        ``sqrt(sum_j (||q_bar_j|| r_ij)^2 (e_jb^2 / g + 1 / (12 * 255^2)))``.
-    window : int
-        Observation window for the prefill proxy (32).
-    kernel : int
-        CHOICE: max-pooling kernel over the window attention ``p_i`` (SnapKV's smoothing, which keeps the
-        neighbours of attended tokens, e.g. all digits of a number); 1 disables it.
-    n_sink, recent : int
-        Protected sinks and recent window.
-    page_size : int
-    refresh : int
-        Decode steps between re-allocations (1 = every step). CHOICE: when the room the dense entries of
-        ``refresh`` steps need would take more than half of a layer's budget (short prompts at small budgets), the
-        layer re-allocates more often, down to every step.
-    ema : float
-        EMA factor of omega (the authors: 0.9).
-    reference : bool
-        Dense-reconstruction logits instead of lookup tables.
+    tiers, mode, codebooks, pairs, calib_tokens, kmeans_iters, seed : codes and codebooks.
+    price, proxy, window, kernel, n_sink, recent : the allocator.
+    page_size, refresh, ema, reference : storage pages, decode re-allocation, dense-reconstruction oracle.
+
+    CHOICE (tiers, codebook calibration, per-layer allocation, pricing, distortion proxy, no upgrades) and the
+    measurements behind the defaults: see docs/methods/spherical.md.
     """
 
     tiers: str = "2:6,2:4,4:6"
