@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 
 from .cache import KVCache, cache_kwargs
+from .modality import detect_modality, special_token_modalities
 
 
 def _max_positions(model) -> int | None:
@@ -39,8 +40,6 @@ def prefill(model, cache: KVCache, input_ids: torch.Tensor, attention_mask: torc
     A cache that already holds tokens takes only the new ones (``input_ids`` must then be the whole sequence:
     what the cache holds, then the new turn); methods with a context pass then compress the whole history again.
     """
-    from .modality import detect_modality, special_token_modalities
-
     if not isinstance(cache, KVCache):
         raise TypeError(f"prefill needs a modalkv KVCache, got {type(cache).__name__}")
     if cache.model_ref() is not model:
