@@ -41,22 +41,9 @@ from .weights import (  # re-exported: modalkv.models is where users find the re
     load_lm,
 )
 
-__all__ = [
-    "CONVERSION_FORMAT",
-    "DEFAULT_MODEL",
-    "MARKER_FILE",
-    "MODEL_REGISTRY",
-    "VLM_NAME",
-    "MissingModelPackageError",
-    "ModelSpec",
-    "cache_dir",
-    "ensure_converted",
-    "get_spec",
-    "load_gguf",
-    "load_model",
-    "load_vlm_model",
-    "model_info",
-]
+__all__ = ["CONVERSION_FORMAT", "DEFAULT_MODEL", "MARKER_FILE", "MODEL_REGISTRY", "VLM_NAME", "MissingModelPackageError",
+           "ModelSpec", "cache_dir", "ensure_converted", "get_spec", "load_gguf", "load_model", "load_vlm_model",
+           "model_info"]
 
 
 def load_model(

@@ -35,20 +35,6 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-__all__ = [
-    "DEFAULT_MODEL",
-    "MARKER_FILE",
-    "MODEL_REGISTRY",
-    "VLM_NAME",
-    "MissingModelPackageError",
-    "ModelSpec",
-    "cache_dir",
-    "ensure_converted",
-    "get_spec",
-    "load_gguf",
-    "load_lm",
-]
-
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "smollm2-135m"
