@@ -24,8 +24,6 @@ from transformers import DynamicCache
 from transformers.utils import logging as hf_logging
 
 from . import saved, vlm, vlm_train
-from .bench import BenchConfig, run_bench, write_report
-from .bench.report import method_styles
 from .budget import check_budget_value, parse_caps
 from .cache import KVCache, cache_kwargs
 from .context import prefill
@@ -37,8 +35,8 @@ from .models import MODEL_REGISTRY, VLM_NAME, load_model
 from .tasks import TASKS
 from .tasks.multimodal import image_prompt, interleaved_examples
 
-# PIL (modalkv[vlm]) and matplotlib (modalkv[plot]) are optional extras, and the continual benchmark is a subsystem
-# of its own: they are imported by the commands that use them.
+# Imported by the commands that use them: PIL (modalkv[vlm]) and matplotlib (modalkv[plot]), optional extras; the
+# benchmark harness (it loads pandas, a second or so that every other command would pay) and the continual benchmark.
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="modalkv: KV-cache compression that frees memory.")
 console = Console(width=max(120, Console().width))
@@ -468,6 +466,8 @@ def _plot_comparison(runs, full, agree, path: Path, model: str, prompt_tokens: i
     import matplotlib.pyplot as plt
     from matplotlib.lines import Line2D
 
+    from .bench.report import method_styles
+
     styles = method_styles([run.method for run in runs])
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
     xs = [run.memory["kept_bytes"] / 2**20 for run in runs]
@@ -513,6 +513,8 @@ def bench(
                                                            "image=0.1,text=0.5 (or per method: snapkv@image=0.1)."),
 ) -> None:
     """Run a benchmark sweep: accuracy, KV memory and decode speed per cell, resumable."""
+    from .bench import BenchConfig, run_bench
+
     overrides = dict(models=models or None, methods=methods or None, budgets=budgets or None,
                      tasks=tasks or None, lengths=lengths or None, samples=samples, threads=threads, out=out,
                      executor=executor, quantize=quantize, modality_caps=modality_caps)
@@ -561,6 +563,8 @@ def report(
     name: Optional[str] = typer.Option(None, help="Base name of the report files (default: the first results file's)."),
 ) -> None:
     """Write Markdown tables and PNG plots from one or more results files (shown together)."""
+    from .bench import write_report
+
     try:
         md = write_report(results[0], out_dir, extra=results[1:], name=name)
     except ValueError as err:
