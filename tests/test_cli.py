@@ -188,7 +188,7 @@ def test_interleaved_decoding_gives_each_cache_its_own_greedy_tokens():
     import torch
     from transformers import DynamicCache
 
-    from conftest import prompt, tiny_llama
+    from helpers import prompt, tiny_llama
     from modalkv import KVCache
     from modalkv.cli import _decode_interleaved, _Run
     from modalkv.measure import greedy_generate

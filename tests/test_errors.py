@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from conftest import prompt, tiny_llama
+from helpers import prompt, tiny_llama
 from modalkv import KVCache, cache_kwargs, make_method
 from modalkv.methods import SnapKV, make_quantizer
 from modalkv.methods.base import PrefillContext

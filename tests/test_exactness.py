@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from conftest import EVICTING, SMALL, Recorder, left_pad, masked_reference, prompt, run_steps, tiny_gemma3, tiny_llama
+from helpers import EVICTING, SMALL, Recorder, left_pad, masked_reference, prompt, run_steps, tiny_gemma3, tiny_llama
 from modalkv import KVCache
 
 STEPS = 8

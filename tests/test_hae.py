@@ -7,7 +7,7 @@ import torch
 from transformers import AttentionInterface, CLIPVisionConfig, DynamicCache, LlamaConfig, LlavaConfig
 from transformers import LlavaForConditionalGeneration
 
-from conftest import Recorder, masked_reference, prompt, run_steps, tiny_gemma3, tiny_llama
+from helpers import Recorder, masked_reference, prompt, run_steps, tiny_gemma3, tiny_llama
 from modalkv import KVCache, cache_kwargs
 from modalkv.modality import TEXT, detect_modality
 from test_modality import IMG, TXT, llava_inputs

@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from conftest import VOCAB, prompt, tiny_gemma3, tiny_llama
+from helpers import VOCAB, prompt, tiny_gemma3, tiny_llama
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from transformers import LlamaConfig, LlamaForCausalLM

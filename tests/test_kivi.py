@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from conftest import prompt, run_steps, tiny_llama
+from helpers import prompt, run_steps, tiny_llama
 from modalkv import KVCache, cache_kwargs
 from modalkv.methods import make_quantizer
 from modalkv.methods.kivi import KIVI, _pack, _unpack, dequantize, quantize

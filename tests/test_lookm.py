@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
-from conftest import Recorder, masked_reference, prompt, run_steps, tiny_llama
+from helpers import Recorder, masked_reference, prompt, run_steps, tiny_llama
 from modalkv import KVCache
 from modalkv.modality import IMAGE
 

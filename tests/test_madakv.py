@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from conftest import prompt, tiny_llama
+from helpers import prompt, tiny_llama
 from modalkv import KVCache, cache_kwargs
 from modalkv.methods.madakv import coverage_demand, fit_total, modality_quotas
 from modalkv.modality import IMAGE, detect_modality

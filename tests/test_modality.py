@@ -7,7 +7,7 @@ from transformers import (CLIPVisionConfig, Gemma3Config, Gemma3ForConditionalGe
                           Qwen2VLConfig, Qwen2VLForConditionalGeneration, SmolVLMConfig,
                           SmolVLMForConditionalGeneration)
 
-from conftest import Recorder, masked_reference, run_steps
+from helpers import Recorder, masked_reference, run_steps
 from modalkv import KVCache
 from modalkv.modality import IMAGE, TEXT, VIDEO, detect_modality, special_token_modalities, tokens_per_image
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from modalkv import models
+from modalkv import models, weights
 from modalkv.models import (
     DEFAULT_MODEL,
     MARKER_FILE,
@@ -152,7 +152,7 @@ def test_ensure_converted_once_with_marker(fake_spec, tmp_path) -> None:
 def test_ensure_converted_rebuilds_on_version_change(fake_spec, monkeypatch) -> None:
     spec, calls, _ = fake_spec
     folder = ensure_converted(spec.name)
-    monkeypatch.setattr(models, "_installed_version", lambda s: "999.0")
+    monkeypatch.setattr(weights, "_installed_version", lambda s: "999.0")
     assert ensure_converted(spec.name) == folder
     assert len(calls) == 2
     assert (folder / "weights.txt").read_text() == "build 2"

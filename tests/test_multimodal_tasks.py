@@ -7,7 +7,7 @@ from transformers import AutoTokenizer
 from modalkv import vlm
 from modalkv.bench import BenchConfig
 from modalkv.budget import parse_caps
-from modalkv.methods import parse_label, split_label
+from modalkv.methods import parse_label
 from modalkv.tasks import get_task
 from modalkv.tasks.multimodal import MMSample, _pool, interleaved_examples
 
@@ -88,8 +88,8 @@ def test_interleaved_training_stream(tok):
 
 def test_caps_labels_and_errors():
     assert parse_caps("image=0.1, text=0.5") == {"image": 0.1, "text": 0.5}
-    assert split_label("snapkv@image=0.1") == ("snapkv", {"image": 0.1})
-    assert split_label("h2o") == ("h2o", {})
+    assert parse_label("snapkv@image=0.1") == ("snapkv", {}, {"image": 0.1})
+    assert parse_label("h2o") == ("h2o", {}, {})
     assert parse_label("hae(mode=kv_only, tau_g=0.01)@image=0.2") == ("hae", {"mode": "kv_only", "tau_g": 0.01},
                                                                          {"image": 0.2})
     with pytest.raises(ValueError, match="param=value"):

@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 import modalkv
-from conftest import SMALL, VOCAB, left_pad, run_steps, tiny_gemma3, tiny_llama
+from helpers import SMALL, VOCAB, left_pad, run_steps, tiny_gemma3, tiny_llama
 from modalkv import KVCache, cache_kwargs
 from modalkv.methods import REGISTRY
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from conftest import Recorder, clone_model, masked_reference, prompt, run_steps, tiny_gemma3, tiny_llama
+from helpers import Recorder, clone_model, masked_reference, prompt, run_steps, tiny_gemma3, tiny_llama
 import modalkv
 from modalkv import KVCache, cache_kwargs
 from modalkv.methods.kvzip import KVzip

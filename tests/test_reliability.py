@@ -18,7 +18,7 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from conftest import SMALL, Recorder, masked_reference, prompt, run_steps, tiny_gemma3, tiny_llama
+from helpers import SMALL, Recorder, masked_reference, prompt, run_steps, tiny_gemma3, tiny_llama
 from modalkv import KVCache, cache_kwargs
 from modalkv.methods import REGISTRY
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from conftest import EVICTING, SMALL, left_pad, prompt, run_steps, tiny_gemma3, tiny_llama
+from helpers import EVICTING, SMALL, left_pad, prompt, run_steps, tiny_gemma3, tiny_llama
 from modalkv import KVCache, cache_kwargs
 from modalkv.replay import capture_prefill
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from conftest import prompt, run_steps, tiny_llama
+from helpers import prompt, run_steps, tiny_llama
 from modalkv import KVCache, cache_kwargs
 from modalkv.methods.retentivekv import RetentiveKV, normalised_entropy_score
 

@@ -10,7 +10,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from conftest import SMALL, left_pad, prompt, tiny_gemma3, tiny_llama
+from helpers import SMALL, left_pad, prompt, tiny_gemma3, tiny_llama
 from modalkv import KVCache, cache_kwargs, load_cache, save_cache
 from modalkv import attention as mattn
 from modalkv.context import prefill

@@ -9,7 +9,7 @@ import weakref
 import pytest
 import torch
 
-from conftest import VOCAB, tiny_llama
+from helpers import VOCAB, tiny_llama
 from modalkv import KVCache, cache_kwargs
 from modalkv.methods.kivi import KIVI
 

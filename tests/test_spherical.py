@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import DynamicCache
 
-from conftest import prompt, run_steps, tiny_llama
+from helpers import prompt, run_steps, tiny_llama
 from modalkv import KVCache, cache_kwargs
 from modalkv.storage.spherical import SphericalPayload
 from modalkv.methods.spherical import (
@@ -238,7 +238,7 @@ def test_too_small_budget_and_quantize_are_refused():
 @torch.no_grad()
 def test_left_padded_batch_matches_single_rows():
     """Rows of a left-padded batch get the same codes and logits as each row alone (padding never kept)."""
-    from conftest import left_pad
+    from helpers import left_pad
 
     model = tiny_llama()
     rows = [prompt(90, seed=2)[0], prompt(70, seed=3)[0]]

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from modalkv import vlm
+from modalkv import vlm, vlm_train
 from modalkv.modality import IMAGE, detect_modality
 
 pytestmark = pytest.mark.real
@@ -19,7 +19,7 @@ def built():
 
 def inputs(processor, spec, n_questions=2):
     q, a, paths = vlm.easy_vqa_split("test")
-    ids, labels, mask = vlm._batch(processor, q[:n_questions], a[:n_questions], spec.tokens_per_image)
+    ids, labels, mask = vlm_train._batch(processor, q[:n_questions], a[:n_questions], spec.tokens_per_image)
     return ids, mask, vlm.load_images(paths[:n_questions], processor)
 
 
@@ -52,7 +52,7 @@ def test_lora_merge_and_save_load_round_trip(built, tmp_path):
     ids, mask, pixels = inputs(processor, spec)
     with torch.no_grad():
         before = model(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits
-    vlm.save(model, spec, {"test": True}, tmp_path)
+    vlm_train.save(model, spec, {"test": True}, tmp_path)
     assert (tmp_path / "weights.safetensors").stat().st_size < 20 * 2**20
     loaded, proc2 = vlm.load_vlm(folder=tmp_path)
     assert not any("lora_" in n for n, _ in loaded.named_parameters())  # merged into plain Linear layers
@@ -68,7 +68,7 @@ def test_one_training_step_moves_only_the_trained_parts():
     model, processor = vlm.build(spec)
     frozen = model.model.language_model.layers[0].mlp.up_proj.weight.clone()
     proj = model.model.multi_modal_projector.linear_1.weight.clone()
-    assert vlm.train_vqa(model, processor, spec, minutes=5, batch=2, max_steps=1) == 1
+    assert vlm_train.train_vqa(model, processor, spec, minutes=5, batch=2, max_steps=1) == 1
     assert torch.equal(model.model.language_model.layers[0].mlp.up_proj.base_layer.weight, frozen)
     assert not torch.equal(model.model.multi_modal_projector.linear_1.weight, proj)
     assert any(p.abs().sum() > 0 for n, p in model.named_parameters() if "lora_B" in n)
@@ -76,11 +76,11 @@ def test_one_training_step_moves_only_the_trained_parts():
 
 def test_tokens_per_image_and_errors(built, tmp_path):
     spec, model, processor = built
-    vlm.save(model, spec, {}, tmp_path)
+    vlm_train.save(model, spec, {}, tmp_path)
     big, proc = vlm.load_vlm(tokens_per_image=256, folder=tmp_path)
     assert proc.image_processor.size == {"height": 128, "width": 128}
     q, a, paths = vlm.easy_vqa_split("test")
-    ids, labels, mask = vlm._batch(proc, q[:1], a[:1], 256)
+    ids, labels, mask = vlm_train._batch(proc, q[:1], a[:1], 256)
     with torch.no_grad():
         out = big(input_ids=ids, attention_mask=mask, pixel_values=vlm.load_images(paths[:1], proc))
     assert out.logits.shape[1] == ids.shape[1]
@@ -104,7 +104,7 @@ def shipped():
 def test_shipped_vlm_answers_easy_vqa(shipped):
     model, processor = shipped
     assert hasattr(processor, "image_processor") and model.config.image_seq_length == 64
-    res = vlm.evaluate(model, processor, n=96, seed=1)
+    res = vlm_train.evaluate(model, processor, n=96, seed=1)
     assert res["accuracy"] >= 0.8, res  # chance (always "no") is ~0.37
 
 

@@ -12,10 +12,32 @@ from typing import Optional
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+import inspect
+import statistics
+
 import torch
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
+from transformers import DynamicCache
+from transformers.utils import logging as hf_logging
+
+from . import saved, vlm, vlm_train
+from .budget import check_budget_value, parse_caps
+from .cache import KVCache, cache_kwargs
+from .context import prefill
+from .data import DEMO_QUESTION, demo_prompt
+from .measure import cache_bytes, greedy_generate, peak_rss_bytes, pin_threads
+from .methods import REGISTRY, make_method, parse_label
+from .modality import detect_modality
+from .models import MODEL_REGISTRY, VLM_NAME, load_model
+from .storage import storage_names
+from .tasks import TASKS
+from .tasks.multimodal import image_prompt, interleaved_examples
+
+# Imported by the commands that use them: PIL (modalkv[vlm]) and matplotlib (modalkv[plot]), optional extras; the
+# benchmark harness (it loads pandas, a second or so that every other command would pay) and the continual benchmark.
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="modalkv: KV-cache compression that frees memory.")
 console = Console(width=max(120, Console().width))
@@ -51,9 +73,7 @@ def _parse_params(items: list[str]) -> dict:
 
 @app.command()
 def methods() -> None:
-    """List the available methods (and quantizers) with one line each."""
-    from .methods import REGISTRY
-
+    """List the available methods (and storage formats) with one line each."""
     table = Table(show_header=True, header_style="bold")
     table.add_column("method")
     table.add_column("parameters")
@@ -62,8 +82,6 @@ def methods() -> None:
         params = ", ".join(f"{f.name}={f.default!r}" for f in dataclasses.fields(cls) if f.init)
         table.add_row(name, params, cls.summary)
     console.print(table)
-    from .storage import storage_names
-
     console.print(f"Quantized storage (composes with any method, --quantize): {', '.join(storage_names())}")
     console.print("Continual adaptation (not a compression method): InduceKV, a fixed-size bank of induced KV "
                   "memories for a frozen model (modalkv.continual; benchmark: modalkv continual)")
@@ -98,8 +116,6 @@ class _Run:
 
     @property
     def decode_ms(self) -> float:
-        import statistics
-
         return statistics.median(self.step_ms) if self.step_ms else float("nan")
 
 
@@ -186,8 +202,6 @@ def _prompt_text(prompt, prompt_file, images) -> tuple[str, str | None]:
         return prompt, None
     if images:
         return ("what shape is in the image?" if len(images) == 1 else "Describe each image."), None
-    from .data import demo_prompt  # the demo: ~2.2k tokens of real Wikipedia summaries and a question about one
-
     try:
         return demo_prompt()
     except ImportError as err:
@@ -198,11 +212,6 @@ def _prompt_text(prompt, prompt_file, images) -> tuple[str, str | None]:
 def _run_specs(labels, budget, quantize) -> list[tuple[str, str, float | int, str | None]]:
     """(display label, method label, budget, quantizer) per compressed cache. ``kivi-N`` alone is the full cache in
     KIVI storage; ``method+kivi-N`` stores that method's kept entries KIVI-quantized (as --quantize does for all)."""
-    from .methods import parse_label
-    from .storage import storage_names
-
-    quantizers = storage_names()
-
     labels = [x.strip() for x in labels if x.strip()]
     budgets = [_parse_budget(b) for b in budget.split(",") if b.strip()] if budget else None
     if budget is not None and not budgets:
@@ -216,11 +225,11 @@ def _run_specs(labels, budget, quantize) -> list[tuple[str, str, float | int, st
     specs, seen = [], set()
     for label, b in pairs:
         head, plus, tail = label.rpartition("+")
-        label, q = (head.strip(), tail.strip()) if plus and tail.strip() in quantizers else (label, quantize)
+        label, q = (head.strip(), tail.strip()) if plus and tail.strip() in storage_names() else (label, quantize)
         if plus and q != quantize and quantize:
             raise ValueError(f"{label}+{q} is already quantized storage; leave out --quantize {quantize}")
         name = parse_label(label)[0]
-        if name in quantizers:
+        if name in storage_names():
             if q:
                 raise ValueError(f"{label} is already quantized storage; leave out --quantize {q}")
             spec = (f"{name} (every token)", "full", 1.0, name)
@@ -233,32 +242,16 @@ def _run_specs(labels, budget, quantize) -> list[tuple[str, str, float | int, st
 
 
 def _make_cache(lm, label, budget, quantize, caps, params):
-    from .cache import KVCache
-    from .methods import REGISTRY, parse_label
-
     name, label_params, label_caps = parse_label(label)
     if name not in REGISTRY:
-        from .storage import storage_names
-
-        quantizers = storage_names()
-
         raise ValueError(f"unknown method {name!r}; available: {', '.join(REGISTRY)} (or quantized full storage: "
-                         f"{', '.join(quantizers)})")
+                         f"{', '.join(storage_names())})")
     return KVCache(lm, name, budget, quantize=quantize, modality_caps={**caps, **label_caps},
                    **{**params, **label_params})
 
 
 def _generate(model, labels, budget, prompt, prompt_file, max_new_tokens, compare_full, quantize, param, threads,
               chat, images=(), modality_caps=None, expect=None, plot=None, save_cache=None, load_cache=None) -> None:
-    import inspect
-
-    from transformers import DynamicCache
-
-    from .budget import parse_caps
-    from .measure import cache_bytes, peak_rss_bytes, pin_threads
-    from .methods import parse_label
-    from .models import load_model
-
     _check_images(images)
     text, expected = _prompt_text(prompt, prompt_file, images)
     expected = expect if expect is not None else expected
@@ -281,15 +274,11 @@ def _generate(model, labels, budget, prompt, prompt_file, max_new_tokens, compar
                              "--modality-caps/--image")
     n_threads = pin_threads(threads or None)
 
-    from transformers.utils import logging as hf_logging
-
     hf_logging.disable_progress_bar()
     with console.status(f"loading {model}"):
         lm, tok = load_model(model)
     if load_cache is not None:
-        from .saved import load_cache as load
-
-        cache = load(load_cache, lm, method=parse_label(labels[0])[0] if labels else None)
+        cache = saved.load_cache(load_cache, lm, method=parse_label(labels[0])[0] if labels else None)
         shown = f"{cache.method.name} @ {cache.budget.value:g} (loaded: {cache.get_seq_length()} tokens)"
         runs = [_Run(shown, cache.method.name, cache)]
     else:
@@ -299,10 +288,6 @@ def _generate(model, labels, budget, prompt, prompt_file, max_new_tokens, compar
     if images and processor is None:
         raise ValueError(f"--image needs a vision-language model (--model modalkv-vlm); {model!r} is text-only")
     if processor is not None:  # modalkv's VLM: its chat format, images first, then the prompt
-        from . import vlm
-        from .modality import detect_modality
-        from .tasks.multimodal import image_prompt
-
         tok = processor.tokenizer
         ids = torch.tensor([vlm.expand_ids(tok, vlm.chat_text(image_prompt(len(images), text)),
                                            lm.config.image_seq_length)])
@@ -332,9 +317,7 @@ def _generate(model, labels, budget, prompt, prompt_file, max_new_tokens, compar
         with console.status(f"prefill with {run.label}"):
             _prefill(lm, run, enc, eos, extra, tok)
         if save_cache is not None and run is not full:  # the compressed prompt, before the answer is appended
-            from .saved import save_cache as save
-
-            save(run.cache, save_cache)
+            saved.save_cache(run.cache, save_cache)
     with console.status(f"decoding with {len(runs)} cache(s), one step of each in turn"):
         _decode_interleaved(lm, runs, enc["input_ids"].shape[1], max_new_tokens, eos)
     for run in runs:
@@ -343,8 +326,6 @@ def _generate(model, labels, budget, prompt, prompt_file, max_new_tokens, compar
     console.print(f"[bold]model[/bold] {model}  [bold]prompt[/bold] {enc['input_ids'].shape[1]} tokens  "
                   f"[bold]threads[/bold] {n_threads}")
     if prompt is None and prompt_file is None and not images:
-        from .data import DEMO_QUESTION
-
         console.print(f"[bold]demo question:[/bold] {DEMO_QUESTION} [dim](about the first of the Wikipedia "
                       "articles in the prompt)[/dim]")
     agree = _agreement(runs, full, expected, tok)
@@ -368,10 +349,6 @@ def _prefill(lm, run, enc, eos, extra, tok) -> None:
     """Run the prompt into the run's cache (timed) and take the first generated token from its last logits. A
     modalkv cache goes through :func:`modalkv.prefill` (methods with a context pass run it, and the prefill time
     includes it); a cache that already holds the prompt's first tokens (--load-cache) takes only the rest."""
-    from .cache import KVCache
-    from .context import prefill
-    from .measure import greedy_generate
-
     if not isinstance(run.cache, KVCache):
         res = greedy_generate(lm, enc["input_ids"], enc["attention_mask"], run.cache, 1, eos, **extra)
         run.prefill_s, run.tokens, run.done = res.prefill_s, res.tokens[0], not res.tokens[0]
@@ -393,8 +370,6 @@ def _prefill(lm, run, enc, eos, extra, tok) -> None:
 @torch.no_grad()
 def _decode_interleaved(lm, runs, prompt_len: int, max_new_tokens: int, eos) -> None:
     """Greedy decoding of every run, one step of each in turn (the order rotating every step), each step timed."""
-    from .cache import cache_kwargs
-
     kwargs = {id(run): cache_kwargs(lm, run.cache) for run in runs}
     for step in range(1, max_new_tokens):
         active = [run for run in runs if not run.done]
@@ -437,8 +412,6 @@ def _agreement(runs, full, expected, tok) -> dict:
 def _table(runs, full, expected, agree, tok):
     """One row per cache: its answer (yellow from where it departs from the full cache's), whether it keeps the
     answer, KV bytes kept and compression, prefill seconds, decode ms/token and its ratio to the full cache's."""
-    from rich.text import Text
-
     table = Table(show_header=True, header_style="bold", show_lines=True)
     table.add_column("cache", max_width=22)
     table.add_column("answer", ratio=1)
@@ -558,19 +531,11 @@ def bench(
 
 
 def _check_bench(cfg) -> None:
-    from .budget import check_budget_value
-    from .methods import REGISTRY, make_method, parse_label
-    from .storage import storage_names
-
-    quantizers = storage_names()
-    from .models import MODEL_REGISTRY, VLM_NAME
-    from .tasks import TASKS
-
     for label in cfg.methods:
         m, params, _ = parse_label(cfg.label(label))  # checks the caps too
-        if m not in REGISTRY and m not in quantizers:
+        if m not in REGISTRY and m not in storage_names():
             raise ValueError(f"unknown method {m!r}; available: {', '.join(REGISTRY)} "
-                             f"(or quantized full storage: {', '.join(quantizers)})")
+                             f"(or quantized full storage: {', '.join(storage_names())})")
         if m in REGISTRY:
             make_method(m, **params)  # unknown or out-of-range parameters fail here, before any model loads
     for t in cfg.tasks:
@@ -696,10 +661,6 @@ def train_vlm(
     out: Path = typer.Option(None, help="Where to write the weights (default: the package's assets)."),
 ) -> None:
     """Train modalkv's small VLM (SmolLM2 + SigLIP-style tower + projector + LoRA) on easy-VQA; ship its weights."""
-    from . import vlm
-    from .measure import pin_threads
-    from .tasks.multimodal import interleaved_examples
-
     pin_threads(threads)
     torch.manual_seed(seed)
     log: list[str] = []
@@ -713,20 +674,20 @@ def train_vlm(
         model, processor = vlm.build(spec)
     t0 = time.time()
     if vision_minutes > 0:
-        record["vision_steps"] = vlm.train_vision(model, processor, vision_minutes, seed=seed, log=log)
+        record["vision_steps"] = vlm_train.train_vision(model, processor, vision_minutes, seed=seed, log=log)
     if vqa_minutes > 0:
-        record["vqa_steps"] = vlm.train_vqa(model, processor, spec, vqa_minutes, batch=batch, seed=seed, log=log,
-                                           bf16=bf16)
+        record["vqa_steps"] = vlm_train.train_vqa(model, processor, spec, vqa_minutes, batch=batch, seed=seed,
+                                                 log=log, bf16=bf16)
     if mixed_minutes > 0:
-        record["mixed_steps"] = vlm.train_vqa(model, processor, spec, mixed_minutes, batch=mixed_batch, seed=seed,
-                                             log=log, bf16=bf16, stage="mixed",
-                                             examples=interleaved_examples(processor.tokenizer, seed))
+        record["mixed_steps"] = vlm_train.train_vqa(model, processor, spec, mixed_minutes, batch=mixed_batch,
+                                                   seed=seed, log=log, bf16=bf16, stage="mixed",
+                                                   examples=interleaved_examples(processor.tokenizer, seed))
     train_s = time.time() - t0
     record.update(batch=batch, mixed_batch=mixed_batch, seed=seed, bf16=bf16, train_seconds=round(train_s),
                   minutes={"vision": vision_minutes, "vqa": vqa_minutes, "mixed": mixed_minutes}, log_tail=log[-5:])
-    folder = vlm.save(model, spec, record, out or vlm.ASSET_DIR)
+    folder = vlm_train.save(model, spec, record, out or vlm.ASSET_DIR)
     model, processor = vlm.load_vlm(folder=folder)
-    res = vlm.evaluate(model, processor, n=eval_n or None, seed=seed)
+    res = vlm_train.evaluate(model, processor, n=eval_n or None, seed=seed)
     meta = json.loads((folder / "vlm.json").read_text())
     meta["evaluation"] = res
     (folder / "vlm.json").write_text(json.dumps(meta, indent=2))

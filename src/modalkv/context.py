@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 
 from .cache import KVCache, cache_kwargs
+from .modality import detect_modality, special_token_modalities
 
 
 def _max_positions(model) -> int | None:
@@ -43,8 +44,6 @@ def prefill(model, cache: KVCache, input_ids: torch.Tensor, attention_mask: torc
     ``cache.method.select(c)`` keeps the best entries of ``c`` — e.g. of several ``cache.fork()`` copies given
     different budgets (``c.budget = Budget(0.1)``), since the scores do not depend on the budget.
     """
-    from .modality import detect_modality, special_token_modalities
-
     if not isinstance(cache, KVCache):
         raise TypeError(f"prefill needs a modalkv KVCache, got {type(cache).__name__}")
     if cache.model_ref() is not model:

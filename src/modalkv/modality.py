@@ -88,7 +88,7 @@ class ModalityLayout:
         return {MODALITY_NAMES[int(m)]: int((self.ids == m).sum()) for m in torch.unique(self.ids)}
 
 
-def _runs(mask_row: torch.Tensor) -> list[tuple[int, int]]:
+def mask_runs(mask_row: torch.Tensor) -> list[tuple[int, int]]:
     """(start, length) of each run of True in a 1-D bool tensor."""
     x = torch.cat([torch.zeros(1, dtype=torch.int8), mask_row.to(torch.int8), torch.zeros(1, dtype=torch.int8)])
     d = torch.diff(x)
@@ -129,13 +129,13 @@ def detect_modality(config, input_ids: torch.Tensor, mm_token_type_ids=None, ima
     per_image = tokens_per_image(config)
     for b in range(B):
         for modality in (IMAGE, VIDEO):
-            runs = _runs(ids[b] == modality)
+            runs = mask_runs(ids[b] == modality)
             if not runs:
                 continue
             if grids[modality] is not None:
                 _place_grids(layout, b, runs, grids[modality], modality)
             else:
-                _place_square(layout, b, runs, per_image, modality)
+                place_square(layout, b, runs, per_image, modality)
     return layout
 
 
@@ -164,7 +164,10 @@ def _place_grids(layout, b, runs, grids, modality) -> None:
         at += t * h * w
 
 
-def _place_square(layout, b, runs, per_image, modality) -> None:
+def place_square(layout: ModalityLayout, b: int, runs, per_image: int | None, modality: int) -> None:
+    """Fill row ``b`` of ``layout`` for the visual ``runs`` ((start, length) pairs): each image is ``per_image``
+    consecutive tokens (a whole run when None) numbered in order, laid out row by row on a square grid (one row of
+    ``per_image`` columns when that is not a square)."""
     item = 0
     for start, length in runs:
         size = per_image or length
@@ -180,3 +183,8 @@ def _place_square(layout, b, runs, per_image, modality) -> None:
             layout.row[b, pos] = (k // side).to(torch.int32) if side * side == size else 0
             layout.col[b, pos] = (k % side).to(torch.int32) if side * side == size else k.to(torch.int32)
             item += 1
+
+
+# the former private names, kept while other branches still import them
+_runs = mask_runs
+_place_square = place_square

@@ -16,6 +16,7 @@ import torch
 
 from .cache import CompressedLayer, KVCache, Selection, cache_kwargs
 from .methods.full import Full
+from .modality import detect_modality, special_token_modalities
 
 
 class _Capture(Full):
@@ -66,8 +67,6 @@ class CapturedPrefill:
 @torch.no_grad()
 def capture_prefill(model, input_ids, attention_mask=None, position_ids=None, **model_kwargs) -> CapturedPrefill:
     """Run the prompt once through ``model`` and keep what every managed layer needs to be compressed later."""
-    from .modality import detect_modality, special_token_modalities
-
     cache = KVCache(model, _Capture())
     cache.method.captured = {}
     if special_token_modalities(model.config):  # a VLM: every method sees which entries are image tokens

@@ -7,23 +7,20 @@ Scores are float32 [B, Hq, n] per query head; :func:`group_reduce` turns them in
 
 from __future__ import annotations
 
-import weakref
-from collections import OrderedDict
+from contextvars import ContextVar
 
 import torch
 import torch.nn.functional as F
 
 DEFAULT_CHUNK = 256
 
-# accumulated_scores results per query tensor object: replaying one captured prefill with several budgets (the
-# benchmark) computes the O(n^2) scores once. Keyed by id() and confirmed by weak references and version counters
-# (a dict keyed by tensors would compare them with ``==``); an entry dies with its query tensor, and the memo is
-# bounded (oldest dropped first).
-_ACC_MEMO: "OrderedDict[int, tuple]" = OrderedDict()
-_ACC_MEMO_SIZE = 256
+#: An optional memo for :func:`accumulated_scores`, set by a caller that scores the same captured prompt many times
+#: (the benchmark replays one prefill per budget: :class:`modalkv.bench.memo.ScoreMemo`). It is called as
+#: ``memo(compute, query, keys, scaling, real, chunk)`` and returns the scores; the scorer itself keeps no state.
+accumulated_memo: ContextVar = ContextVar("accumulated_memo", default=None)
 
 
-def _probs(query: torch.Tensor, keys: torch.Tensor, scaling: float, rows: torch.Tensor, real: torch.Tensor):
+def attention_probs(query: torch.Tensor, keys: torch.Tensor, scaling: float, rows: torch.Tensor, real: torch.Tensor):
     """Causal softmax attention of the query rows ``rows`` (LongTensor [r]) over all keys: [B, Hq, r, n] float32."""
     B, Hq, n, d = query.shape
     H = keys.shape[1]
@@ -49,7 +46,7 @@ def window_scores(query, keys, scaling: float, window: int, real, chunk: int = D
     out = torch.zeros(query.shape[0], query.shape[1], n, device=query.device, dtype=torch.float32)
     for s in range(start, n, chunk):
         rows = torch.arange(s, min(n, s + chunk), device=query.device)
-        out += _probs(query, keys, scaling, rows, real).sum(2)
+        out += attention_probs(query, keys, scaling, rows, real).sum(2)
     return out
 
 
@@ -57,32 +54,31 @@ def accumulated_scores(query, keys, scaling: float, real, chunk: int = DEFAULT_C
     """H2O accumulated attention: column sums of the causal attention over every prompt query.
 
     A chunk of query rows ending at ``e`` only sees the first ``e`` keys, so each chunk is computed over those
-    (half the work of the full square). The result is remembered for the same ``query`` tensor object (returned
-    as a copy) so that rebuilding caches from one captured prefill does not recompute it.
+    (half the work of the full square). When a memo is set in :data:`accumulated_memo` it is asked first.
     """
-    tensors = (query, keys, real)
-    stamp = (float(scaling), chunk, tuple(t._version for t in tensors))
-    hit = _ACC_MEMO.get(id(query))
-    if hit is not None:
-        refs, stamp0, cached = hit
-        if all(r() is t for r, t in zip(refs, tensors)) and stamp0 == stamp:
-            return cached.clone()
+    memo = accumulated_memo.get()
+    if memo is not None:
+        return memo(causal_column_sums, query, keys, scaling, real, chunk)
+    return causal_column_sums(query, keys, scaling, real, chunk)
+
+
+def causal_column_sums(query, keys, scaling: float, real, chunk: int = DEFAULT_CHUNK) -> torch.Tensor:
+    """:func:`accumulated_scores` computed afresh (no memo): [B, Hq, n] float32."""
     n = query.shape[2]
     out = torch.zeros(query.shape[0], query.shape[1], n, device=query.device, dtype=torch.float32)
     for s in range(0, n, chunk):
         e = min(n, s + chunk)
         rows = torch.arange(s, e, device=query.device)
-        out[..., :e] += _probs(query[:, :, :e], keys[:, :, :e], scaling, rows, real[:, :e]).sum(2)
-    _ACC_MEMO[id(query)] = (tuple(weakref.ref(t) for t in tensors), stamp, out)
-    weakref.finalize(query, _ACC_MEMO.pop, id(query), None)  # the entry dies with its query (no stale scores)
-    while len(_ACC_MEMO) > _ACC_MEMO_SIZE:
-        _ACC_MEMO.popitem(last=False)
-    return out.clone()
+        out[..., :e] += attention_probs(query[:, :, :e], keys[:, :, :e], scaling, rows, real[:, :e]).sum(2)
+    return out
 
 
 def key_norm_scores(keys: torch.Tensor) -> torch.Tensor:
     """Negative L2 norm of each key (Devoto et al., 2024: low-norm keys draw high attention). [B, H, n]."""
     return -keys.float().norm(dim=-1)
+
+
+_probs = attention_probs  # the former private name, kept while other branches still import it
 
 
 def group_reduce(scores: torch.Tensor, num_kv_heads: int, how: str = "mean") -> torch.Tensor:

@@ -9,23 +9,23 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from rich.progress import Progress
 
-def run_with_ray(config, todo: list[list[dict]], out: Path, progress: bool = True) -> None:
+
+def run_with_ray(config, todo: list[list[dict]], out: Path, runner_cls, append_rows, progress: bool = True) -> None:
+    """Run the groups ``todo`` on Ray actors of ``runner_cls`` (the runner's ``ModelRunner``; one per model) and
+    write each group's rows with ``append_rows(out, rows)`` as they come back."""
     try:
         import ray
     except ImportError as err:  # pragma: no cover - depends on the optional extra
         raise ImportError("the Ray executor needs Ray: pip install 'modalkv[ray]'") from err
-    from rich.progress import Progress
-
-    from .runner import ModelRunner, append_rows
-
     started = False
     if not ray.is_initialized():
         ray.init(num_cpus=max(1, config.threads), include_dashboard=False, log_to_driver=False,
                  ignore_reinit_error=True)
         started = True
     try:
-        Actor = ray.remote(num_cpus=config.threads)(ModelRunner)
+        Actor = ray.remote(num_cpus=config.threads)(runner_cls)
         actors = {}
         pending = {}
         for cells in todo:

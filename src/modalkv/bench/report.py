@@ -2,8 +2,17 @@
 
 from __future__ import annotations
 
+import re
 import textwrap
+import zlib
 from pathlib import Path
+
+import pandas as pd
+
+from ..methods import parse_label
+from .runner import add_ratios
+
+# matplotlib is an optional extra (modalkv[plot]): it is imported where a plot is drawn.
 
 
 def _table(df, index, columns, values, fmt) -> list[str]:
@@ -20,8 +29,6 @@ def _table(df, index, columns, values, fmt) -> list[str]:
 
 
 def _slug(model: str) -> str:
-    import re
-
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(model).name) or "model"
 
 
@@ -33,8 +40,6 @@ PROMPT_KEY = ["task", "length", "seed"]
 def read_results(path: str | Path):
     """One results CSV as a DataFrame; a file that is empty, not a CSV or lacks a column the report needs is a
     ValueError naming the file (and the missing columns)."""
-    import pandas as pd
-
     path = Path(path)
     try:
         df = pd.read_csv(path)
@@ -79,10 +84,6 @@ FULL_STYLES = {"modalkv": "--", "kvpress": ":"}
 
 def method_styles(methods) -> dict[str, tuple[str, object]]:
     """Method label -> (colour, line style): the base method's colour; plain labels solid, variants dashed etc."""
-    import zlib
-
-    from ..methods import parse_label
-
     styles, variants = {}, {}
     for label in sorted(set(methods)):
         try:
@@ -122,8 +123,6 @@ def pareto(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
 
 def summary_table(d) -> list[str]:
     """One row per (library, method, budget): the three numbers a user chooses by, over all tasks and lengths."""
-    import pandas as pd
-
     acc = d[d.task != "fidelity"]
     fid = d[d.task == "fidelity"]
     g = d.groupby(["library", "method", "budget"])
@@ -278,7 +277,6 @@ def model_plots(df, model: str, out: Path, stem: str) -> list[Path]:
     Pareto front), decode speed-up against context length, and fidelity (KL) against KV bytes kept. Wherever two
     libraries share an axes, only the prompts both ran are used (:func:`shared_prompts`)."""
     import matplotlib.pyplot as plt
-    import pandas as pd
 
     d = df[df.model == model]
     styles = method_styles(df.method.unique())
@@ -373,10 +371,6 @@ def write_report(results: str | Path, out_dir: str | Path | None = None, extra: 
     import matplotlib
 
     matplotlib.use("Agg")
-    import pandas as pd
-
-    from .runner import add_ratios
-
     results = Path(results)
     df = add_ratios(pd.concat([read_results(x) for x in [results, *(extra or [])]], ignore_index=True))
     out = Path(out_dir) if out_dir else results.parent

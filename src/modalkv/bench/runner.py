@@ -31,13 +31,38 @@ from __future__ import annotations
 import gc
 import itertools
 import json
+import os
 import platform
+import random
 import statistics
 import time
+import tomllib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import pandas as pd
+import psutil
 import torch
+import transformers
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from transformers.utils import logging as hf_logging
+
+from .. import __version__
+
+from .. import vlm
+from ..cache import KVCache, cache_kwargs
+from ..context import prefill
+from ..data import wiki_summaries
+from ..measure import peak_rss_bytes, pin_threads, reset_peak_rss, window_peak_rss_bytes
+from ..methods import make_method, parse_label
+from ..methods.kvzip import KVzip
+from ..modality import TEXT
+from ..models import load_model
+from ..replay import capture_prefill
+from ..storage import storage_names
+from ..tasks import get_task
+from .memo import ScoreMemo
+from .ray_executor import run_with_ray
 
 KEYS = ["library", "model", "task", "length", "seed", "method", "budget"]
 COLUMNS = KEYS + [
@@ -63,19 +88,13 @@ class BenchConfig:
     modality_caps: str | None = None  # e.g. "image=0.1,text=0.5": added to every eviction method's label
 
     def label(self, method: str) -> str:
-        """The cell's method label: ``method`` or ``method@caps`` (see :func:`modalkv.methods.split_label`)."""
-        from ..storage import storage_names
-
-        quantizers = storage_names()
-
-        if self.modality_caps and "@" not in method and method not in quantizers:
+        """The cell's method label: ``method`` or ``method@caps`` (see :func:`modalkv.methods.parse_label`)."""
+        if self.modality_caps and "@" not in method and method not in storage_names():
             return f"{method}@{self.modality_caps}"
         return method
 
     @classmethod
     def from_file(cls, path: str | Path, **overrides) -> "BenchConfig":
-        import tomllib
-
         data = tomllib.loads(Path(path).read_text())
         data = data.get("bench", data)
         unknown = set(data) - set(cls.__dataclass_fields__)
@@ -90,14 +109,10 @@ class BenchConfig:
             yield model, task, length, self.seed0 + s
 
     def cells(self, model, task, length, seed):
-        from ..storage import storage_names
-
-        quantizers = storage_names()
-
         yield dict(library="modalkv", model=model, task=task, length=length, seed=seed, method="full", budget=1.0)
         for method in self.methods:
             # a quantizer (KIVI) stores every token: one cell at budget 1.0
-            for budget in [1.0] if method in quantizers else self.budgets:
+            for budget in [1.0] if method in storage_names() else self.budgets:
                 yield dict(library="modalkv", model=model, task=task, length=length, seed=seed,
                            method=self.label(method), budget=float(budget))
 
@@ -109,15 +124,11 @@ def cell_key(row: dict) -> tuple:
 def done_keys(path: Path) -> set:
     if not path.exists():
         return set()
-    import pandas as pd
-
     df = pd.read_csv(path)
     return {cell_key(r) for r in df.to_dict("records")}
 
 
 def append_rows(path: Path, rows: list[dict]) -> None:
-    import pandas as pd
-
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.exists() and path.stat().st_size:
         with open(path) as f:
@@ -130,14 +141,10 @@ def append_rows(path: Path, rows: list[dict]) -> None:
 
 
 def environment() -> dict:
-    import transformers
-
-    import modalkv
-
     return {
-        "modalkv": modalkv.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
+        "modalkv": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
         "python": platform.python_version(), "machine": platform.machine(), "processor": platform.processor(),
-        "cpu_count": __import__("os").cpu_count(), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "cpu_count": os.cpu_count(), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
 
 
@@ -153,11 +160,6 @@ class ModelRunner:
     """Runs all cells of one model (holds the weights once; a Ray actor wraps one of these)."""
 
     def __init__(self, model_name: str, threads: int):
-        from transformers.utils import logging as hf_logging
-
-        from ..measure import pin_threads
-        from ..models import load_model
-
         hf_logging.disable_progress_bar()
         pin_threads(threads)
         self.name = model_name
@@ -166,6 +168,7 @@ class ModelRunner:
         self.processor = tok if hasattr(tok, "image_processor") else None
         self.tok = tok.tokenizer if self.processor is not None else tok
         self._scored: dict = {}  # (method label, quantize) -> (KVzip cache scored but not selected, seconds)
+        self.memo = ScoreMemo()  # accumulated scores computed once per captured prompt, whatever the budget
 
     def chat_ids(self, text: str) -> torch.Tensor:
         tok = self.tok
@@ -197,8 +200,6 @@ class ModelRunner:
     def mm_inputs(self, sample) -> tuple[torch.Tensor, torch.Tensor, dict]:
         """(ids compressed at prefill, ids read through the compressed cache, pixel inputs) of a multimodal sample
         for modalkv's VLM; the second part is the question of a deferred sample, else empty."""
-        from .. import vlm
-
         tpi = self.model.config.image_seq_length
         text = vlm.chat_text(sample.prompt)
         cut = text.index(sample.context) + len(sample.context) if sample.deferred else len(text)
@@ -208,11 +209,14 @@ class ModelRunner:
         return torch.tensor([head]), torch.tensor([tail], dtype=torch.long), {"pixel_values": pixels}
 
     def run_group(self, cells: list[dict], quantize=None) -> list[dict]:
+        """The rows of one group's cells (one prompt, every method and budget)."""
+        with self.memo.active():
+            return self._run_group(cells, quantize)
+
+    def _run_group(self, cells: list[dict], quantize=None) -> list[dict]:
         task_name = cells[0]["task"]
         if task_name == "fidelity":
             return self._fidelity(cells, quantize)
-        from ..tasks import get_task
-
         task = get_task(task_name)
         length, seed = cells[0]["length"], cells[0]["seed"]
         self._scored.clear()
@@ -257,8 +261,6 @@ class ModelRunner:
     def _ask(self, cache, tail: torch.Tensor, start: int) -> torch.Tensor:
         """Feed ``tail`` (a question asked after compression) through the compressed cache in one forward, as
         ``generate`` does with the tokens a cache has not seen; returns the logits of its last token."""
-        from ..cache import cache_kwargs
-
         pos = torch.arange(start, start + tail.shape[1])[None]
         return self.model(input_ids=tail, position_ids=pos, **cache_kwargs(self.model, cache)).logits[0, -1]
 
@@ -302,8 +304,6 @@ class ModelRunner:
     def _chat(self, cells, task, sample, quantize) -> list[dict]:
         """A chat: turn 1 compressed from the shared prefill, each later turn added with modalkv.prefill on the cache
         that answered the previous one; the last answer is scored."""
-        from ..context import prefill
-
         messages = [{"role": "user", "content": sample.turns[0]}]
         ids = self.tok(self.render(messages), return_tensors="pt", add_special_tokens=False).input_ids
         cap, forward_s = self._capture(ids)
@@ -339,8 +339,6 @@ class ModelRunner:
     def _read(self, cache, tail: torch.Tensor, start: int) -> torch.Tensor:
         """Feed ``tail`` (a deferred question) through the compressed cache one token at a time, as decoding does;
         returns the logits of the last one."""
-        from ..cache import cache_kwargs
-
         kw = cache_kwargs(self.model, cache)
         for i in range(tail.shape[1]):
             out = self.model(input_ids=tail[:, i: i + 1], position_ids=torch.tensor([[start + i]]), **kw)
@@ -348,8 +346,6 @@ class ModelRunner:
 
     # -- pieces ---------------------------------------------------------------------------------------------
     def _capture(self, ids, **model_kwargs):
-        from ..replay import capture_prefill
-
         gc.collect()
         t0 = time.perf_counter()
         cap = capture_prefill(self.model, ids, **model_kwargs)
@@ -359,16 +355,8 @@ class ModelRunner:
         """(cache, seconds, logits): the cell's cache built from the captured prefill, or, for a method whose prompt
         forward differs (HAE's pruning of visual tokens in later layers), from a prefill of its own — then the
         seconds are that whole prefill and the logits its last position's (else None)."""
-        from ..cache import KVCache, cache_kwargs
-        from ..measure import reset_peak_rss
-        from ..methods import make_method, parse_label
-        from ..storage import storage_names
-
-        quantizers = storage_names()
-        from ..modality import TEXT
-
         name, params, caps = parse_label(cell["method"])
-        if name in quantizers:  # KIVI as a baseline of its own: the full cache in quantized storage
+        if name in storage_names():  # KIVI as a baseline of its own: the full cache in quantized storage
             name, quantize = "full", name
         method = make_method(name, **params)
         budget = _budget(cell["budget"])
@@ -398,8 +386,6 @@ class ModelRunner:
         KVzip's reconstruction scores do not depend on the budget: they are computed once per prompt and method label
         on a copy whose selection is skipped; each budget then selects from its own copy of that scored cache (the
         same cache as a prefill at that budget, tested), and the scoring seconds count in every budget's time."""
-        from ..methods.kvzip import KVzip
-
         method = cache.method
         if not isinstance(method, KVzip):
             t0 = time.perf_counter()
@@ -422,8 +408,6 @@ class ModelRunner:
 
     @torch.no_grad()
     def _greedy(self, cache, first_logits, start: int, max_new: int):
-        from ..cache import cache_kwargs
-
         eos = self.tok.eos_token_id
         kw = cache_kwargs(self.model, cache)
         tokens, step_ms = [], []
@@ -441,10 +425,6 @@ class ModelRunner:
         return tokens, step_ms
 
     def _row(self, cell, cache, forward_s, compress_s, step_ms, n_prompt, **extra) -> dict:
-        import psutil
-
-        from ..measure import peak_rss_bytes, window_peak_rss_bytes
-
         mem = cache.memory_report()
         decode_ms = statistics.median(step_ms[1:]) if len(step_ms) > 1 else (step_ms[0] if step_ms else float("nan"))
         return {
@@ -461,14 +441,9 @@ class ModelRunner:
     @torch.no_grad()
     def _fidelity(self, cells, quantize, continuation: int = 48) -> list[dict]:
         """KL(full || method) and top-1 agreement over a teacher-forced continuation of real text."""
-        from ..cache import cache_kwargs
-        from ..data import wiki_summaries
-
         length, seed = cells[0]["length"], cells[0]["seed"]
         texts = wiki_summaries()
         titles = sorted(texts)
-        import random
-
         random.Random(f"fidelity-{seed}").shuffle(titles)
         ids: list[int] = []
         for t in titles:
@@ -533,12 +508,8 @@ def run_bench(config: BenchConfig, progress: bool = True) -> Path:
     if not todo:
         return out
     if config.executor == "ray":
-        from .ray_executor import run_with_ray
-
-        run_with_ray(config, todo, out, progress)
+        run_with_ray(config, todo, out, ModelRunner, append_rows, progress)
         return out
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
     runners: dict[str, ModelRunner] = {}
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                   TimeElapsedColumn(), TimeRemainingColumn(), disable=not progress) as bar:

@@ -88,12 +88,6 @@ def parse_label(label: str) -> tuple[str, dict, dict[str, float]]:
     return name.strip(), params, parse_caps(caps)
 
 
-def split_label(label: str) -> tuple[str, dict[str, float]]:
-    """(method name, per-modality caps) of a benchmark method label (see :func:`parse_label`)."""
-    name, _, caps = parse_label(label)
-    return name, caps
-
-
 def make_quantizer(spec):
     """None, a storage name registered in :mod:`modalkv.storage` (``"kivi-2"``, ``"kivi-4"``, ``"kivi-8"``) or a
     :class:`~modalkv.storage.StorageFormat` instance such as ``KIVI(bits=4)`` (see :func:`modalkv.storage.make_storage`)."""
@@ -104,7 +98,7 @@ def make_quantizer(spec):
 
 __all__ = [
     "REGISTRY", "Method", "PrefillContext", "available_methods", "make_method", "make_quantizer", "register",
-    "parse_label", "split_label",
+    "parse_label",
     "Full", "StreamingLLM", "H2O", "SnapKV", "PyramidKV", "AdaKV", "LookM", "MadaKV", "HAE", "RetentiveKV", "SphericalKV",
-    "KVzip", "ExpectedAttention",
+    "KVzip", "ExpectedAttention", "KNorm",
 ]

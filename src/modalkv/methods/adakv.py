@@ -17,24 +17,18 @@ class AdaKV(SnapKV):
     """Adaptive head-wise budget allocation on top of SnapKV's scores.
 
     Paper: Feng et al., "Ada-KV: Optimizing KV Cache Eviction by Adaptive Budget Allocation for Efficient LLM
-    Inference", NeurIPS 2025 (arXiv 2407.11550). Within a layer with H KV heads and window-free budget ``B`` per
-    head: take the global top ``H B`` of all heads' scores; head h wins ``c_h`` of them; its budget is
-    ``B_h = (1 - alpha) c_h + alpha B`` (a floor that keeps every head alive), and it keeps its own top ``B_h``
-    plus the window. Each head's store holds exactly its own ``B_h + w`` entries: the memory a head gives up is
-    released, unlike implementations that keep every head at the layer maximum and mask.
+    Inference", NeurIPS 2025 (arXiv 2407.11550). Within a layer: the global top ``H B`` of all heads' scores gives head
+    h ``c_h`` entries; its budget is ``B_h = (1 - alpha) c_h + alpha B``, and it keeps its own top ``B_h`` plus the
+    window. Each head's store holds exactly its own entries (the memory is released, not masked).
 
     Parameters
     ----------
     alpha : float
-        Safeguard floor (paper's LongBench scripts: 0.2; the library's default is 0.5).
+        Safeguard floor (paper's LongBench scripts: 0.2).
     window, kernel, pooling, gqa_reduce
         As in :class:`SnapKV`.
 
-    Notes
-    -----
-    CHOICE: the paper rounds each ``B_h``; here they are rounded by largest remainder so that the heads' budgets
-    sum exactly to ``H B`` (the layer's memory equals SnapKV's at the same budget). Raw window-attention sums are
-    compared across heads, as in the paper (each head's rows sum to one, so the scales agree).
+    CHOICE: see docs/methods/adakv.md (largest-remainder rounding to SnapKV's exact total).
     """
 
     alpha: float = 0.2

@@ -16,11 +16,9 @@ class ExpectedAttention(Method):
     """Keep the entries that queries *after* the context are expected to attend to most (query-agnostic).
 
     Paper: Devoto et al., "Expected Attention: KV Cache Compression by Estimating Attention from Future Queries
-    Distribution", 2025 (arXiv 2510.00636). The context's queries (before RoPE) are modelled as a Gaussian with mean
-    ``mu`` and covariance ``S`` per query head; RoPE for the next ``n_future`` positions is averaged into one matrix
-    ``R``; then ``E[exp(s q.k)] = exp(s (R mu).k + s^2 k^T (R S R^T) k / 2)`` (``s`` the attention scaling) gives each
-    key an expected logit. Scores are softmax-normalised over the context, averaged over the query heads of a KV group,
-    and multiplied by ``||v||``. The first ``n_sink`` tokens are always kept. No question is needed.
+    Distribution", 2025 (arXiv 2510.00636). The context's pre-RoPE queries are modelled as a Gaussian per query head;
+    with RoPE averaged over the next ``n_future`` positions, each key gets the expected logit of a future query,
+    softmax-normalised, averaged over the KV group and multiplied by ``||v||``. No question is needed.
 
     Parameters
     ----------
@@ -28,17 +26,10 @@ class ExpectedAttention(Method):
         Future positions whose RoPE rotations are averaged (paper: 512).
     n_sink : int
         Leading tokens always kept and left out of the query statistics (paper: 4).
-    use_covariance : bool
-        Include the covariance term (paper: yes).
-    use_vnorm : bool
-        Multiply by the value norm (paper: yes).
-    epsilon : float
-        Added to the scores before the value-norm rescaling (paper: 0).
+    use_covariance, use_vnorm, epsilon
+        The covariance term, the value-norm factor, and a constant added before it (paper: yes, yes, 0).
 
-    Notes
-    -----
-    CHOICE: the statistics are taken over every real context token after the sinks (the paper's released code does
-    the same); pre-RoPE queries are recovered exactly from the post-RoPE ones with the model's own rotary embedding.
+    CHOICE and the derivation: see docs/methods/expected_attention.md.
     """
 
     n_future: int = 512

@@ -12,6 +12,7 @@ class Full(Method):
     """Keep everything; stored in modalkv's per-head layout, so it measures the layout's own cost and speed.
 
     Its logits equal transformers' ``DynamicCache`` (tested). Combine it with ``quantize="kivi-4"`` for KIVI alone.
+    See docs/methods/full.md.
     """
 
     name = "full"

@@ -22,27 +22,20 @@ class H2O(Method):
     """Heavy-Hitter Oracle.
 
     Paper: Zhang et al., "H2O: Heavy-Hitter Oracle for Efficient Generative Inference of Large Language Models",
-    NeurIPS 2023 (arXiv 2306.14048). Score of an entry: its accumulated attention, the column sum of the causal
-    attention over every prompt query and then every decode query. The budget ``B`` splits into ``B_rec`` recent
-    tokens and ``B - B_rec`` heavy hitters; after each decode step the non-recent entry with the smallest score
-    is evicted, so each (layer, KV head) stays within its budget.
+    NeurIPS 2023 (arXiv 2306.14048). Score of an entry: its accumulated attention over every prompt and then every
+    decode query. The budget ``B`` splits into ``B_rec`` recent tokens and ``B - B_rec`` heavy hitters; after each
+    decode step the non-recent entry with the smallest score is evicted.
 
     Parameters
     ----------
     recent_ratio : float
-        Share of the budget given to recent tokens (paper: half, ``B_hh = B_rec``).
+        Share of the budget given to recent tokens (paper: half).
     gqa_reduce : "mean" | "max"
-        CHOICE (the paper predates grouped-query attention): how the query heads of one KV group combine their
-        scores.
+        How the query heads of one KV group combine their scores.
     evict_during_decode : bool
-        CHOICE (default true, as the paper): keep evicting while decoding, down to the budget: an absolute budget
-        stays fixed (one eviction per step, the paper's setting); a ratio budget stays that ratio of all tokens
-        seen (budget 1.0 never evicts).
+        Keep evicting while decoding, down to the budget.
 
-    Notes
-    -----
-    CHOICE: the new token's entry is appended, attended, then the eviction runs (the paper's order).
-    Memory: one float32 accumulated score per kept entry (reported as metadata).
+    CHOICE: see docs/methods/h2o.md (GQA, decode targets, order within a step).
     """
 
     recent_ratio: float = 0.5

@@ -27,72 +27,23 @@ class HAE(Method):
     """Hierarchical Adaptive Eviction.
 
     Paper: Ma, Lu, Zhang, Zhang, "HAE: Hierarchical Adaptive Eviction for KV cache of multimodal LLMs",
-    arXiv 2602.02197 (ICLR 2026 submission). Two stages, training-free:
-
-    1. **Dual-Attention Pruning (DAP)**, prefill, first layer only. With ``A`` the head-averaged attention of the
-       instruction's text tokens (query rows) over the visual tokens, ``g_j = sum_i A[i, j]`` and
-       ``m_j = max_i A[i, j]``, visual token ``j`` is evicted iff ``g_j`` and ``m_j`` are both below their
-       thresholds. The kept visual set is **broadcast** to every layer and head. Text is never evicted here.
-       ``mode="prune"``: the later layers compute over the kept tokens only, with their original positions (the
-       prefill itself gets cheaper, :mod:`modalkv.pruning`); ``mode="kv_only"``: the prefill runs in full and every
-       layer's cache keeps the same set.
-    2. **Dynamic Decoding Eviction with a recycle bin (DDES)**. Per layer, accumulated head-averaged attention
-       ``A(i)`` (initialised with the prompt's text queries' column sums, then ``+= alpha_t(i)`` every step) is
-       re-weighted per modality, ``s(i) = (A(i) - mu_m) / sigma_m`` over the active tokens of i's modality. When
-       the active entries exceed the capacity ``C_max``, the lowest-``s`` unprotected entry moves to the bin,
-       visual tokens first (while more than ``v_floor`` visual tokens are active), then text and visual jointly.
-       Bin entries stay stored and attended ("soft delete"); one whose score rises above that of the entry the
-       rule would evict next swaps back. When the bin holds more than ``bin_size`` entries they are all deleted at
-       once (one gather per layer instead of one removal per step).
-
-    The paper does not give DDES's mechanics in code; everything marked CHOICE below is configurable.
+    arXiv 2602.02197 (ICLR 2026 submission). (1) Dual-Attention Pruning at prefill: in the first layer, a visual token
+    whose summed and peak attention from the instruction are both below ``tau_g`` / ``tau_i`` is evicted, and the kept
+    set is broadcast to every layer and head (``mode="prune"``: later layers compute over the kept tokens only).
+    (2) While decoding, per-modality normalised accumulated attention moves the weakest entries to a recycle bin
+    (still attended; they may swap back), emptied in batches of ``bin_size``.
 
     Parameters
     ----------
-    thresholds : "relative" | "absolute"
-        CHOICE (relative). ``absolute`` is the paper's rule: ``g_j < tau_g * sum_j' g_j'`` and ``m_j < tau_i``
-        (defaults 0.0015 and 0.001, tuned on LLaVA-1.5's 576 image tokens; on modalkv's VLM they evict nothing).
-        ``relative``: ``g_j < tau_g * mean_V(g)`` and ``m_j < tau_i * mean_V(m)`` over the row's visual tokens
-        (multiples of the uniform share, so one setting carries across models and image sizes; defaults 1.0 and 1.0).
-    tau_g, tau_i : float or None
-        The two thresholds in the chosen form (None: that form's defaults).
-    max_evict : int or None
-        Cap ``c`` on DAP evictions (the lowest-``g`` candidates go first). CHOICE: off.
-    mode : "prune" | "kv_only"
-        CHOICE (default prune, the paper's "reduces computational overhead"). ``prune`` needs every decoder layer
-        to be a full-attention layer managed by modalkv (not Gemma-3's sliding windows; a clear error when DAP
-        evicts on such a model) and cannot be replayed from a captured prefill (``replayable`` is False).
-    query_rows : "after_last_image" | "after_first_image" | "all_text"
-        CHOICE: which text tokens are the instruction whose attention judges the visual tokens. Default: text after
-        the last visual token, falling back to text after the first one when none follows the last.
-    variance_gate : bool
-        CHOICE (off): apply DAP to a row only when the coefficient of variation of ``g`` over its visual tokens
-        exceeds that over its text tokens (the paper's motivating observation, not a stated rule).
-    dap, ddes : bool
-        Switch either stage off (ablations).
-    capacity : "budget" | "prefill"
-        CHOICE, ``C_max``: ``"budget"`` (default) trims to the cache budget after DAP and then keeps the budget's
-        share of all tokens seen, like every other decode-time method here (budget 1.0 never evicts);
-        ``"prefill"`` keeps the size right after prefill constant while decoding.
-    bin_size : int
-        Recycle-bin capacity ``d_bin`` (CHOICE: 16).
-    recent, n_sink : int
-        Protected recent window ``w_r`` (CHOICE: 32) and attention sinks (CHOICE: 4), never moved to the bin; under
-        a capacity smaller than both, the sinks and then the most recent tokens that fit (CHOICE).
-    v_floor : int
-        CHOICE (0): visual-first eviction stops while this many visual tokens are active.
-    bin_attend : bool
-        CHOICE (true, soft delete): bin entries keep being attended; false masks them out of the output while
-        their logits are still computed to rescore them.
-    ddes_broadcast : bool
-        CHOICE (false): one decision from the first layer for all layers (the paper's "index broadcasting" applied
-        to decoding too); false lets every layer decide from its own attention.
+    thresholds : "relative" (default: ``tau_g``/``tau_i`` are multiples of the visual tokens' mean global and mean
+        peak attention, defaults 1.0/1.0) | "absolute" (the paper's: a share of the summed attention and a peak
+        probability, defaults 0.0015/0.001, which evict nothing on modalkv's VLM).
+    tau_g, tau_i, max_evict, query_rows, variance_gate : DAP thresholds (None: the form's defaults), cap,
+        instruction rows, gate.
+    mode : "prune" | "kv_only"; dap, ddes : bool (switch a stage off).
+    capacity : "budget" | "prefill"; bin_size, recent, n_sink, v_floor : int; bin_attend, ddes_broadcast : bool.
 
-    Notes
-    -----
-    Memory: the first KV head of every layer carries two float32 per entry (``acc``, ``bin``; ``hidden`` on every
-    head with ``bin_attend=False``), counted as metadata. After a prefill, ``dap_visual`` / ``dap_evicted`` hold
-    the per-row counts of visual tokens and DAP evictions.
+    CHOICE (the paper gives no code for DDES; every mechanic is configurable): see docs/methods/hae.md.
     """
 
     thresholds: Literal["relative", "absolute"] = "relative"

@@ -18,38 +18,24 @@ class KVzip(Method):
     """Score every cached KV pair by the attention it receives while the model repeats the context, keep the best.
 
     Paper: Kim et al., "KVzip: Query-Agnostic KV Cache Compression with Context Reconstruction", NeurIPS 2025
-    (arXiv 2505.23416). The context is prefilled whole; then the model is teacher-forced through the cache on
-    ``repeat_prompt`` followed by the context itself, chunk by chunk. The importance of a pair is the largest
-    attention probability it receives from any reconstruction query of its KV group. The pairs with the lowest
-    importance are evicted, with budgets that differ per layer and head (``allocation``). Scoring costs about one more
-    forward over the context (reported as compression time), and needs :func:`modalkv.prefill`, which runs it: the
-    context is compressed once, before any question, and can then answer many.
+    (arXiv 2505.23416). After the prefill, the model is teacher-forced through the cache on ``repeat_prompt`` and the
+    context, chunk by chunk; a pair's importance is the largest attention it receives from a reconstruction query of
+    its KV group. Runs in :func:`modalkv.prefill` (about one more forward over the context, counted as compression).
 
     Parameters
     ----------
     repeat_prompt : str
-        The instruction placed after the context before it is repeated (paper: "Repeat the previous context:").
+        Instruction placed after the context before it is repeated (paper: "Repeat the previous context:").
     chunk : int
-        CHOICE: context tokens reconstructed per forward (bounds the attention rows held at once; the paper uses
-        chunks of a few thousand tokens on a GPU).
+        Context tokens reconstructed per forward.
     allocation : "global" | "layer" | "head"
-        ``global`` (the paper): one ranking over every (layer, KV head, token), so layers and heads keep different
-        counts that sum to the budget of the whole cache; ``layer``: each layer keeps its share, split unevenly
-        across its heads; ``head``: every (layer, KV head) keeps the same count (what a paged serving engine needs).
+        One ranking over the whole cache (the paper), per layer, or the same count per (layer, KV head).
     n_sink : int
-        CHOICE (0, the paper protects nothing): the first tokens always kept.
+        First tokens always kept (0, as the paper).
     images : "reconstruct" | "text"
-        CHOICE (the paper is text-only): how a vision-language context is repeated. ``reconstruct``: image
-        placeholders are repeated with their pixels, so the repeated image's tokens (re-encoded by the vision tower)
-        score the original image's entries, as the repeated text scores the text's; chunks never split an image
-        (needs one ``pixel_values`` row per image, as LLaVA-style models take). ``text``: image tokens are left out
-        of the repetition, so image entries are scored only by the text that is repeated after them.
+        How a vision-language context is repeated (with its pixels, or text only).
 
-    Notes
-    -----
-    CHOICE: every chunk is preceded by ``repeat_prompt`` (the paper's chunks also restate it); positions continue
-    after the context, as if the instruction followed it. The reconstruction's own entries are removed after each
-    chunk. Each (layer, head) keeps at least one entry. One context at a time (batch 1).
+    CHOICE: see docs/methods/kvzip.md.
     """
 
     repeat_prompt: str = "Repeat the previous context:"

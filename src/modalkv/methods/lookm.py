@@ -19,37 +19,25 @@ class LookM(Method):
     """LOOK-M (Look-Once KV merging).
 
     Paper: Wan et al., "LOOK-M: Look-Once Optimization in KV Cache for Efficient Multimodal Long-Context
-    Inference", Findings of EMNLP 2024 (arXiv 2406.18139). Compression happens once, at prefill:
-
-    1. score = accumulated attention over every prompt query (as H2O);
-    2. text prior: every text token ranks above every visual token, so visual tokens are evicted first;
-    3. the budget is a recent window plus the best-scored entries;
-    4. each evicted entry is merged into the kept entry whose key is most similar (cosine), so its content is
-       not simply lost.
+    Inference", Findings of EMNLP 2024 (arXiv 2406.18139). Once, at prefill: accumulated attention (as H2O) with every
+    text token ranked above every visual token; keep a recent window plus the best; merge each evicted entry into the
+    kept entry whose key is most similar (cosine). Merging changes kept entries, so LOOK-M equals a masked full cache
+    only with ``merge="none"``.
 
     Parameters
     ----------
     recent_ratio : float
-        Share of the budget given to the most recent tokens (paper: 0.1 + 0.1 of the prompt at 20 %, i.e. half).
+        Share of the budget given to the most recent tokens (paper: half).
     text_prior : bool
-        Rank text above visual tokens (the paper's prior); False gives plain accumulated-attention eviction.
+        Rank text above visual tokens (the paper's prior).
     merge : "average" | "pivotal" | "weighted" | "none"
-        The paper's merging strategies: averaged (a kept entry becomes the mean of itself and every entry merged
-        into it), pivotal (the mean of the kept entry and the mean of its merged entries: CHOICE, the paper's
-        pairwise ``(k* + k_e) / 2`` depends on the order in which several entries arrive), weighted (mean weighted
-        by the cosine similarity, negative similarities counted as 0), or no merging.
+        The paper's merging strategies, or none.
     merge_threshold : "mean" | "none"
-        CHOICE (the authors' code, not the paper): merge only evicted entries whose best similarity is above the
-        mean best similarity of the evicted entries of that head; "none" merges them all.
+        Merge only evicted entries whose best similarity is above the head's mean (the authors' code), or all.
     gqa_reduce : "mean" | "max"
-        CHOICE (the paper sums over heads and keeps one set per layer on multi-head models): how the query heads
-        of one KV group combine their scores; each KV head then keeps its own set.
+        How the query heads of one KV group combine.
 
-    Notes
-    -----
-    CHOICE: similarities and merging use the cached keys (after RoPE), as the authors' code does on the cache.
-    Merging changes kept entries, so LOOK-M is not equal to a masked full cache unless ``merge="none"``.
-    Memory: nothing beyond the kept entries.
+    CHOICE: see docs/methods/lookm.md.
     """
 
     recent_ratio: float = 0.5

@@ -16,56 +16,30 @@ from ..scoring import group_reduce, largest_remainder, pool1d, window_scores
 
 @dataclass
 class MadaKV(Method):
-    """Modality-adaptive eviction, once after prefill: each head splits its budget between visual and text tokens by
-    its own attention to each, and layers spend more or less than their share with the difference carried forward.
+    """Modality-adaptive eviction, once after prefill: per-head visual/text quotas and layer budgets compensated to an
+    exact total.
 
     Paper: Li et al., "MadaKV: Adaptive Modality-Perception KV Cache Eviction for Efficient Multimodal Long-Context
-    Inference", ACL 2025 (arXiv 2506.15724). Per layer l (in order) and head h, with ``psi(i)`` the attention the
-    proxy tokens (the last ``window`` prompt tokens) give token i:
-
-    * Modality Preference Adaptation: ``w_v = sum_{i visual} psi(i)``, ``w_t = sum_{i text} psi(i)``; the head's
-      quotas are ``phi_v = phi_l w_v / (w_v + w_t)`` and ``phi_t = phi_l - phi_v`` (a quota above that modality's
-      token count gives its surplus to the other).
-    * Hierarchical Compression Compensation: the head's demand ``k_m`` is the fewest tokens of modality m holding
-      ``theta`` of its attention mass; it keeps ``n_m = clip(k_m, c_lo phi_m, c_hi phi_m)`` (capped by the count);
-      the layer's surplus or deficit ``K_l = sum_h (n_v + n_t - phi_l)`` moves the next layers' per-head budget:
-      ``phi_{l+1} = max(phi_min, phi_l - K_l / (H (L - l)))``. The paper prints ``K_l / (L - l)``; ``K_l`` is summed
-      over heads while ``phi`` is per head, so the H is restored here (otherwise the total drifts by a factor H).
-      This is computed in its equivalent form ``phi_{l+1} = (B_tot - spent) / (H (L - l))``.
-
-    The total kept over all layers and heads is exactly ``B_tot = L H phi_1`` (plus the window and sinks that every
-    head keeps), with ``phi_1 = budget - window - sinks`` per head: each layer's count is bounded so that the later
-    layers can still reach the total, and the last layer keeps exactly what remains. Per-head counts differ and
-    each head's store holds only its own entries (the memory is freed, not masked).
+    Inference", ACL 2025 (arXiv 2506.15724). Each head splits its budget between visual and text tokens by the
+    attention the proxy tokens (the last ``window``) give each (MPA); it keeps what covers ``theta`` of each modality's
+    attention, within ``[c_lo, c_hi]`` times its quota, and the layer's surplus or deficit moves the next layers'
+    budget (HCC), so the total over all layers and heads is exact. Each head's store holds only its own entries.
 
     Parameters
     ----------
-    window : int
-        Proxy tokens ``P`` ("the last few tokens of the prompt"; CHOICE: 32, SnapKV's window). Always kept.
-    theta : float
-        CHOICE: attention coverage defining a head's demand (0.9; the paper observes ~20 % of tokens hold ~90 %).
+    window, n_sink : int
+        Proxy tokens (always kept) and first tokens always kept.
+    theta, c_lo, c_hi : float
+        Attention coverage defining a head's demand, and the bounds of its keep count relative to its quota.
     combine : "clip" | "demand" | "quota"
-        CHOICE — how a head's demand and its quota combine into its keep count (the paper gives both but not the
-        rule): ``clip`` keeps ``clip(k_m, c_lo phi_m, c_hi phi_m)`` (default); ``demand`` keeps ``k_m`` unbounded
-        (compensation alone moves the difference to later layers); ``quota`` keeps ``phi_m`` (no compensation, the
-        same as ``c_lo = c_hi = 1``). Measured against each other in docs/results/seeds_hae_madakv.md.
-    c_lo, c_hi : float
-        CHOICE: the bounds of ``combine="clip"`` relative to the quota (0.5, 2.0).
+        CHOICE: how a head's demand and quota combine into its keep count (clip to [c_lo, c_hi] x quota; the demand
+        alone; the quota alone); see docs/methods/madakv.md.
     phi_min, phi_min_ratio : int, float
-        CHOICE: floor on a layer's per-head budget, ``max(phi_min, phi_min_ratio * phi_1)`` (never above phi_1).
-    n_sink : int
-        CHOICE: first tokens always kept (4).
-    kernel, pooling : int, "max" | "avg"
-        CHOICE: pooling of psi over positions (off: kernel 1; SnapKV uses 7).
-    gqa_reduce : "mean" | "max"
-        CHOICE (grouped-query attention): how the query heads of a KV group combine.
+        Floor on a layer's per-head budget.
+    kernel, pooling, gqa_reduce
+        Pooling of the proxy attention (off) and the GQA reduction.
 
-    Notes
-    -----
-    CHOICE: no eviction while decoding (the paper evaluates prefill-compressed caches with short answers).
-    CHOICE: visual = every non-text modality (image, video); the last layer keeps exactly the remaining budget,
-    split by its MPA quotas. Per-modality caps (``modality_caps``) are applied after MadaKV's own split and can only
-    lower the count. Layers must arrive in order (they do, in a forward pass and in :mod:`modalkv.replay`).
+    CHOICE and the compensation formula (the paper's drops a factor H): see docs/methods/madakv.md.
     """
 
     window: int = 32

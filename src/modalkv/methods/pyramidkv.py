@@ -38,9 +38,8 @@ class PyramidKV(SnapKV):
     """Pyramidal information funnelling: lower layers keep more, upper layers less, same average as SnapKV.
 
     Paper: Cai et al., "PyramidKV: Dynamic KV Cache Compression based on Pyramidal Information Funneling"
-    (arXiv 2406.02069). Selection inside a layer is SnapKV's (window, pooling). With the average budget
-    ``B`` per (layer, head) and window ``w``, the window-free budget ``B - w`` is spread over the L managed layers
-    arithmetically from ``k_max`` (bottom) to ``k_min = (B - w) / beta`` (top).
+    (arXiv 2406.02069). Selection inside a layer is SnapKV's. The window-free budget ``B - w`` is spread over the L
+    managed layers arithmetically from ``k_max`` (bottom) to ``k_min = (B - w) / beta`` (top).
 
     Parameters
     ----------
@@ -49,11 +48,7 @@ class PyramidKV(SnapKV):
     window, kernel, pooling, gqa_reduce
         As in :class:`SnapKV`.
 
-    Notes
-    -----
-    CHOICE: the paper floors the step ``(k_max - k_min) / (L - 1)``, which loses up to L tokens overall; here the
-    linear schedule is rounded by largest remainder so the layers' budgets sum exactly to ``L (B - w)`` and the
-    total memory equals SnapKV's at the same budget. Layers of other kinds (sliding windows) are not counted.
+    CHOICE: see docs/methods/pyramidkv.md (largest-remainder rounding to SnapKV's exact total).
     """
 
     beta: float = 20.0

@@ -18,21 +18,19 @@ class SnapKV(Method):
 
     Paper: Li et al., "SnapKV: LLM Knows What You are Looking for Before Generation", NeurIPS 2024
     (arXiv 2404.14469). Score ``s(i) = sum_{j in W} softmax(q_j k^T)_i`` over the last ``window`` prompt queries,
-    smoothed by a 1-D pooling (the paper's "clustering"), per KV head; keep the top ``B - w`` plus the window.
-
-    The observation window is the end of the prompt as given. Put the question at the end of the prompt (as the
-    paper does): the window then *is* the question, and the selection is query-aware.
+    smoothed by a 1-D pooling, per KV head; keep the top ``B - w`` plus the window. Put the question at the end of the
+    prompt: the window then *is* the question.
 
     Parameters
     ----------
     window : int
-        Observation window ``w`` (paper: 32). CHOICE: clipped to the budget when the budget is smaller.
-    kernel : int
-        Pooling kernel (paper code: 7 for LongBench, 5 elsewhere); 1 disables pooling.
-    pooling : "max" | "avg"
-        Pooling type (paper code: max; avg is also in the released code).
+        Observation window ``w`` (paper: 32).
+    kernel, pooling : int, "max" | "avg"
+        Pooling of the scores (paper code: max, 7 for LongBench); kernel 1 disables it.
     gqa_reduce : "mean" | "max"
-        CHOICE (grouped-query attention): how the query heads of a KV group combine (mean, as Ada-KV's GQA code).
+        How the query heads of a KV group combine.
+
+    CHOICE: see docs/methods/snapkv.md.
     """
 
     window: int = 32

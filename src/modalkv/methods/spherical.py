@@ -2,9 +2,9 @@
 Rate-Distortion Retention (per token and KV head: drop or a precision tier, under one byte budget).
 
 Paper: Chauhan, Marthi Krishna Kumar, Das, Dhanda, Jain, Chadha, Das, "Spherical KV: Angle-Domain Attention and
-Rate-Distortion Retention for KV Caches", arXiv 2605.18856 (v2). See :class:`SphericalKV` for the method and every
-choice the paper leaves open; this module also holds the codebooks (:class:`Codebooks`, spherical k-means) and the
-coded entries are :class:`modalkv.storage.spherical.SphericalPayload`.
+Rate-Distortion Retention for KV Caches", arXiv 2605.18856 (v2). :class:`SphericalKV` is the method; this module
+also holds the codebooks (:class:`Codebooks`, spherical k-means); coded entries are
+:class:`modalkv.storage.spherical.SphericalPayload`. Every choice the paper leaves open: docs/methods/spherical.md.
 """
 
 from __future__ import annotations
@@ -22,10 +22,12 @@ from ..cache import Selection
 from ..storage.spherical import (BIG, SphericalStorage, code_bytes, directions as _directions, encode_directions,
                                  pack_codes, unpack_codes)
 from ..scoring import _probs, check_finite, mask_to_sorted, pool1d
-from .spherical_rdr import allocate_jointly, head_proxies, paper_decode_distortion, paper_prefill_distortion
+from .spherical_rdr import (allocate_jointly, greedy_allocate, head_proxies, paper_decode_distortion,
+                            paper_prefill_distortion)
 
 PRESETS = {"paper": "16:6,16:4,32:3"}  # the authors' b1, b2, b3 (g = 16 / 16 / 32 dims, 6 / 4 / 3 bits)
 PAPER_PRESET = {"tiers": "paper", "proxy": "paper", "allocation": "global"}  # SphericalKV(preset="paper")
+DEFAULTS = {"tiers": "2:6,2:4,4:6", "proxy": "rms", "allocation": "global"}  # the fields a preset sets, without one
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -207,157 +209,30 @@ def encode_store(store, books: list, tiers: torch.Tensor) -> None:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def greedy_allocate(D: torch.Tensor, C: torch.Tensor, start: torch.Tensor, movable: torch.Tensor,
-                    budget: float, chain: tuple[int, ...]) -> torch.Tensor:
-    """The rate-distortion greedy (the authors' Algorithm 1), vectorised.
-
-    D, C [N, T] distortion and cost of tier 0..T-1 (0 = dropped) per token; ``start`` [N] current tier (a position in
-    ``chain``); ``movable`` [N] bool (protected tokens stay); ``chain`` the downgrade order (e.g. 1, 2, 3, 0).
-    Repeatedly applies the downgrade with the smallest distortion increase per byte saved until the total cost is
-    within ``budget``. Equivalent to the heap version: a token's later step whose ratio is smaller than an earlier
-    one's is taken right after it (ratios are made non-decreasing along each chain, ties by chain order).
-    Returns the new tier per token [N]; if even dropping every movable token does not fit, all are dropped.
-    """
-    N = D.shape[0]
-    chain_t = torch.tensor(chain, device=D.device)
-    at = torch.zeros(N, dtype=torch.long, device=D.device)
-    for i, t in enumerate(chain):
-        at = torch.where(start == t, torch.full_like(at, i), at)
-    total = float(C.gather(1, start[:, None]).sum())
-    if total <= budget or N == 0:
-        return start.clone()
-    S = len(chain) - 1
-    frm, to = chain_t[:-1], chain_t[1:]
-    dD = D[:, to] - D[:, frm]  # [N, S]
-    dC = C[:, frm] - C[:, to]
-    steps = torch.arange(S, device=D.device)[None, :]
-    live = (steps >= at[:, None]) & movable[:, None]
-    ratio = torch.where(dC > 0, dD / dC.clamp(min=1e-12), torch.full_like(dD, float("-inf")))  # free steps first
-    ratio = torch.where(live, ratio, torch.full_like(ratio, float("inf")))
-    ratio = torch.cummax(ratio, dim=1).values
-    flat = ratio.reshape(-1)
-    order = torch.argsort(flat, stable=True)
-    saving = torch.where(live, dC, torch.zeros_like(dC)).reshape(-1)[order]
-    need = total - budget
-    cum = torch.cumsum(saving.double(), 0)
-    k = int(torch.searchsorted(cum, torch.tensor(need, dtype=cum.dtype, device=cum.device)))
-    taken = torch.zeros(N * S, dtype=torch.bool, device=D.device)
-    taken[order[: k + 1]] = True
-    taken = taken.view(N, S) & live
-    final = at + taken.sum(1)
-    return chain_t[final]
-
-
 @dataclass
 class SphericalKV(Method):
     """Angle-Domain Attention + Rate-Distortion Retention.
 
-    Paper: Chauhan et al., "Spherical KV", arXiv 2605.18856 (v2); the authors' code was read (the formulas
-    used are written out below). Text-LLM method applied here to any decoder (the VLM's language model included).
-
-    **ADA.** Each key (per layer, KV head) is split into groups of ``g`` dims; a group is stored as an 8-bit
-    radius code (``r_hat = sigma round(255 r / sigma) / 255`` with a float32 scale ``sigma`` per page and group)
-    and a ``b``-bit direction code, the nearest of ``2^b`` unit codewords of that (layer, KV head, group, tier).
-    Values stay dense in the model's dtype. Decode logits come from the codes through per-query lookup tables
-    (:meth:`~modalkv.storage.spherical.SphericalPayload.section_logits`), never from rebuilt keys; ``reference=True`` rebuilds dense keys
-    instead (the authors' ``sphkv_recon`` ablation and the test oracle). CHOICE (RoPE): keys are encoded after
-    RoPE, with codebooks fitted on post-RoPE keys, so one table serves every position.
-
-    **Tiers** (``tiers``, group:bits, best first; b0 = dropped). CHOICE (default ``"2:6,2:4,4:6"``): the authors'
-    b1 16:6, b2 16:4, b3 32:3 (``tiers="paper"``) leave an RMS chord error of 0.65 on SmolLM2's keys and break the
-    model even with every token at b1; 2-dimensional groups bring it to ~0.06 (docs/results/spherical_tiers.md).
-
-    **Codebooks** (``codebooks``). CHOICE: ``"calibrate"`` (default) fits them once per model with spherical
-    k-means on the post-RoPE keys of a fixed calibration text (200 Wikipedia summaries read by the model's own
-    tokenizer; seeded random token ids when no tokenizer is available offline; the needle haystacks draw from all
-    summaries, so they may share articles with it), remembered per model and reported as ``shared_bytes`` (a model
-    constant, like the authors' codebook files); ``"prompt"`` fits them on each prompt's own keys (the first batch
-    row's), counted in the sequence's ``state_bytes`` and inside its byte budget.
-
-    **RDR.** ``allocation="global"`` (default, the paper): every (layer, KV head, token) competes in one greedy under
-    the sum of the layers' budgets, after the last layer is prefilled (the prompt's dense K/V of every layer are held
-    until then) and at every re-allocation while decoding (:mod:`~modalkv.methods.spherical_rdr`);
-    ``allocation="layer"`` (CHOICE): each layer is allocated when its prefill ends, under its own share of the
-    budget, so layers need not be held dense together (docs/results/spherical_rdr.md compares them). Either way,
-    every (token, KV head) gets a tier under the
-    byte budget ``budget * dense K+V bytes of the prompt`` (``price="kv"``, CHOICE recommended: a tier costs its
-    key codes, radius codes, amortised page header and scales, the dense value and the entry's metadata; dropping
-    saves all of it) or, with ``price="keys"`` (the authors' code), the key bytes only against
-    ``budget * dense key bytes``. Distortion (CHOICE, the paper's logit-error bound, utility-weighted):
-    ``D_i(b) = p_i ||v_i - o_bar|| min(1, sum_j ||q_bar_j|| r_ij (e_jb + 1/255))`` for kept tiers and
-    ``p_i ||v_i - o_bar||`` when dropped, with ``p_i`` the observation-window attention (SnapKV's), ``o_bar`` the
-    window's mean attention output, ``q_bar_j`` the RMS window query of group j and ``e_jb`` tier b's RMS chord error
-    on the codebook's fitting data. The greedy downgrades b1 -> b2 -> b3 -> b0 by the smallest distortion per byte
-    (:func:`greedy_allocate`). Sinks (``n_sink``) and the ``recent`` window are pinned to b1 (the authors: 4 and
-    256; CHOICE here 4 and 32, as the other methods' windows), shrunk when the budget cannot hold them.
-
-    **Decode.** New entries are kept dense; every ``refresh`` steps (the authors' C_ref = 16) the layer is
-    re-allocated under the budget for the tokens seen so far: the dense entries get tiers, older entries may be
-    downgraded or dropped with the decode proxy (``p_i`` = EMA ``omega_i`` with ``ema`` of the attention the entry
-    received; ``o_bar`` the omega-weighted mean value). The allocation keeps room for the dense entries of the next
-    ``refresh`` steps, so the budget holds at every step. CHOICE (the paper allows either): no upgrades (codes of
-    other tiers are not kept); a downgraded entry is re-encoded from its reconstruction, and entries that keep their
-    tier are re-encoded from theirs (their direction codes are unchanged; radius codes may move by at most one step
-    of the new page scale).
-
-    **Pages.** Tokens of one (layer, KV head, tier) sorted by position in pages of ``page_size`` (128); per page an
-    8-byte header and G float32 scales (counted).
+    Paper: Chauhan et al., "Spherical KV", arXiv 2605.18856 (v2). Each key is split into groups of ``g`` dims, stored
+    as an 8-bit radius code and a ``b``-bit direction code (nearest unit codeword); decode logits come from the codes
+    through per-query lookup tables. Per layer, every (token, KV head) gets a precision tier or is dropped, greedily
+    by distortion per byte under ``budget`` times the dense bytes; while decoding the layer is re-allocated every
+    ``refresh`` steps so the budget holds at every step. Values stay dense.
 
     Parameters
     ----------
-    tiers : str
-        ``group:bits`` per tier, best first (default ``"2:6,2:4,4:6"``; ``"paper"`` = ``"16:6,16:4,32:3"``).
-    mode : "rd" | "top" | "quant_only" | "keep_drop"
-        ``rd``: the full allocator; ``top``: every entry at b1, nothing dropped (ignores the budget); ``quant_only``:
-        tiers only, no drops; ``keep_drop``: b1 or dropped (the authors' ablations).
-    codebooks : "calibrate" | "prompt"
-    pairs : "contiguous" | "rope"
-        Which dimensions form a group: ``contiguous`` (default, the authors' code) takes dims in order; ``rope``
-        (a PolarQuant-style layout) puts the two dimensions RoPE rotates into each other side by side
-        (transformers pairs dim i with i + d/2). Measured on SmolLM2 with the top tier everywhere: KL to the full
-        cache 0.020 (contiguous) vs 0.216 (rope) over 24 teacher-forced tokens, so ``rope`` is not the default.
-    calib_tokens, kmeans_iters, seed : int
-        Calibration text length (2048), k-means iterations (20), seed. CHOICE: 1024 / 15 lost needles on real
-        weights (docs/results/seeds_retentive_spherical.md).
-    price : "kv" | "keys"
-    proxy : "rms" | "bound" | "paper"
-        The distortion of each tier. ``paper`` is the authors' own proxy (their code): at prefill
-        ``u_hat pi / 2^b + (1 - s_hat) sum_j r_ij / 256`` from head-level reuse and stability proxies
-        (:func:`~modalkv.methods.spherical_rdr.head_proxies`), while decoding
-        ``max(omega_i, 0.1) (1/sqrt(d)) sum_j r_ij (0.01 + lambda_b)`` (lambda = 0.05 / 0.10 / 0.30), and a constant
-        10 for a dropped token -- so its drop order does not follow attention (it drops the b3 entries with the
-        largest distortion first). ``rms`` and ``bound`` are utility-weighted: the distortion of a kept tier is
-        the dropped one's scaled by the tier's estimated logit error. ``bound`` is the logit-error bound as written,
-        ``sum_j ||q_bar_j|| r_ij (e_jb + 1/255)``, which assumes every group's error points along the query; on
-        SmolLM2 it exceeds 1 for every tier, so the clamp makes keeping as bad as dropping and the allocator drops at
-        random. CHOICE (default ``rms``): the expected size of independent group errors,
-        ``sqrt(sum_j (||q_bar_j|| r_ij)^2 (e_jb^2 / g + 1 / (12 * 255^2)))``.
-    allocation : "global" | "layer"
-        Rate-distortion allocation over all layers at once (default) or per layer (above).
-    preset : "" | "paper"
-        ``"paper"``: the paper's regime, ``tiers="paper"`` (b1 16:6 is 0.875 key bits per dimension: 0.375 of
-        direction code, 0.5 of radius), ``proxy="paper"``, ``allocation="global"``. A shorthand for those three
-        fields; one given with a value other than its default keeps that value (for the paper's regime with the
-        RMS proxy, which is the default, write ``tiers="paper", allocation="global"``).
-    window : int
-        Observation window for the prefill proxy (32).
-    kernel : int
-        CHOICE: max-pooling kernel over the window attention ``p_i`` (SnapKV's smoothing, which keeps the
-        neighbours of attended tokens, e.g. all digits of a number); 1 disables it.
-    n_sink, recent : int
-        Protected sinks and recent window.
-    page_size : int
-    refresh : int
-        Decode steps between re-allocations (1 = every step). CHOICE: when the room the dense entries of
-        ``refresh`` steps need would take more than half of a layer's budget (short prompts at small budgets), the
-        layer re-allocates more often, down to every step.
-    ema : float
-        EMA factor of omega (the authors: 0.9).
-    reference : bool
-        Dense-reconstruction logits instead of lookup tables.
+    tiers, mode, codebooks, pairs, calib_tokens, kmeans_iters, seed : codes and codebooks.
+    price, proxy, window, kernel, n_sink, recent : the allocator.
+    page_size, refresh, ema, reference : storage pages, decode re-allocation, dense-reconstruction oracle.
+    allocation : "global" | "layer"; proxy : "rms" | "bound" | "paper" (the authors' distortion proxy).
+    preset : "" | "paper" — the paper's regime (``tiers="paper"``, ``proxy="paper"``, ``allocation="global"``)
+        for those of the three fields not given explicitly (default: ``"2:6,2:4,4:6"``, ``"rms"``, ``"global"``).
+
+    CHOICE (tiers, codebook calibration, allocation, pricing, distortion proxy, no upgrades) and the
+    measurements behind the defaults: see docs/methods/spherical.md.
     """
 
-    tiers: str = "2:6,2:4,4:6"
+    tiers: str | None = None  # None: "2:6,2:4,4:6", or the preset's
     mode: Literal["rd", "top", "quant_only", "keep_drop"] = "rd"
     codebooks: Literal["calibrate", "prompt"] = "calibrate"
     pairs: Literal["contiguous", "rope"] = "contiguous"
@@ -365,8 +240,8 @@ class SphericalKV(Method):
     kmeans_iters: int = 20
     seed: int = 42
     price: Literal["kv", "keys"] = "kv"
-    proxy: Literal["rms", "bound", "paper"] = "rms"
-    allocation: Literal["layer", "global"] = "global"
+    proxy: Literal["rms", "bound", "paper"] | None = None  # None: "rms", or the preset's
+    allocation: Literal["layer", "global"] | None = None  # None: "global", or the preset's
     preset: Literal["", "paper"] = ""
     window: int = 32
     kernel: int = 7
@@ -386,10 +261,10 @@ class SphericalKV(Method):
 
     def validate(self) -> None:
         cls = type(self).__name__
-        if self.preset == "paper":  # the paper's regime; a parameter the caller changed from its default wins
-            for field, value in PAPER_PRESET.items():
-                if getattr(self, field) == getattr(type(self), field):
-                    setattr(self, field, value)
+        preset = PAPER_PRESET if self.preset == "paper" else DEFAULTS
+        for field, value in preset.items():  # a parameter the caller gave explicitly wins over the preset
+            if getattr(self, field) is None:
+                setattr(self, field, value)
         self.tier_spec = parse_tiers(self.tiers)
         for field in ("window", "kernel", "page_size", "refresh", "calib_tokens"):
             check_range(cls, field, getattr(self, field), 1)

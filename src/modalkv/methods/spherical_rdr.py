@@ -23,6 +23,47 @@ LAMBDA_R = 0.01  # the authors' radius weight, every tier (decode proxy)
 RADIUS_BITS = 8  # radius code bits of every tier
 
 
+def greedy_allocate(D: torch.Tensor, C: torch.Tensor, start: torch.Tensor, movable: torch.Tensor,
+                    budget: float, chain: tuple[int, ...]) -> torch.Tensor:
+    """The rate-distortion greedy (the authors' Algorithm 1), vectorised.
+
+    D, C [N, T] distortion and cost of tier 0..T-1 (0 = dropped) per token; ``start`` [N] current tier (a position in
+    ``chain``); ``movable`` [N] bool (protected tokens stay); ``chain`` the downgrade order (e.g. 1, 2, 3, 0).
+    Repeatedly applies the downgrade with the smallest distortion increase per byte saved until the total cost is
+    within ``budget``. Equivalent to the heap version: a token's later step whose ratio is smaller than an earlier
+    one's is taken right after it (ratios are made non-decreasing along each chain, ties by chain order).
+    Returns the new tier per token [N]; if even dropping every movable token does not fit, all are dropped.
+    """
+    N = D.shape[0]
+    chain_t = torch.tensor(chain, device=D.device)
+    at = torch.zeros(N, dtype=torch.long, device=D.device)
+    for i, t in enumerate(chain):
+        at = torch.where(start == t, torch.full_like(at, i), at)
+    total = float(C.gather(1, start[:, None]).sum())
+    if total <= budget or N == 0:
+        return start.clone()
+    S = len(chain) - 1
+    frm, to = chain_t[:-1], chain_t[1:]
+    dD = D[:, to] - D[:, frm]  # [N, S]
+    dC = C[:, frm] - C[:, to]
+    steps = torch.arange(S, device=D.device)[None, :]
+    live = (steps >= at[:, None]) & movable[:, None]
+    ratio = torch.where(dC > 0, dD / dC.clamp(min=1e-12), torch.full_like(dD, float("-inf")))  # free steps first
+    ratio = torch.where(live, ratio, torch.full_like(ratio, float("inf")))
+    ratio = torch.cummax(ratio, dim=1).values
+    flat = ratio.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    saving = torch.where(live, dC, torch.zeros_like(dC)).reshape(-1)[order]
+    need = total - budget
+    cum = torch.cumsum(saving.double(), 0)
+    k = int(torch.searchsorted(cum, torch.tensor(need, dtype=cum.dtype, device=cum.device)))
+    taken = torch.zeros(N * S, dtype=torch.bool, device=D.device)
+    taken[order[: k + 1]] = True
+    taken = taken.view(N, S) & live
+    final = at + taken.sum(1)
+    return chain_t[final]
+
+
 def head_proxies(probs: torch.Tensor, values: torch.Tensor, controllable: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The authors' head-level prefill proxies, per KV head, each divided by its largest value over the layer's heads.
 
@@ -89,7 +130,6 @@ def allocate_jointly(problems: list, chain: tuple[int, ...]) -> list[torch.Tenso
     sees it; the slots of every layer compete for the same bytes, so a layer whose tokens matter more keeps more
     than its share. Returns the new tiers [H, m] of each problem.
     """
-    from .spherical import greedy_allocate
 
     D = torch.cat([p[0].reshape(-1, p[0].shape[-1]) for p in problems])
     C = torch.cat([p[1].expand(p[0].shape[0] * p[0].shape[1], -1) for p in problems])

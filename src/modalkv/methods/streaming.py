@@ -23,19 +23,10 @@ class StreamingLLM(Method):
     n_sink : int
         Number of initial tokens always kept (paper: 4).
     evict_during_decode : bool
-        CHOICE (the paper streams, so yes by default): after each decode step evict the oldest non-sink entries
-        down to the budget: an absolute budget stays fixed (the paper's streaming cache); a ratio budget stays that
-        ratio of all tokens seen (so budget 1.0 never evicts). Eviction happens after the step attended, so the
-        newest token always sees the whole window.
+        Keep evicting the oldest non-sink entries while decoding (an absolute budget stays fixed, a ratio budget stays
+        that ratio of all tokens seen).
 
-    Notes
-    -----
-    CHOICE (budget not above ``n_sink``): an absolute budget (or ``decode_budget``) of at most ``n_sink`` tokens
-    is refused when the cache is built; a ratio budget that comes to at most ``n_sink`` tokens on a short prompt
-    clips the sinks to ``budget - 1`` so that the newest token always has a slot (the sinks are never evicted to
-    make room, they are fewer from the start).
-    CHOICE: original positions are kept (no rolling re-rotation of RoPE inside the cache); the paper re-numbers
-    positions to stay inside the training range, which matters only beyond the model's context length.
+    CHOICE: see docs/methods/streaming.md (decode targets, budgets not above ``n_sink``, original positions kept).
     """
 
     n_sink: int = 4

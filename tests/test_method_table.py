@@ -1,0 +1,28 @@
+"""The per-method test table (tests/helpers.py) covers the method registry, so no method escapes the shared suites."""
+
+import pytest
+from helpers import EVICTING, METHOD_TESTS, SMALL, Exempt, Shared, tiny_llama
+
+from modalkv import KVCache
+from modalkv.methods import REGISTRY
+
+
+def test_every_registered_method_has_test_parameters():
+    missing = sorted(set(REGISTRY) - set(METHOD_TESTS))
+    assert not missing, (f"method(s) {missing} are registered but have no entry in METHOD_TESTS (tests/helpers.py): "
+                         "add Shared({...test parameters...}) to run the shared exactness/invariant suites, or "
+                         "Exempt('why, and where its own tests are')")
+    stale = sorted(set(METHOD_TESTS) - set(REGISTRY))
+    assert not stale, f"METHOD_TESTS names method(s) {stale} that are not registered"
+
+
+def test_shared_suites_take_their_methods_from_the_table():
+    assert EVICTING == [n for n in REGISTRY if isinstance(METHOD_TESTS[n], Shared)]
+    assert all(isinstance(METHOD_TESTS[n], Exempt) and METHOD_TESTS[n].reason for n in set(REGISTRY) - set(EVICTING))
+    assert {"snapkv", "h2o", "streamingllm"} <= set(EVICTING)
+
+
+@pytest.mark.parametrize("method", sorted(METHOD_TESTS))
+def test_test_parameters_are_parameters_of_the_method(method):
+    """A misspelt test parameter would otherwise test a default configuration (KVCache refuses unknown names)."""
+    KVCache(tiny_llama(layers=1), method, 1.0 if method == "full" else 0.5, **SMALL[method])
