@@ -385,5 +385,10 @@ def test_paper_preset_sets_the_papers_regime():
     assert (m.tiers, m.proxy, m.allocation) == ("paper", "paper", "global")
     changed = KVCache(model, "sphericalkv", 0.3, preset="paper", tiers="16:4,32:3", proxy="bound", **SMALL).method
     assert (changed.tiers, changed.proxy, changed.allocation) == ("16:4,32:3", "bound", "global")  # changed ones win
+    # an explicit value wins even when it equals the non-preset default
+    rms = KVCache(model, "sphericalkv", 0.3, preset="paper", proxy="rms", allocation="layer", **SMALL).method
+    assert (rms.tiers, rms.proxy, rms.allocation) == ("paper", "rms", "layer")
+    plain = KVCache(model, "sphericalkv", 0.3, **SMALL).method
+    assert (plain.tiers, plain.proxy, plain.allocation) == ("2:6,2:4,4:6", "rms", "global")
     with pytest.raises(TypeError, match="preset"):
         KVCache(model, "sphericalkv", 0.3, preset="fast")
