@@ -8,6 +8,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from . import retentive_memory as mem
 from .base import Method, PrefillContext, check_range, first_real, last_real
 from ..cache import Selection
 from ..modality import IMAGE, TEXT, VIDEO, ModalityLayout, _place_square, _runs
@@ -24,11 +25,8 @@ def normalised_entropy_score(alpha: torch.Tensor, group: torch.Tensor, lam: floa
     and ``H`` are divided by their maximum over the group. Entries outside the group get 0.
     """
     a = alpha.float() * group
-    p = a / a.sum(-1, keepdim=True).clamp(min=_TINY)
-    ent = -(p * torch.log(p.clamp(min=_TINY)))
     a_hat = a / a.amax(-1, keepdim=True).clamp(min=_TINY)
-    h_hat = ent / ent.amax(-1, keepdim=True).clamp(min=_TINY)
-    return (lam * a_hat + (1 - lam) * h_hat) * group
+    return (lam * a_hat + (1 - lam) * mem.token_entropy(alpha, group)) * group
 
 
 @dataclass
@@ -119,9 +117,13 @@ class RetentiveKV(Method):
     h_min: float = 0.9
     beta: float = 10.0
     decay: bool = True
-    state_readout: Literal["softmax", "linear", "none"] = "softmax"
+    state_readout: Literal["scan", "moments", "softmax", "linear", "none"] = "scan"
+    gamma_h: float = 0.9
+    gamma_v: float = 0.9
+    gate_centre: float = 0.0
+    states_in_budget: bool = True
     states: Literal["dual", "single"] = "dual"
-    gated: bool = False
+    gated: bool | None = None
     gate_w: float = 8.0
     gate_b: float = -4.0
     mix: Literal["add", "convex"] = "add"
@@ -136,7 +138,11 @@ class RetentiveKV(Method):
 
     @property
     def has_readout(self) -> bool:  # type: ignore[override]
-        return self.state_readout != "none"
+        return self.state_readout != "none" and getattr(self, "_memory", True)
+
+    @property
+    def _scan(self) -> bool:
+        return self.state_readout == "scan"
 
     def validate(self) -> None:
         cls = type(self).__name__
@@ -146,6 +152,8 @@ class RetentiveKV(Method):
         check_range(cls, "lam", self.lam, 0.0, 1.0)
         check_range(cls, "tau", self.tau, 0.0)
         check_range(cls, "gamma_s", self.gamma_s, 0.0, 1.0, low_open=True)
+        check_range(cls, "gamma_h", self.gamma_h, 0.0, 1.0, low_open=True)
+        check_range(cls, "gamma_v", self.gamma_v, 0.0, 1.0, low_open=True)
         check_range(cls, "h_min", self.h_min, 0.0, 1.0)
         check_range(cls, "beta", self.beta, 0.0)
 
@@ -154,11 +162,29 @@ class RetentiveKV(Method):
         self._states: dict[int, dict[str, torch.Tensor]] = {}
         self._sink_end: torch.Tensor | None = None  # [B] first position after each row's sinks
         self._derived: dict = {}  # per-step working terms of the first-order readout (one layer at a time)
+        self._groups: list[str] | None = None  # the states kept, in order: "h", "v" (visual scan), "v", "t", "all"
+        self._memory = True  # False when the states do not fit in the byte budget (plain eviction)
+        self._acct: dict | None = None  # byte accounting of the entries and states (states_in_budget)
 
     # -- state storage ----------------------------------------------------------------------------------------
     @property
     def num_states(self) -> int:
+        if getattr(self, "_groups", None) is not None:
+            return len(self._groups)
         return 2 if self.states == "dual" else 1
+
+    def _choose_groups(self, any_visual: bool) -> list[str]:
+        """The states of this cache: the recall state, and the visual ones only when the prompt has visual tokens."""
+        if self.states == "single":
+            return ["all"]
+        if not any_visual:
+            return ["t"]
+        return ["h", "v", "t"] if self._scan else ["v", "t"]
+
+    def _state_floats(self, d: int, dv: int) -> int:
+        if self.state_readout == "linear":
+            return d * dv + d + 1
+        return mem.moment_state_floats(d, dv, self.second_order)
 
     def _empty_states(self, B: int, H: int, d: int, dv: int, device) -> dict[str, torch.Tensor]:
         S = self.num_states
@@ -173,11 +199,15 @@ class RetentiveKV(Method):
         return st
 
     def _absorb(self, st: dict, g: int, w: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-                head: int | None = None) -> None:
+                head: int | None = None, decay: torch.Tensor | None = None) -> None:
         """Add tokens to state ``g``: w [B, H', m] weights, keys [B, H', m, d], values [B, H', m, dv]
-        (H' = all heads, or one head ``head``)."""
+        (H' = all heads, or one head ``head``); ``decay`` [B, H'] multiplies the state first."""
         st["_version"] = st.get("_version", 0) + 1
         sl = (slice(None), slice(None) if head is None else slice(head, head + 1), g)
+        if decay is not None:
+            st["scale"][sl] *= decay
+            if bool((st["scale"][sl] < 1e-20).any()):
+                self._fold_scale(st)
         w = w.float() / st["scale"][sl][..., None]  # sums are stored divided by the lazy decay scale
         k, v = keys.float(), values.float()
         if self.state_readout == "linear":
@@ -199,13 +229,27 @@ class RetentiveKV(Method):
     def state_dict(self, layer=None) -> dict[str, torch.Tensor]:
         """The layer's state memories (the sums and their lazy decay scale); for ``layer=None`` the sinks' end."""
         if layer is None:
-            return {} if self._sink_end is None else {"sink_end": self._sink_end}
+            out = {} if self._sink_end is None else {"sink_end": self._sink_end}
+            if self._groups is not None:
+                out["groups"] = torch.tensor([ord(g[0]) for g in self._groups], dtype=torch.int32)
+                out["memory"] = torch.tensor(self._memory)
+            if self._acct is not None:
+                out["acct"] = torch.tensor([self._acct["payload"], self._acct["entry"], self._acct["state"]],
+                                           dtype=torch.float64)
+            return out
         st = self._states.get(layer.rank, {})
         return {name: t for name, t in st.items() if not name.startswith("_")}
 
     def load_state_dict(self, layer, state: dict[str, torch.Tensor]) -> None:
         if layer is None:
             self._sink_end = state.get("sink_end")
+            if "groups" in state:
+                names = {"h": "h", "v": "v", "t": "t", "a": "all"}
+                self._groups = [names[chr(int(c))] for c in state["groups"]]
+                self._memory = bool(state["memory"])
+            if "acct" in state:
+                payload, entry, st = (float(x) for x in state["acct"])
+                self._acct = {"payload": payload, "entry": entry, "state": st}
         elif state:
             self._states[layer.rank] = dict(state)
 
@@ -248,9 +292,72 @@ class RetentiveKV(Method):
             out = torch.where(in_i, self.gamma_s ** dist.float(), out)
         return out
 
+    def _spatial_scan(self, ctx: PrefillContext, R: torch.Tensor, gate: torch.Tensor):
+        """[B, H, n] each visual token's weights in the horizontal and vertical sub-states (0 for text): the 2-D scan
+        of its image toward the root patch (argmax R of that image and head), gated per token by ``gate``."""
+        item, row, col = self._grid(ctx)
+        B, H, n = R.shape
+        w_h = torch.zeros(B, H, n, device=R.device)
+        w_v = torch.zeros(B, H, n, device=R.device)
+        for b in range(B):
+            for i in item[b][item[b] >= 0].unique().tolist():
+                idx = (item[b] == i).nonzero().squeeze(-1)
+                root = R[b][:, idx].argmax(-1)  # [H]
+                wh, wv = mem.scan2d_weights(row[b, idx], col[b, idx], root, gate[b][:, idx], self.gamma_h, self.gamma_v)
+                w_h[b][:, idx] = wh
+                w_v[b][:, idx] = wv
+        return w_h, w_v
+
+    def _account(self, ctx: PrefillContext, extras: int) -> torch.Tensor:
+        """Entries each (row, head) keeps when the states count inside the budget (``states_in_budget``), decided at the
+        first layer: the byte budget ``budget x n x (K+V bytes of one token)`` holds the states first and then as
+        many entries (K, V and their metadata) as fit; when fewer than ``n_sink + window`` entries would fit, the
+        memory is switched off for this cache and the entries take the whole budget (CHOICE)."""
+        k = ctx.budget_tokens
+        cache = self.cache
+        budget = getattr(cache, "budget", None)
+        if not self.states_in_budget or budget is None or budget.is_full:
+            self._acct = None
+            return k
+        if ctx.layer_rank == 0 or self._acct is None:
+            d, dv = ctx.keys.shape[-1], ctx.values.shape[-1]
+            payload = d * ctx.keys.element_size() + dv * ctx.values.element_size()
+            entry = payload + 4 + 1 + 1 + 4 * extras  # as HeadStore counts: pos, modality, validity, float32 extras
+            self._memory = self.state_readout != "none"
+            state = 4 * self.num_states * self._state_floats(d, dv) if self._memory else 0
+            self._acct = {"payload": payload, "entry": entry, "state": state}
+            fits = mem.entries_within(self._bytes_budget(budget, ctx.n_real, k), state, entry)
+            if self._memory and bool((fits < torch.clamp(k, max=self.n_sink + self.window)).any()):
+                self._memory = False
+                self._acct["state"] = 0
+        a = self._acct
+        return torch.minimum(k, mem.entries_within(self._bytes_budget(budget, ctx.n_real, k), a["state"], a["entry"]))
+
+    def _bytes_budget(self, budget, seen: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """Bytes one (row, head) may hold after ``seen`` tokens: the ratio (or the absolute budget ``tokens``, capped by
+        ``decode_budget``) of the full cache's K+V bytes."""
+        t = seen.double() * budget.value if budget.is_ratio else tokens.double()
+        if budget.decode is not None:
+            t = t.clamp(max=budget.decode)
+        return t * self._acct["payload"]
+
+    def _over(self, layer, h: int):
+        """:meth:`CompressedLayer.over_budget` with the states inside the budget: entries head ``h`` holds beyond what
+        fits beside the states in this step's byte budget (an int for one sequence without holes, else [B])."""
+        if self._acct is None:
+            return layer.over_budget(h)
+        store = layer.heads[h]
+        budget = layer.cache.budget
+        seen = layer.prompt_real + (layer.seen - layer.prompt_len)
+        tokens = seen.clamp(max=budget.value) if not budget.is_ratio else seen
+        target = mem.entries_within(self._bytes_budget(budget, seen, tokens), self._acct["state"], self._acct["entry"])
+        target = torch.maximum(target, layer.prefill_kept[h].to(target.device))
+        if store.batch == 1 and store.all_valid:
+            return store.n - int(target[0])
+        return (store.valid[:, : store.n].sum(-1) - target.to(store.valid.device)).clamp(min=0)
+
     def prefill(self, ctx: PrefillContext) -> Selection:
         B, H, n = ctx.real.shape[0], ctx.num_kv_heads, ctx.n
-        k = ctx.budget_tokens
         rows = min(self.window, n)
         alpha = group_reduce(window_scores(ctx.query, ctx.keys, ctx.scaling, self.window, ctx.real), H, "mean") / rows
         if self.kernel > 1:
@@ -258,32 +365,51 @@ class RetentiveKV(Method):
         visual = ((ctx.modality != TEXT) & ctx.real)[:, None, :]
         text = ((ctx.modality == TEXT) & ctx.real)[:, None, :]
         R = normalised_entropy_score(alpha, visual, self.lam) + normalised_entropy_score(alpha, text, self.lam)
+        if ctx.layer_rank == 0 or self._groups is None:
+            self._groups = self._choose_groups(bool(visual.any()))
+        k = self._account(ctx, 3 if self._scan else 2)
         protect = first_real(ctx.real, self.n_sink) | last_real(ctx.real, torch.clamp(k, max=self.window))
         keep = self.top(ctx, R, k, force=protect)
         kept = torch.zeros(B, H, n + 1, dtype=torch.bool, device=R.device)
         kept.scatter_(2, keep.masked_fill(keep < 0, n), True)
         evicted = ctx.real[:, None, :] & ~kept[..., :n]
-        spatial = self._spatial_weights(ctx, R) if bool(visual.any()) else torch.zeros_like(R)
+        h_hat = mem.token_entropy(alpha, visual) + mem.token_entropy(alpha, text)
+        extras = {"acc": alpha}
+        if self._scan:
+            gate = mem.decay_gate(h_hat, self.h_min, self.beta, self.gate_centre)
+            zero = torch.zeros_like(R)
+            extras["sw"], extras["sv"] = self._spatial_scan(ctx, R, gate) if bool(visual.any()) else (zero, zero)
+        else:
+            extras["sw"] = self._spatial_weights(ctx, R) if bool(visual.any()) else torch.zeros_like(R)
         if self.cache is not None and ctx.layer_rank == 0:
             pos = ctx.positions.expand(B, n) if ctx.positions.dim() == 1 else ctx.positions
             sinks = first_real(ctx.real, self.n_sink)
             self._sink_end = torch.where(sinks, pos.long() + 1, torch.zeros_like(pos, dtype=torch.long)).amax(-1)
         if self.has_readout:
             st = self._empty_states(B, H, ctx.keys.shape[-1], ctx.values.shape[-1], ctx.keys.device)
-            w_vis = spatial * (evicted & visual)
+            vis_ev = evicted & visual
             if self.gate_visual:
-                w_vis = w_vis * (R >= self.tau)
-            w_txt = (evicted & text & (R >= self.tau)).float()
-            if self.absorb_by_attention:
-                rel = alpha / alpha.masked_fill(~ctx.real[:, None, :], 0).sum(-1, keepdim=True).clamp(min=_TINY)
-                rel = rel * ctx.n_real.view(B, 1, 1)
-                w_vis, w_txt = w_vis * rel, w_txt * rel
-            weights = [w_vis, w_txt] if self.num_states == 2 else [w_vis + w_txt]
-            for g, w in enumerate(weights):
+                vis_ev = vis_ev & (R >= self.tau)
+            txt_ev = evicted & text & (R >= self.tau)
+            if self._scan:
+                a = mem.input_gate(h_hat, self.beta, self.gate_centre)
+                # the recall state scans the absorbed text tokens in order; each one's decay gate acts on what came before
+                w_txt, _ = mem.scan1d(a, mem.decay_gate(h_hat, self.h_min, self.beta, self.gate_centre), txt_ev)
+                by_group = {"h": a * extras["sw"] * vis_ev, "v": a * extras["sv"] * vis_ev, "t": w_txt}
+            else:
+                w_vis, w_txt = extras["sw"] * vis_ev, txt_ev.float()
+                if self.absorb_by_attention:
+                    rel = alpha / alpha.masked_fill(~ctx.real[:, None, :], 0).sum(-1, keepdim=True).clamp(min=_TINY)
+                    rel = rel * ctx.n_real.view(B, 1, 1)
+                    w_vis, w_txt = w_vis * rel, w_txt * rel
+                by_group = {"v": w_vis, "t": w_txt}
+            by_group["all"] = sum(w for g, w in by_group.items() if g != "v" or not self._scan)
+            for g, name in enumerate(self._groups):
+                w = by_group[name]
                 if bool((w > 0).any()):
                     self._absorb(st, g, w, ctx.keys, ctx.values)
             self._states[ctx.layer_rank] = st
-        return Selection(keep, extras={"acc": alpha, "sw": spatial})
+        return Selection(keep, extras=extras)
 
     # -- decode -----------------------------------------------------------------------------------------------
     def _row_entropy(self, p: torch.Tensor, among: torch.Tensor) -> torch.Tensor:
@@ -299,7 +425,7 @@ class RetentiveKV(Method):
         newest = layer.seen - 1
         heads = layer.heads
         if heads[0].batch == 1 and probs[0].shape[2] == 1 and all(s.all_valid and s.n == heads[0].n for s in heads):
-            over = [layer.over_budget(h) for h in range(len(heads))]
+            over = [self._over(layer, h) for h in range(len(heads))]
             if all(isinstance(o, int) and o == over[0] for o in over):
                 self._decode_one(layer, probs, st, max(0, over[0]), newest)
                 return
@@ -313,7 +439,7 @@ class RetentiveKV(Method):
             if st is not None and self.decay:  # the decay of this step, from the attention before any eviction
                 among = torch.where(visual.sum(-1, keepdim=True) > 1, visual, valid)
                 h_t = self.h_min + (1 - self.h_min) * torch.sigmoid(self.beta * (self._row_entropy(last, among) - 0.5))
-            over = layer.over_budget(h)
+            over = self._over(layer, h)
             count = torch.tensor([over], device=last.device) if isinstance(over, int) else over
             m = int(count.max()) if count.numel() else 0
             if m > 0:
@@ -362,14 +488,14 @@ class RetentiveKV(Method):
             victims = score.topk(over, dim=-1, largest=False, sorted=True).indices  # [H, over]
             use = torch.isfinite(score.gather(1, victims))
             if st is not None:
-                sw = torch.stack([s.extras["sw"][0, :n] for s in heads])
-                weights = self._victim_weights(p, visual, ~visual, sw, victims, use, n)
+                sp = {e: torch.stack([s.extras[e][0, :n] for s in heads]) for e in ("sw", "sv") if e in heads[0].extras}
+                weights = self._victim_weights(p, visual, ~visual, sp, victims, use, n)
                 kv = [s.kv() for s in heads]  # dense views of slots [0, n) (dequantized by quantized stores)
                 k = torch.stack([K[0].index_select(0, i) for (K, _), i in zip(kv, victims)])[None]
                 v = torch.stack([V[0].index_select(0, i) for (_, V), i in zip(kv, victims)])[None]
-                for g, w in enumerate(weights):
+                for g, (w, dec) in enumerate(weights):
                     if bool((w > 0).any()):
-                        self._absorb(st, g, w[None], k, v)
+                        self._absorb(st, g, w[None], k, v, decay=None if dec is None else dec[None])
             for s, vic, ok in zip(heads, victims, use):
                 if over == 1 and bool(ok[0]):
                     s.remove(vic[:1])
@@ -392,32 +518,45 @@ class RetentiveKV(Method):
         scale.fill_(1.0)
         st["_version"] = st.get("_version", 0) + 1
 
-    def _victim_weights(self, att, visual, text, sw, victims, use, count) -> list[torch.Tensor]:
-        """Absorption weights of the victims [X, m] per state, from the current attention rows att [X, n]: visual
-        victims by their spatial weight ``sw`` (gated by tau with ``gate_visual``), text victims 1 when their R >= tau;
-        ``count`` entries the attention is spread over (for ``absorb_by_attention``)."""
+    def _victim_weights(self, att, visual, text, spatial, victims, use, count) -> list[tuple]:
+        """(weights [X, m], decay [X] or None) of the victims per state, from the current attention rows att [X, n]:
+        visual victims by their spatial weights ``spatial["sw"]`` (and ``"sv"``; gated by tau with ``gate_visual``),
+        text victims when their R >= tau; ``count`` entries the attention is spread over (``absorb_by_attention``).
+        With the scan memory each victim enters through its input gate and, one after the other, decays the state it
+        enters by its decay gate (both from its entropy in the current attention)."""
         R = normalised_entropy_score(att, visual, self.lam) + normalised_entropy_score(att, text, self.lam)
         r_v, is_vis = R.gather(1, victims), visual.gather(1, victims)
-        w_vis = sw.gather(1, victims) * is_vis * use
+        vis = is_vis & use
         if self.gate_visual:
-            w_vis = w_vis * (r_v >= self.tau)
-        w_txt = (~is_vis & use & (r_v >= self.tau)).float()
+            vis = vis & (r_v >= self.tau)
+        txt = ~is_vis & use & (r_v >= self.tau)
+        if self._scan:
+            h_hat = (mem.token_entropy(att, visual) + mem.token_entropy(att, text)).gather(1, victims)
+            a, dec = mem.input_gate(h_hat, self.beta, self.gate_centre), mem.decay_gate(h_hat, self.h_min, self.beta, self.gate_centre)
+            sw, sv = spatial["sw"].gather(1, victims), spatial["sv"].gather(1, victims)
+            inputs = {"h": (a * sw, vis), "v": (a * sv, vis), "t": (a, txt),
+                      "all": (torch.where(vis, a * sw, a), vis | txt)}
+            return [mem.scan1d(inputs[g][0], dec, inputs[g][1]) for g in self._groups]
+        w_vis = spatial["sw"].gather(1, victims) * vis
+        w_txt = txt.float()
         if self.absorb_by_attention:
             rel = att.gather(1, victims) * count
             w_vis, w_txt = w_vis * rel, w_txt * rel
-        return [w_vis, w_txt] if self.num_states == 2 else [w_vis + w_txt]
+        by_group = {"v": w_vis, "t": w_txt, "all": w_vis + w_txt}
+        groups = self._groups or (["v", "t"] if self.num_states == 2 else ["all"])
+        return [(by_group[g], None) for g in groups]
 
     def _absorb_decode(self, st, h, store, last, valid, visual, victims, use) -> None:
         """Fold the decode-time victims [B, m] (``use`` marks real ones) of head ``h`` into the states."""
         text = (store.mod[:, : store.n] == TEXT) & valid
-        weights = self._victim_weights(last, visual, text, store.extras["sw"][:, : store.n], victims, use,
-                                       valid.sum(-1, keepdim=True))
+        spatial = {e: store.extras[e][:, : store.n] for e in ("sw", "sv") if e in store.extras}
+        weights = self._victim_weights(last, visual, text, spatial, victims, use, valid.sum(-1, keepdim=True))
         K, V = store.kv()
         k = K.gather(1, victims[..., None].expand(-1, -1, K.shape[-1]))[:, None]
         v = V.gather(1, victims[..., None].expand(-1, -1, V.shape[-1]))[:, None]
-        for g, w in enumerate(weights):
+        for g, (w, dec) in enumerate(weights):
             if bool((w > 0).any()):
-                self._absorb(st, g, w[:, None], k, v, head=h)
+                self._absorb(st, g, w[:, None], k, v, head=h, decay=None if dec is None else dec[:, None])
 
     # -- attention readout ------------------------------------------------------------------------------------
     def readout(self, layer, h, query, logits, values):
@@ -435,7 +574,8 @@ class RetentiveKV(Method):
             gamma = gamma * (den > 0)  # an empty state contributes nothing
             out = (1 - gamma[..., None]) * local + gamma[..., None] * o_s if self.mix == "convex" else local + gamma[..., None] * o_s
             return out.to(values.dtype), probs.to(values.dtype)
-        if not self.gated and "C" not in st:
+        gated = self._scan if self.gated is None else self.gated  # the scan memory's gate is query-conditioned
+        if not gated and "C" not in st:
             return self._readout_first_order(layer, h, q, logits, values, st)
         m = st["m"][:, h]  # [B, S]
         kbar = st["s"][:, h] / m.clamp(min=_TINY)[..., None]
@@ -447,7 +587,7 @@ class RetentiveKV(Method):
             qcq = torch.einsum("brd,bsde,bre->brs", q, st["C"][:, h], q)
             den = den + 0.5 * (qcq - m[:, None] * z * z).clamp(min=0)
         weight = den * scale[:, None]
-        if self.gated:
+        if gated:
             local_probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
             gamma = torch.sigmoid(self.gate_w * self._row_entropy(local_probs, torch.isfinite(logits)) + self.gate_b)
             weight = weight * gamma[..., None]
