@@ -230,6 +230,7 @@ SMALL = {"snapkv": {"window": 4, "kernel": 3}, "pyramidkv": {"window": 4, "kerne
          "adakv": {"window": 4, "kernel": 3}, "streamingllm": {"n_sink": 2}, "h2o": {},
          "madakv": {"window": 4, "n_sink": 2, "phi_min": 1}, "hae": {"recent": 4, "n_sink": 2, "bin_size": 2},
          # tau > 1: the states absorb nothing, so RetentiveKV must be exactly its eviction (tests with states:
-         # test_retentivekv.py)
-         "retentivekv": {"window": 4, "n_sink": 2, "tau": 2.0},
+         # test_retentivekv.py); states_in_budget=False: the budget counts entries, as for the other methods (the
+         # byte budget with states inside is tested in test_retentivekv.py)
+         "retentivekv": {"window": 4, "n_sink": 2, "tau": 2.0, "states_in_budget": False},
          "expected_attention": {"n_sink": 2, "n_future": 32}}

@@ -31,80 +31,55 @@ def normalised_entropy_score(alpha: torch.Tensor, group: torch.Tensor, lam: floa
 
 @dataclass
 class RetentiveKV(Method):
-    """Entropy-guided KV retention with dual state-space memories that absorb the evicted tokens.
+    """Entropy-guided KV retention with state-space memories that absorb the evicted tokens.
 
     Paper: Liu, Xiong, Jiang, Wang, Lv, Zhang, "RetentiveKV: State-Space Memory for Uncertainty-Aware Multimodal
-    KV Cache Eviction", ACL 2026 Findings (arXiv 2605.04075). The paper gives the components, not every constant;
-    each value below that the paper leaves open is marked CHOICE and is a parameter.
-
-    Retention. Per (layer, KV head), ``alpha_i`` = mean attention of the last ``window`` prompt queries (and the
-    query heads of the group) to token i. Cross-modal entropy ``H_i = -p_i log p_i`` with ``p`` the attention
-    normalised over the visual tokens (CHOICE: text tokens use the same formula normalised over the text tokens);
-    ``R_i = lam * alpha_hat_i + (1 - lam) * H_hat_i`` with both terms divided by their maximum within the modality.
-    The cache keeps the sinks, the window and the top ``budget - sinks - window`` tokens by ``R``.
-
-    States. Evicted tokens are absorbed instead of deleted: visual tokens into the visual state ``S_V`` with the
-    spatial weight ``a_i = gamma_s ** (|x_i - x_r| + |y_i - y_r|)`` (Manhattan distance on the image's token grid to
-    the root patch ``r = argmax R`` of that image and head, RMT-style spatial decay); text tokens into the recall
-    state ``S_T`` with ``a_i = 1`` when ``R_i >= tau`` and dropped otherwise ("non-heavy-hitter, high-entropy
-    tokens"). While decoding, the entry with the smallest accumulated attention outside the sinks and the recent
-    window is evicted whenever the head is over its budget (a token leaving the window either displaces the weakest
-    heavy hitter or is evicted itself), and absorbed by the same rule with ``R`` from the current attention row.
-    After each step every state decays, ``S <- h_t S`` with ``h_t = h_min + (1 - h_min) sigmoid(beta (H_t - 0.5))``
-    and ``H_t`` the normalised entropy of the current query's attention over the cached visual tokens (all cached
-    tokens when none is visual): high uncertainty forgets more slowly.
-
-    Readouts (``state_readout``):
-
-    * ``"softmax"`` (default; CHOICE, training-free): each state holds moment sums ``m = sum a``, ``s = sum a k``,
-      ``u = sum a v``, ``M = sum a k v^T`` (and ``C = sum a k k^T`` with ``second_order``). A Taylor expansion of
-      ``exp(q.k)`` around the mean key ``k_bar = s / m`` gives the state's softmax denominator
-      ``D = e^{q.k_bar} (m + 1/2 q^T (C - m k_bar k_bar^T) q)`` and numerator
-      ``N = e^{q.k_bar} (u + M^T q - (q.k_bar) u)``; the output is
-      ``(sum_local e^l v + sum_g N_g) / (sum_local e^l + sum_g D_g)``. One absorbed token (or several with equal
-      keys) is read back exactly; a state that absorbed nothing adds nothing. With ``gated`` the states are
-      weighted by ``gamma_t = sigmoid(gate_w * H_t + gate_b)``.
-    * ``"linear"`` (the paper's literal form): ``S = sum a phi(k)^T v``, ``z = sum a phi(k)``, ``phi = elu + 1``,
-      ``O_S = phi(q) S / (phi(q).z + eps)``, ``O = Attn_local + gamma_t O_S`` (``mix="add"``) or
-      ``(1 - gamma_t) Attn_local + gamma_t O_S`` (``mix="convex"``), ``gamma_t = sigmoid(gate_w * H_t + gate_b)``
-      with ``H_t`` the normalised entropy of the local attention row. CHOICE: ``(gate_w, gate_b) = (8, -4)``; the
-      paper may learn them. CHOICE: the query is the model's scaled query.
-    * ``"none"``: states are not kept (plain entropy-guided eviction; the ablation baseline).
+    KV Cache Eviction", ACL 2026 Findings (arXiv 2605.04075). The mechanism, its formulas and every CHOICE are in
+    ``docs/methods/retentivekv.md``; values the paper leaves open are marked CHOICE below and are parameters.
 
     Parameters
     ----------
-    window : int
-        Observation window and protected recent window (CHOICE: 32).
+    window, n_sink : int
+        Observation / protected recent window (CHOICE: 32) and protected first tokens (CHOICE: 4).
     kernel : int
-        CHOICE (not in the paper, default off): max-pool the window attention over neighbouring tokens before
-        scoring, as SnapKV does (keeps whole spans such as the digits of a number).
-    n_sink : int
-        Protected first tokens (CHOICE: 4).
+        CHOICE (not in the paper, default off): max-pool the window attention over neighbouring tokens.
     lam : float
-        ``lambda`` in ``R`` (CHOICE: 0.5; not reported).
+        ``lambda`` of the retention score ``R = lam alpha_hat + (1 - lam) H_hat`` (CHOICE: 0.5).
     tau : float
-        Absorption threshold on the normalised ``R`` for text tokens (CHOICE: 0.1). ``tau > 1`` absorbs no text.
+        Text tokens are absorbed only when ``R >= tau`` (CHOICE: 0.1; ``tau > 1`` absorbs no text).
     gate_visual : bool
-        CHOICE: apply ``tau`` to visual tokens too (default off: every evicted visual token enters ``S_V`` with its
-        spatial weight).
+        CHOICE: apply ``tau`` to visual tokens too (default off).
+    state_readout : "scan" | "moments" | "softmax" | "linear" | "none"
+        ``"scan"`` (default, the paper's memory): the visual memory is a 2-D scan over each image's token grid with a
+        horizontal and a vertical sub-state, the recall state a 1-D scan; per-token decay and input gates from each
+        token's entropy; each state read inside the softmax as one pseudo-entry, weighted by a query-conditioned
+        gate. ``"moments"`` (alias ``"softmax"``): issue 6's memory (one visual moment state with a Manhattan weight
+        around the root patch, absorption by the ``tau`` rule, no gates). ``"linear"``: the paper's literal
+        linear-attention readout (``phi = elu + 1``). ``"none"``: plain entropy-guided eviction.
+    gamma_h, gamma_v : float
+        Decay per grid step of the horizontal and vertical sub-states (CHOICE: 0.9 each).
     gamma_s : float
-        Spatial decay of the visual state (CHOICE: 0.9).
-    h_min, beta : float
-        State decay ``h_t`` (CHOICE: 0.9 and 10; the paper: "a sigmoid of the entropy"). ``decay=False`` keeps
-        states undecayed.
+        Spatial (Manhattan) decay of the ``moments`` visual state (CHOICE: 0.9).
+    h_min, beta, gate_centre : float
+        Gates ``decay = h_min + (1 - h_min) sigmoid(beta (H - gate_centre))``, ``input = sigmoid(beta (H -
+        gate_centre))`` (CHOICE: 0.9, 10, 0.0; the paper: "a sigmoid of the entropy"). ``decay=False`` switches off
+        the per-step decay of all states.
     states : "dual" | "single"
-        Two states (visual, recall) or one unified state (the paper's ablation).
+        Separate visual and recall states, or one unified state (the paper's ablation).
+    gated : bool | None
+        The query-conditioned readout gate ``sigmoid(gate_w H_t + gate_b)`` (CHOICE: (8, -4)); None: on for
+        ``scan``, off for ``moments``.
+    mix : "add" | "convex"
+        How the linear readout joins local attention.
     absorb_by_attention : bool
-        CHOICE: multiply absorption weights by the token's attention relative to the mean (the ``A_t`` matrix).
+        CHOICE (``moments``): multiply absorption weights by the token's relative attention.
     second_order : bool
-        Keep ``C`` for the second-order denominator term of the softmax readout (d^2 more floats per state).
-
-    Notes
-    -----
-    Memory: per (layer, KV head) and state ``1 + 2d + d^2`` float32 (softmax readout, first order; ``+ d^2`` second
-    order) or ``d + d^2`` (linear), independent of sequence length and number of images; reported as
-    ``state_bytes`` and counted in ``kept_bytes``. Per kept entry: accumulated attention and spatial weight
-    (2 float32, metadata). Decay is applied lazily through one scale per state (no per-step pass over the states).
+        Keep ``sum k k^T`` for a second-order denominator (d^2 more floats per state).
+    states_in_budget : bool
+        CHOICE (default on): the budget is a byte budget (``budget x`` the full cache's K+V bytes) that holds the
+        states first and then as many entries (K, V and metadata) as fit; when fewer than ``n_sink + window`` entries
+        would fit beside the states, the memory is switched off for the cache (plain eviction). Off: issue 6's
+        accounting (the budget counts entries; states on top).
     """
 
     window: int = 32
