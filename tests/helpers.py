@@ -258,7 +258,8 @@ METHOD_TESTS: dict[str, Shared | Exempt] = {
     "madakv": Shared({"window": 4, "n_sink": 2, "phi_min": 1}),
     "hae": Shared({"recent": 4, "n_sink": 2, "bin_size": 2}),
     # tau > 1: the states absorb nothing, so RetentiveKV must be exactly its eviction (with states: test_retentivekv.py)
-    "retentivekv": Shared({"window": 4, "n_sink": 2, "tau": 2.0}),
+    # (states_in_budget=False: the entry budget is exactly k, as the shared suites expect)
+    "retentivekv": Shared({"window": 4, "n_sink": 2, "tau": 2.0, "states_in_budget": False}),
     "sphericalkv": Exempt("stores keys quantized, so it is not an eviction of the full cache (test_spherical.py)"),
     "kvzip": Exempt("compresses in a context pass after the prefill (test_query_agnostic.py)"),
     "expected_attention": Shared({"n_sink": 2, "n_future": 32}),

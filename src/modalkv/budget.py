@@ -57,6 +57,11 @@ class Budget:
     def is_ratio(self) -> bool:
         return isinstance(self.value, float)
 
+    @property
+    def is_full(self) -> bool:
+        """The whole prompt: ratio 1.0 without modality caps."""
+        return self.is_ratio and self.value == 1.0 and not self.modality_caps
+
     def tokens(self, n_real: torch.Tensor) -> torch.Tensor:
         """Entries to keep per batch row, given each row's real prompt length ``n_real`` (LongTensor [B])."""
         return resolve(self.value, n_real)

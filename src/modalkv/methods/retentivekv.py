@@ -8,6 +8,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from . import retentive_memory as mem
 from .base import Method, PrefillContext, check_range, first_real, last_real
 from ..cache import Selection
 from ..decoding import DecodeStep, Extra
@@ -16,7 +17,8 @@ from ..scoring import group_reduce, pool1d, window_scores
 
 _TINY = 1e-30
 ACC = Extra("accumulated_attention", "window attention at prefill, plus the attention of every decode step")
-SPATIAL = Extra("spatial_weight", "a visual entry's absorption weight: gamma_s ** distance to its image's root patch")
+SPATIAL = Extra("spatial_weight", "a visual entry's absorption weight into the (horizontal) visual state")
+SPATIAL_V = Extra("spatial_weight_vertical", "a visual entry's absorption weight into the vertical visual sub-state")
 
 
 def normalised_entropy_score(alpha: torch.Tensor, group: torch.Tensor, lam: float) -> torch.Tensor:
@@ -27,32 +29,61 @@ def normalised_entropy_score(alpha: torch.Tensor, group: torch.Tensor, lam: floa
     and ``H`` are divided by their maximum over the group. Entries outside the group get 0.
     """
     a = alpha.float() * group
-    p = a / a.sum(-1, keepdim=True).clamp(min=_TINY)
-    ent = -(p * torch.log(p.clamp(min=_TINY)))
     a_hat = a / a.amax(-1, keepdim=True).clamp(min=_TINY)
-    h_hat = ent / ent.amax(-1, keepdim=True).clamp(min=_TINY)
-    return (lam * a_hat + (1 - lam) * h_hat) * group
+    return (lam * a_hat + (1 - lam) * mem.token_entropy(alpha, group)) * group
 
 
 @dataclass
 class RetentiveKV(Method):
-    """Entropy-guided KV retention with dual state-space memories that absorb the evicted tokens.
+    """Entropy-guided KV retention with state-space memories that absorb the evicted tokens.
 
     Paper: Liu, Xiong, Jiang, Wang, Lv, Zhang, "RetentiveKV: State-Space Memory for Uncertainty-Aware Multimodal
-    KV Cache Eviction", ACL 2026 Findings (arXiv 2605.04075). Tokens are kept by ``R = lam * attention + (1 - lam) *
-    cross-modal entropy`` (each normalised within its modality); evicted visual tokens enter a visual state weighted by
-    their grid distance to the image's root patch, evicted text tokens with ``R >= tau`` a recall state. While
-    decoding, the least-attended entry outside sinks and window is evicted and absorbed; states decay with the
-    entropy of the current query's attention. Memory per state is independent of sequence length.
+    KV Cache Eviction", ACL 2026 Findings (arXiv 2605.04075). The mechanism, its formulas and every CHOICE are in
+    ``docs/methods/retentivekv.md``; values the paper leaves open are marked CHOICE below and are parameters.
 
     Parameters
     ----------
-    window, kernel, n_sink, lam, tau, gate_visual : retention and absorption.
-    gamma_s, h_min, beta, decay : spatial weight and state decay.
-    state_readout ("softmax" | "linear" | "none"), states ("dual" | "single"), gated, gate_w, gate_b, mix,
-    absorb_by_attention, second_order : how the states are kept and read.
-
-    CHOICE (most constants; the training-free softmax readout and its derivation): see docs/methods/retentivekv.md.
+    window, n_sink : int
+        Observation / protected recent window (CHOICE: 32) and protected first tokens (CHOICE: 4).
+    kernel : int
+        CHOICE (not in the paper, default off): max-pool the window attention over neighbouring tokens.
+    lam : float
+        ``lambda`` of the retention score ``R = lam alpha_hat + (1 - lam) H_hat`` (CHOICE: 0.5).
+    tau : float
+        Text tokens are absorbed only when ``R >= tau`` (CHOICE: 0.1; ``tau > 1`` absorbs no text).
+    gate_visual : bool
+        CHOICE: apply ``tau`` to visual tokens too (default off).
+    state_readout : "scan" | "moments" | "softmax" | "linear" | "none"
+        ``"scan"`` (default, the paper's memory): the visual memory is a 2-D scan over each image's token grid with a
+        horizontal and a vertical sub-state, the recall state a 1-D scan; per-token decay and input gates from each
+        token's entropy; each state read inside the softmax as one pseudo-entry, weighted by a query-conditioned
+        gate. ``"moments"`` (alias ``"softmax"``): issue 6's memory (one visual moment state with a Manhattan weight
+        around the root patch, absorption by the ``tau`` rule, no gates). ``"linear"``: the paper's literal
+        linear-attention readout (``phi = elu + 1``). ``"none"``: plain entropy-guided eviction.
+    gamma_h, gamma_v : float
+        Decay per grid step of the horizontal and vertical sub-states (CHOICE: 0.9 each).
+    gamma_s : float
+        Spatial (Manhattan) decay of the ``moments`` visual state (CHOICE: 0.9).
+    h_min, beta, gate_centre : float
+        Gates ``decay = h_min + (1 - h_min) sigmoid(beta (H - gate_centre))``, ``input = sigmoid(beta (H -
+        gate_centre))`` (CHOICE: 0.9, 10, 0.0; the paper: "a sigmoid of the entropy"). ``decay=False`` switches off
+        the per-step decay of all states.
+    states : "dual" | "single"
+        Separate visual and recall states, or one unified state (the paper's ablation).
+    gated : bool | None
+        The query-conditioned readout gate ``sigmoid(gate_w H_t + gate_b)`` (CHOICE: (8, -4)); None: on for
+        ``scan``, off for ``moments``.
+    mix : "add" | "convex"
+        How the linear readout joins local attention.
+    absorb_by_attention : bool
+        CHOICE (``moments``): multiply absorption weights by the token's relative attention.
+    second_order : bool
+        Keep ``sum k k^T`` for a second-order denominator (d^2 more floats per state).
+    states_in_budget : bool
+        CHOICE (default on): the budget is a byte budget (``budget x`` the full cache's K+V bytes) that holds the
+        states first and then as many entries (K, V and metadata) as fit; when fewer than ``n_sink + window`` entries
+        would fit beside the states, the memory is switched off for the cache (plain eviction). Off: issue 6's
+        accounting (the budget counts entries; states on top).
     """
 
     window: int = 32
@@ -65,9 +96,13 @@ class RetentiveKV(Method):
     h_min: float = 0.9
     beta: float = 10.0
     decay: bool = True
-    state_readout: Literal["softmax", "linear", "none"] = "softmax"
+    state_readout: Literal["scan", "moments", "softmax", "linear", "none"] = "scan"
+    gamma_h: float = 0.9
+    gamma_v: float = 0.9
+    gate_centre: float = 0.0
+    states_in_budget: bool = True
     states: Literal["dual", "single"] = "dual"
-    gated: bool = False
+    gated: bool | None = None
     gate_w: float = 8.0
     gate_b: float = -4.0
     mix: Literal["add", "convex"] = "add"
@@ -79,11 +114,15 @@ class RetentiveKV(Method):
     needs_decode_probs = True
     decodes = True
     evicts_while_decoding = True
-    extras = (ACC, SPATIAL)
+    extras = (ACC, SPATIAL, SPATIAL_V)
 
     @property
     def has_readout(self) -> bool:  # type: ignore[override]
-        return self.state_readout != "none"
+        return self.state_readout != "none" and getattr(self, "_memory", True)
+
+    @property
+    def _scan(self) -> bool:
+        return self.state_readout == "scan"
 
     def validate(self) -> None:
         cls = type(self).__name__
@@ -93,6 +132,8 @@ class RetentiveKV(Method):
         check_range(cls, "lam", self.lam, 0.0, 1.0)
         check_range(cls, "tau", self.tau, 0.0)
         check_range(cls, "gamma_s", self.gamma_s, 0.0, 1.0, low_open=True)
+        check_range(cls, "gamma_h", self.gamma_h, 0.0, 1.0, low_open=True)
+        check_range(cls, "gamma_v", self.gamma_v, 0.0, 1.0, low_open=True)
         check_range(cls, "h_min", self.h_min, 0.0, 1.0)
         check_range(cls, "beta", self.beta, 0.0)
 
@@ -101,11 +142,29 @@ class RetentiveKV(Method):
         self._states: dict[int, dict[str, torch.Tensor]] = {}
         self._sink_end: torch.Tensor | None = None  # [B] first position after each row's sinks
         self._derived: dict = {}  # per-step working terms of the first-order readout (one layer at a time)
+        self._groups: list[str] | None = None  # the states kept, in order: "h", "v" (visual scan), "v", "t", "all"
+        self._memory = True  # False when the states do not fit in the byte budget (plain eviction)
+        self._acct: dict | None = None  # byte accounting of the entries and states (states_in_budget)
 
     # -- state storage ----------------------------------------------------------------------------------------
     @property
     def num_states(self) -> int:
+        if getattr(self, "_groups", None) is not None:
+            return len(self._groups)
         return 2 if self.states == "dual" else 1
+
+    def _choose_groups(self, any_visual: bool) -> list[str]:
+        """The states of this cache: the recall state, and the visual ones only when the prompt has visual tokens."""
+        if self.states == "single":
+            return ["all"]
+        if not any_visual:
+            return ["t"]
+        return ["h", "v", "t"] if self._scan else ["v", "t"]
+
+    def _state_floats(self, d: int, dv: int) -> int:
+        if self.state_readout == "linear":
+            return d * dv + d + 1
+        return mem.moment_state_floats(d, dv, self.second_order)
 
     def _empty_states(self, B: int, H: int, d: int, dv: int, device) -> dict[str, torch.Tensor]:
         S = self.num_states
@@ -120,11 +179,15 @@ class RetentiveKV(Method):
         return st
 
     def _absorb(self, st: dict, g: int, w: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-                heads: slice = slice(None)) -> None:
+                heads: slice = slice(None), decay: torch.Tensor | None = None) -> None:
         """Add tokens to state ``g``: w [B, H', m] weights, keys [B, H', m, d], values [B, H', m, dv]
-        (H' = the KV heads ``heads``)."""
+        (H' = the KV heads ``heads``); ``decay`` [B, H'] multiplies the state first."""
         st["_version"] = st.get("_version", 0) + 1
         sl = (slice(None), heads, g)
+        if decay is not None:
+            st["scale"][sl] *= decay
+            if bool((st["scale"][sl] < 1e-20).any()):
+                self._fold_scale(st)
         w = w.float() / st["scale"][sl][..., None]  # sums are stored divided by the lazy decay scale
         k, v = keys.float(), values.float()
         if self.state_readout == "linear":
@@ -146,13 +209,27 @@ class RetentiveKV(Method):
     def state_dict(self, layer=None) -> dict[str, torch.Tensor]:
         """The layer's state memories (the sums and their lazy decay scale); for ``layer=None`` the sinks' end."""
         if layer is None:
-            return {} if self._sink_end is None else {"sink_end": self._sink_end}
+            out = {} if self._sink_end is None else {"sink_end": self._sink_end}
+            if self._groups is not None:
+                out["groups"] = torch.tensor([ord(g[0]) for g in self._groups], dtype=torch.int32)
+                out["memory"] = torch.tensor(self._memory)
+            if self._acct is not None:
+                out["acct"] = torch.tensor([self._acct["payload"], self._acct["entry"], self._acct["state"]],
+                                           dtype=torch.float64)
+            return out
         st = self._states.get(layer.rank, {})
         return {name: t for name, t in st.items() if not name.startswith("_")}
 
     def load_state_dict(self, layer, state: dict[str, torch.Tensor]) -> None:
         if layer is None:
             self._sink_end = state.get("sink_end")
+            if "groups" in state:
+                names = {"h": "h", "v": "v", "t": "t", "a": "all"}
+                self._groups = [names[chr(int(c))] for c in state["groups"]]
+                self._memory = bool(state["memory"])
+            if "acct" in state:
+                payload, entry, st = (float(x) for x in state["acct"])
+                self._acct = {"payload": payload, "entry": entry, "state": st}
         elif state:
             self._states[layer.rank] = dict(state)
 
@@ -195,9 +272,84 @@ class RetentiveKV(Method):
             out = torch.where(in_i, self.gamma_s ** dist.float(), out)
         return out
 
+    def _spatial_scan(self, ctx: PrefillContext, R: torch.Tensor, gate: torch.Tensor):
+        """[B, H, n] each visual token's weights in the horizontal and vertical sub-states (0 for text): the 2-D scan
+        of its image toward the root patch (argmax R of that image and head), gated per token by ``gate``."""
+        item, row, col = self._grid(ctx)
+        B, H, n = R.shape
+        w_h = torch.zeros(B, H, n, device=R.device)
+        w_v = torch.zeros(B, H, n, device=R.device)
+        for b in range(B):
+            for i in item[b][item[b] >= 0].unique().tolist():
+                idx = (item[b] == i).nonzero().squeeze(-1)
+                root = R[b][:, idx].argmax(-1)  # [H]
+                wh, wv = mem.scan2d_weights(row[b, idx], col[b, idx], root, gate[b][:, idx], self.gamma_h, self.gamma_v)
+                w_h[b][:, idx] = wh
+                w_v[b][:, idx] = wv
+        return w_h, w_v
+
+    def _account(self, ctx: PrefillContext, extras: int) -> torch.Tensor:
+        """Entries each (row, head) keeps when the states count inside the budget (``states_in_budget``), decided at the
+        first layer: the byte budget ``budget x n x (K+V bytes of one token)`` holds the states first and then as
+        many entries (K, V and their metadata) as fit; when fewer than ``n_sink + window`` entries would fit, the
+        memory is switched off for this cache and the entries take the whole budget (CHOICE)."""
+        k = ctx.budget_tokens
+        cache = self.cache
+        budget = getattr(cache, "budget", None)
+        if not self.states_in_budget or budget is None or budget.is_full:
+            self._acct = None
+            return k
+        if ctx.layer_rank == 0 or self._acct is None:
+            d, dv = ctx.keys.shape[-1], ctx.values.shape[-1]
+            payload = d * ctx.keys.element_size() + dv * ctx.values.element_size()
+            entry = payload + 4 + 1 + 1 + 4 * extras  # as HeadStore counts: pos, modality, validity, float32 extras
+            self._memory = self.state_readout != "none"
+            state = 4 * self.num_states * self._state_floats(d, dv) if self._memory else 0
+            self._acct = {"payload": payload, "entry": entry, "state": state}
+            fits = mem.entries_within(self._bytes_budget(budget, ctx.n_real, k), state, entry)
+            if self._memory and bool((fits < torch.clamp(k, max=self.n_sink + self.window)).any()):
+                self._memory = False
+                self._acct["state"] = 0
+        a = self._acct
+        return torch.minimum(k, mem.entries_within(self._bytes_budget(budget, ctx.n_real, k), a["state"], a["entry"]))
+
+    def _bytes_budget(self, budget, seen: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """Bytes one (row, head) may hold after ``seen`` tokens: the ratio (or the absolute budget ``tokens``, capped by
+        ``decode_budget``) of the full cache's K+V bytes."""
+        t = seen.double() * budget.value if budget.is_ratio else tokens.double()
+        if budget.decode is not None:
+            t = t.clamp(max=budget.decode)
+        return t * self._acct["payload"]
+
+    def _over(self, layer, h: int):
+        """:meth:`CompressedLayer.over_budget` with the states inside the budget: entries head ``h`` holds beyond what
+        fits beside the states in this step's byte budget (an int for one sequence without holes, else [B])."""
+        if self._acct is None:
+            return layer.over_budget(h)
+        store = layer.heads[h]
+        budget = layer.cache.budget
+        seen = layer.prompt_real + (layer.seen - layer.prompt_len)
+        tokens = seen.clamp(max=budget.value) if not budget.is_ratio else seen
+        target = mem.entries_within(self._bytes_budget(budget, seen, tokens), self._acct["state"], self._acct["entry"])
+        target = torch.maximum(target, layer.prefill_kept[h].to(target.device))
+        if store.batch == 1 and store.all_valid:
+            return store.n - int(target[0])
+        return (store.valid[:, : store.n].sum(-1) - target.to(store.valid.device)).clamp(min=0)
+
+    def _group_over(self, g):
+        """:meth:`~modalkv.decoding.Group.over` with the states inside the budget (:meth:`_over` per head)."""
+        if self._acct is None:
+            return g.over()
+        over = [self._over(g.layer, h) for h in g.heads]
+        if all(isinstance(o, int) for o in over):
+            if all(o == over[0] for o in over):
+                return max(0, over[0])
+            return torch.tensor(over, device=g.pos.device).clamp(min=0)[None]
+        B = g.pos.shape[0]
+        return torch.stack([torch.as_tensor(o, device=g.pos.device).expand(B) for o in over], 1).clamp(min=0)
+
     def prefill(self, ctx: PrefillContext) -> Selection:
         B, H, n = ctx.real.shape[0], ctx.num_kv_heads, ctx.n
-        k = ctx.budget_tokens
         rows = min(self.window, n)
         alpha = group_reduce(window_scores(ctx.query, ctx.keys, ctx.scaling, self.window, ctx.real), H, "mean") / rows
         if self.kernel > 1:
@@ -205,32 +357,51 @@ class RetentiveKV(Method):
         visual = ((ctx.modality != TEXT) & ctx.real)[:, None, :]
         text = ((ctx.modality == TEXT) & ctx.real)[:, None, :]
         R = normalised_entropy_score(alpha, visual, self.lam) + normalised_entropy_score(alpha, text, self.lam)
+        if ctx.layer_rank == 0 or self._groups is None:
+            self._groups = self._choose_groups(bool(visual.any()))
+        k = self._account(ctx, 3 if self._scan else 2)
         protect = first_real(ctx.real, self.n_sink) | last_real(ctx.real, torch.clamp(k, max=self.window))
         keep = self.top(ctx, R, k, force=protect)
         kept = torch.zeros(B, H, n + 1, dtype=torch.bool, device=R.device)
         kept.scatter_(2, keep.masked_fill(keep < 0, n), True)
         evicted = ctx.real[:, None, :] & ~kept[..., :n]
-        spatial = self._spatial_weights(ctx, R) if bool(visual.any()) else torch.zeros_like(R)
+        h_hat = mem.token_entropy(alpha, visual) + mem.token_entropy(alpha, text)
+        extras = {ACC.name: alpha}
+        if self._scan:
+            gate = mem.decay_gate(h_hat, self.h_min, self.beta, self.gate_centre)
+            zero = torch.zeros_like(R)
+            extras[SPATIAL.name], extras[SPATIAL_V.name] = self._spatial_scan(ctx, R, gate) if bool(visual.any()) else (zero, zero)
+        else:
+            extras[SPATIAL.name] = self._spatial_weights(ctx, R) if bool(visual.any()) else torch.zeros_like(R)
         if self.cache is not None and ctx.layer_rank == 0:
             pos = ctx.positions.expand(B, n) if ctx.positions.dim() == 1 else ctx.positions
             sinks = first_real(ctx.real, self.n_sink)
             self._sink_end = torch.where(sinks, pos.long() + 1, torch.zeros_like(pos, dtype=torch.long)).amax(-1)
         if self.has_readout:
             st = self._empty_states(B, H, ctx.keys.shape[-1], ctx.values.shape[-1], ctx.keys.device)
-            w_vis = spatial * (evicted & visual)
+            vis_ev = evicted & visual
             if self.gate_visual:
-                w_vis = w_vis * (R >= self.tau)
-            w_txt = (evicted & text & (R >= self.tau)).float()
-            if self.absorb_by_attention:
-                rel = alpha / alpha.masked_fill(~ctx.real[:, None, :], 0).sum(-1, keepdim=True).clamp(min=_TINY)
-                rel = rel * ctx.n_real.view(B, 1, 1)
-                w_vis, w_txt = w_vis * rel, w_txt * rel
-            weights = [w_vis, w_txt] if self.num_states == 2 else [w_vis + w_txt]
-            for g, w in enumerate(weights):
+                vis_ev = vis_ev & (R >= self.tau)
+            txt_ev = evicted & text & (R >= self.tau)
+            if self._scan:
+                a = mem.input_gate(h_hat, self.beta, self.gate_centre)
+                # the recall state scans the absorbed text tokens in order; each one's decay gate acts on what came before
+                w_txt, _ = mem.scan1d(a, mem.decay_gate(h_hat, self.h_min, self.beta, self.gate_centre), txt_ev)
+                by_group = {"h": a * extras[SPATIAL.name] * vis_ev, "v": a * extras[SPATIAL_V.name] * vis_ev, "t": w_txt}
+            else:
+                w_vis, w_txt = extras[SPATIAL.name] * vis_ev, txt_ev.float()
+                if self.absorb_by_attention:
+                    rel = alpha / alpha.masked_fill(~ctx.real[:, None, :], 0).sum(-1, keepdim=True).clamp(min=_TINY)
+                    rel = rel * ctx.n_real.view(B, 1, 1)
+                    w_vis, w_txt = w_vis * rel, w_txt * rel
+                by_group = {"v": w_vis, "t": w_txt}
+            by_group["all"] = sum(w for g, w in by_group.items() if g != "v" or not self._scan)
+            for g, name in enumerate(self._groups):
+                w = by_group[name]
                 if bool((w > 0).any()):
                     self._absorb(st, g, w, ctx.keys, ctx.values)
             self._states[ctx.layer_rank] = st
-        return Selection(keep, extras={ACC.name: alpha, SPATIAL.name: spatial})
+        return Selection(keep, extras=extras)
 
     # -- decode -----------------------------------------------------------------------------------------------
     def _row_entropy(self, p: torch.Tensor, among: torch.Tensor) -> torch.Tensor:
@@ -253,7 +424,7 @@ class RetentiveKV(Method):
             if st is not None and self.decay:  # the decay of this step, from the attention before any eviction
                 among = torch.where(visual.sum(-1, keepdim=True) > 1, visual, valid)
                 h_t = self.h_min + (1 - self.h_min) * torch.sigmoid(self.beta * (self._row_entropy(last, among) - 0.5))
-            over = g.over()
+            over = self._group_over(g)
             if not (isinstance(over, int) and over <= 0):
                 # the window and the sinks shrink to fit a target smaller than them (as at prefill)
                 kept = g.kept_after(over)
@@ -284,32 +455,47 @@ class RetentiveKV(Method):
         scale.fill_(1.0)
         st["_version"] = st.get("_version", 0) + 1
 
-    def _victim_weights(self, att, visual, text, sw, victims, use, count) -> list[torch.Tensor]:
-        """Absorption weights of the victims [..., m] per state, from the current attention rows att [..., n]: visual
-        victims by their spatial weight ``sw`` (gated by tau with ``gate_visual``), text victims 1 when their R >= tau;
-        ``count`` entries the attention is spread over (for ``absorb_by_attention``)."""
+    def _victim_weights(self, att, visual, text, spatial, victims, use, count) -> list[tuple]:
+        """(weights [..., m], decay [...] or None) of the victims per state, from the current attention rows att [..., n]:
+        visual victims by their spatial weights ``spatial["sw"]`` (and ``"sv"``; gated by tau with ``gate_visual``),
+        text victims when their R >= tau; ``count`` entries the attention is spread over (``absorb_by_attention``).
+        With the scan memory each victim enters through its input gate and, one after the other, decays the state it
+        enters by its decay gate (both from its entropy in the current attention)."""
         R = normalised_entropy_score(att, visual, self.lam) + normalised_entropy_score(att, text, self.lam)
         r_v, is_vis = R.gather(-1, victims), visual.gather(-1, victims)
-        w_vis = sw.gather(-1, victims) * is_vis * use
+        vis = is_vis & use
         if self.gate_visual:
-            w_vis = w_vis * (r_v >= self.tau)
-        w_txt = (~is_vis & use & (r_v >= self.tau)).float()
+            vis = vis & (r_v >= self.tau)
+        txt = ~is_vis & use & (r_v >= self.tau)
+        if self._scan:
+            h_hat = (mem.token_entropy(att, visual) + mem.token_entropy(att, text)).gather(-1, victims)
+            a, dec = mem.input_gate(h_hat, self.beta, self.gate_centre), mem.decay_gate(h_hat, self.h_min, self.beta, self.gate_centre)
+            sw, sv = spatial["sw"].gather(-1, victims), spatial["sv"].gather(-1, victims)
+            inputs = {"h": (a * sw, vis), "v": (a * sv, vis), "t": (a, txt),
+                      "all": (torch.where(vis, a * sw, a), vis | txt)}
+            return [mem.scan1d(inputs[g][0], dec, inputs[g][1]) for g in self._groups]
+        w_vis = spatial["sw"].gather(-1, victims) * vis
+        w_txt = txt.float()
         if self.absorb_by_attention:
             rel = att.gather(-1, victims) * count
             w_vis, w_txt = w_vis * rel, w_txt * rel
-        return [w_vis, w_txt] if self.num_states == 2 else [w_vis + w_txt]
+        by_group = {"v": w_vis, "t": w_txt, "all": w_vis + w_txt}
+        groups = self._groups or (["v", "t"] if self.num_states == 2 else ["all"])
+        return [(by_group[g], None) for g in groups]
 
     def _absorb_victims(self, st, g, last, valid, visual, victims, use) -> None:
         """The eviction routine's hook: fold the victims [B, H', m] (``use`` marks real ones, None = all) of the
         group ``g`` into the states before they are removed."""
         use = torch.ones_like(victims, dtype=torch.bool) if use is None else use
         text = (g.mod == TEXT) & valid
-        weights = self._victim_weights(last, visual, text, g.extra(SPATIAL.name), victims, use,
-                                       valid.sum(-1, keepdim=True))
+        spatial = {"sw": g.extra(SPATIAL.name)}
+        if self._scan:  # (reading an extra adds it: only the scan memory has the vertical weights)
+            spatial["sv"] = g.extra(SPATIAL_V.name)
+        weights = self._victim_weights(last, visual, text, spatial, victims, use, valid.sum(-1, keepdim=True))
         k, v = g.keys_values(victims)
-        for i, w in enumerate(weights):
+        for i, (w, dec) in enumerate(weights):
             if bool((w > 0).any()):
-                self._absorb(st, i, w, k, v, heads=g.index)
+                self._absorb(st, i, w, k, v, heads=g.index, decay=dec)
 
     # -- attention readout ------------------------------------------------------------------------------------
     def readout(self, layer, h, query, logits, values):
@@ -327,7 +513,8 @@ class RetentiveKV(Method):
             gamma = gamma * (den > 0)  # an empty state contributes nothing
             out = (1 - gamma[..., None]) * local + gamma[..., None] * o_s if self.mix == "convex" else local + gamma[..., None] * o_s
             return out.to(values.dtype), probs.to(values.dtype)
-        if not self.gated and "C" not in st:
+        gated = self._scan if self.gated is None else self.gated  # the scan memory's gate is query-conditioned
+        if not gated and "C" not in st:
             return self._readout_first_order(layer, h, q, logits, values, st)
         m = st["m"][:, h]  # [B, S]
         kbar = st["s"][:, h] / m.clamp(min=_TINY)[..., None]
@@ -339,7 +526,7 @@ class RetentiveKV(Method):
             qcq = torch.einsum("brd,bsde,bre->brs", q, st["C"][:, h], q)
             den = den + 0.5 * (qcq - m[:, None] * z * z).clamp(min=0)
         weight = den * scale[:, None]
-        if self.gated:
+        if gated:
             local_probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
             gamma = torch.sigmoid(self.gate_w * self._row_entropy(local_probs, torch.isfinite(logits)) + self.gate_b)
             weight = weight * gamma[..., None]
