@@ -21,7 +21,7 @@ from .base import Method, PrefillContext, check_range, first_real, last_real
 from ..cache import Selection
 from ..storage.spherical import (BIG, SphericalStorage, code_bytes, directions as _directions, encode_directions,
                                  pack_codes, unpack_codes)
-from ..scoring import _probs, check_finite, mask_to_sorted, pool1d
+from ..scoring import attention_probs, check_finite, mask_to_sorted, pool1d
 from .spherical_rdr import (allocate_jointly, greedy_allocate, head_proxies, paper_decode_distortion,
                             paper_prefill_distortion)
 
@@ -394,7 +394,7 @@ class SphericalKV(Method):
         else:
             chord = self._chords(ctx.layer.layer_idx)
         rows_idx = torch.arange(max(0, n - self.window), n, device=ctx.keys.device)
-        probs = _probs(ctx.query, ctx.keys, ctx.scaling, rows_idx, ctx.real)  # [B, Hq, w, n]
+        probs = attention_probs(ctx.query, ctx.keys, ctx.scaling, rows_idx, ctx.real)  # [B, Hq, w, n]
         G_q = ctx.query.shape[1] // H
         p = probs.view(B, H, G_q * rows_idx.numel(), n).mean(2)  # mean attention per window query
         p = pool1d(p, self.kernel, "max") if self.kernel > 1 else p  # SnapKV's smoothing (CHOICE)
