@@ -1,4 +1,4 @@
-"""Pytest fixtures and settings; the shared helpers are in helpers.py (``from helpers import ...``)."""
+"""Pytest fixtures and settings; the shared helpers are in helpers.py (test files write ``from helpers import ...``)."""
 
 from __future__ import annotations
 
@@ -6,22 +6,6 @@ import warnings
 
 import pytest
 import torch
-
-# Re-exported for test files on other branches that still write ``from conftest import ...`` (to be removed once
-# they are merged).
-from helpers import (  # noqa: F401
-    EVICTING,
-    SMALL,
-    VOCAB,
-    Recorder,
-    clone_model,
-    left_pad,
-    masked_reference,
-    prompt,
-    run_steps,
-    tiny_gemma3,
-    tiny_llama,
-)
 
 warnings.filterwarnings("ignore", category=FutureWarning)
 torch.set_num_threads(1)

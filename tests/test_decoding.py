@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from conftest import SMALL, left_pad, prompt, run_steps, tiny_llama
+from helpers import SMALL, left_pad, prompt, run_steps, tiny_llama
 from modalkv import KVCache, cache_kwargs
 from modalkv.decoding import INF, DecodeStep
 

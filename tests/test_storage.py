@@ -5,7 +5,7 @@ KIVI step equals the head-by-head one, and the storage registry refuses unknown 
 import pytest
 import torch
 
-from conftest import prompt, run_steps, tiny_llama
+from helpers import prompt, run_steps, tiny_llama
 from modalkv import KVCache, cache_kwargs
 from modalkv.cache import HeadStore
 from modalkv.storage import DENSE, KIVI, kernels, make_storage, register_storage, storage_names

@@ -11,7 +11,7 @@ from .. import pruning
 from ..cache import Selection
 from ..decoding import DecodeStep, Extra
 from ..modality import TEXT
-from ..scoring import _probs, accumulated_scores, check_finite, mask_to_sorted
+from ..scoring import accumulated_scores, attention_probs, check_finite, mask_to_sorted
 from .base import Method, PrefillContext, check_range, first_real, last_real
 
 ACC = Extra("accumulated_attention", "head-averaged attention from the prompt's text queries and every decode step "
@@ -191,7 +191,7 @@ class HAE(Method):
         for s in range(0, rows.numel(), 256):
             r = rows[s: s + 256]
             w = rows_mask[:, r].float()  # [B, r]: which rows are instruction rows of each batch row
-            a = _probs(ctx.query, ctx.keys, ctx.scaling, r, ctx.real).mean(1) * w[..., None]  # [B, r, n]
+            a = attention_probs(ctx.query, ctx.keys, ctx.scaling, r, ctx.real).mean(1) * w[..., None]  # [B, r, n]
             g += a.sum(1)
             peak = torch.maximum(peak, a.amax(1))
         check_finite(g, self.name)
@@ -223,7 +223,7 @@ class HAE(Method):
         for s in range(0, n, 256):
             e = min(n, s + 256)
             rows = torch.arange(s, e, device=ctx.keys.device)
-            a = _probs(ctx.query[:, :, :e], ctx.keys[:, :, :e], ctx.scaling, rows, ctx.real[:, :e]).mean(1)
+            a = attention_probs(ctx.query[:, :, :e], ctx.keys[:, :, :e], ctx.scaling, rows, ctx.real[:, :e]).mean(1)
             out[:, :e] += (a * text[:, s:e, None]).sum(1)
         check_finite(out, self.name)
         return out

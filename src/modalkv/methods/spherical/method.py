@@ -1,212 +1,31 @@
-"""Spherical KV: keys as radius + direction codes with logits computed from the codes (Angle-Domain Attention), and
-Rate-Distortion Retention (per token and KV head: drop or a precision tier, under one byte budget).
+"""Spherical KV, the method: Angle-Domain Attention over coded keys and Rate-Distortion Retention (per token and KV
+head: drop or a precision tier, under one byte budget).
 
 Paper: Chauhan, Marthi Krishna Kumar, Das, Dhanda, Jain, Chadha, Das, "Spherical KV: Angle-Domain Attention and
-Rate-Distortion Retention for KV Caches", arXiv 2605.18856 (v2). :class:`SphericalKV` is the method; this module
-also holds the codebooks (:class:`Codebooks`, spherical k-means); coded entries are
-:class:`modalkv.storage.spherical.SphericalPayload`. Every choice the paper leaves open: docs/methods/spherical.md.
+Rate-Distortion Retention for KV Caches", arXiv 2605.18856 (v2). The tiers and codes are in
+:mod:`~modalkv.methods.spherical.codes`, the codebooks and their calibration in
+:mod:`~modalkv.methods.spherical.codebooks`, the distortion proxies and allocators in
+:mod:`~modalkv.methods.spherical.rdr`; coded entries are :class:`modalkv.storage.spherical.SphericalPayload`. Every
+choice the paper leaves open: docs/methods/spherical.md.
 """
 
 from __future__ import annotations
 
-import hashlib
-import math
-import weakref
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
 import torch
 
-from .base import Method, PrefillContext, check_range, first_real, last_real
-from ..cache import Selection
-from ..storage.spherical import (BIG, SphericalStorage, code_bytes, directions as _directions, encode_directions,
-                                 pack_codes, unpack_codes)
-from ..scoring import _probs, check_finite, mask_to_sorted, pool1d
-from .spherical_rdr import (allocate_jointly, greedy_allocate, head_proxies, paper_decode_distortion,
-                            paper_prefill_distortion)
+from ...cache import Selection
+from ...scoring import attention_probs, check_finite, mask_to_sorted, pool1d
+from ...storage.spherical import BIG, SphericalStorage
+from ..base import Method, PrefillContext, check_range, first_real, last_real
+from .codebooks import Codebooks, calibrate, fit_codebooks
+from .codes import code_bytes, encode_store, parse_tiers, rope_pairs
+from .rdr import allocate_jointly, greedy_allocate, head_proxies, paper_decode_distortion, paper_prefill_distortion
 
-PRESETS = {"paper": "16:6,16:4,32:3"}  # the authors' b1, b2, b3 (g = 16 / 16 / 32 dims, 6 / 4 / 3 bits)
 PAPER_PRESET = {"tiers": "paper", "proxy": "paper", "allocation": "global"}  # SphericalKV(preset="paper")
 DEFAULTS = {"tiers": "2:6,2:4,4:6", "proxy": "rms", "allocation": "global"}  # the fields a preset sets, without one
-
-
-# --------------------------------------------------------------------------------------------------------------
-# tiers, bit packing, codebooks
-# --------------------------------------------------------------------------------------------------------------
-
-
-def parse_tiers(spec: str) -> tuple[tuple[int, int], ...]:
-    """``"16:6,16:4,32:3"`` -> ((group size, direction bits) of b1, b2, b3); ``"paper"`` is the authors' tiers."""
-    spec = PRESETS.get(spec, spec)
-    tiers = []
-    for part in spec.split(","):
-        g, colon, b = part.strip().partition(":")
-        if not colon or not g.isdigit() or not b.isdigit():
-            raise ValueError(f"SphericalKV.tiers {spec!r}: write group:bits per tier, e.g. '16:6,16:4,32:3'")
-        g, b = int(g), int(b)
-        if g < 1 or not 1 <= b <= 8:
-            raise ValueError(f"SphericalKV.tiers {spec!r}: group size must be >= 1 and bits in 1..8")
-        tiers.append((g, b))
-    if not 1 <= len(tiers) <= 3:
-        raise ValueError(f"SphericalKV.tiers {spec!r}: give 1 to 3 tiers (best first)")
-    return tuple(tiers)
-
-
-def spherical_kmeans(x: torch.Tensor, K: int, iters: int = 20, seed: int = 42) -> torch.Tensor:
-    """Unit-norm centroids [NB, K, g] of unit vectors x [NB, N, g] (cosine k-means, one bucket per leading index).
-
-    Initialisation: farthest points (a seeded first point, then the point least similar to all chosen so far); an
-    empty cluster (duplicate points) is re-seeded with the point worst served by its centroid. CHOICE: flat k-means, one restart (the authors: hierarchical for K = 64
-    and K = 16, 8 to 20 restarts).
-    """
-    NB, N, g = x.shape
-    gen = torch.Generator().manual_seed(seed)
-    if N == 0:
-        c = torch.randn(NB, K, g, generator=gen)
-        return (c / c.norm(dim=-1, keepdim=True)).to(x.device)
-    # farthest-point initialisation: a seeded first point, then repeatedly the point least similar to those chosen
-    first = torch.randint(0, N, (NB,), generator=gen).to(x.device)
-    chosen = [first]
-    best = torch.bmm(x, x.gather(1, first.view(NB, 1, 1).expand(-1, 1, g)).transpose(1, 2))[..., 0]  # [NB, N]
-    for _ in range(1, K):
-        nxt = best.argmin(-1)
-        chosen.append(nxt)
-        sim = torch.bmm(x, x.gather(1, nxt.view(NB, 1, 1).expand(-1, 1, g)).transpose(1, 2))[..., 0]
-        best = torch.maximum(best, sim)
-    c = x.gather(1, torch.stack(chosen, 1)[..., None].expand(-1, -1, g)).clone()
-    for _ in range(iters):
-        sim = torch.bmm(x, c.transpose(1, 2))  # [NB, N, K]
-        best, assign = sim.max(-1)
-        sums = torch.zeros_like(c).scatter_add_(1, assign[..., None].expand(-1, -1, g), x)
-        counts = torch.zeros(NB, K, device=x.device).scatter_add_(1, assign, torch.ones_like(best))
-        norms = sums.norm(dim=-1, keepdim=True)
-        new = torch.where(norms > 1e-12, sums / norms.clamp(min=1e-12), c)
-        empty = counts == 0
-        if bool(empty.any()):
-            worst = best.argsort(-1)[:, :K]  # the points farthest from their centroid, per bucket
-            fill = x.gather(1, worst[..., None].expand(-1, -1, g))
-            new = torch.where(empty[..., None], fill, new)
-        c = new
-    return c
-
-
-@dataclass
-class Codebooks:
-    """Unit-norm direction codebooks per managed layer: ``books[layer_idx][t]`` is [H, G_t, K_t, g_t] for tier t,
-    ``chord[layer_idx][t]`` the RMS chord error ``||u - C_code||`` [H, G_t] on the data they were fitted on."""
-
-    tiers: tuple
-    books: dict
-    chord: dict
-
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for per in self.books.values() for t in per)
-
-    def sha256(self) -> bytes:
-        """SHA-256 of every codebook and chord error, layer by layer (a saved cache checks it on load)."""
-        h = hashlib.sha256()
-        for layer_idx in sorted(self.books):
-            for t in (*self.books[layer_idx], *self.chord[layer_idx]):
-                h.update(t.detach().float().contiguous().cpu().numpy().tobytes())
-        return h.digest()
-
-
-def rope_pairs(d: int) -> torch.Tensor:
-    """The dimension order that puts each RoPE rotation pair side by side (transformers' rotate-half layout pairs
-    dim i with dim i + d/2): ``[0, d/2, 1, d/2 + 1, ...]``."""
-    half = torch.arange(d // 2)
-    return torch.stack([half, half + d // 2], -1).flatten()
-
-
-def fit_codebooks(keys: dict, tiers, iters: int = 20, seed: int = 42, max_vectors: int = 100_000,
-                  pairs: str = "contiguous") -> Codebooks:
-    """Fit codebooks on post-RoPE keys: ``keys[layer_idx]`` = [H, N, d] (N tokens); with ``pairs="rope"`` the
-    groups are taken in :func:`rope_pairs` order."""
-    books, chord = {}, {}
-    for layer_idx, k in keys.items():
-        H, N, d = k.shape
-        if pairs == "rope":
-            k = k[..., rope_pairs(d).to(k.device)]
-        per_b, per_c = [], []
-        for g, bits in tiers:
-            if d % g:
-                raise ValueError(f"SphericalKV: head dim {d} is not divisible by the tier group size {g}")
-            G = d // g
-            _, u = _directions(k, g)  # [H, N, G, g]
-            if N > max_vectors:
-                u = u[:, torch.randperm(N, generator=torch.Generator().manual_seed(seed))[:max_vectors]]
-            bucket = u.permute(0, 2, 1, 3).reshape(H * G, -1, g)
-            c = spherical_kmeans(bucket, 1 << bits, iters, seed).view(H, G, 1 << bits, g)
-            codes = torch.stack([encode_directions(u[h][None], c[h])[0] for h in range(H)])  # [H, N, G]
-            rec = c.gather(2, codes.permute(0, 2, 1)[..., None].expand(-1, -1, -1, g))  # [H, G, N, g]
-            err = (u.permute(0, 2, 1, 3) - rec).norm(dim=-1).pow(2).mean(-1).sqrt()  # [H, G]
-            per_b.append(c.contiguous())
-            per_c.append(err)
-        books[layer_idx], chord[layer_idx] = per_b, per_c
-    return Codebooks(tuple(tiers), books, chord)
-
-
-_CALIBRATED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-
-
-def calibration_ids(model, tokens: int, seed: int = 42) -> torch.Tensor:
-    """Deterministic calibration input: 200 Wikipedia summaries (titles sorted, from the 5000th on; not the demo
-    articles, though the needle haystacks, which draw from all summaries, may include some) through the model's own
-    tokenizer when both are available offline, else seeded random token ids (tiny test models)."""
-    try:
-        from transformers import AutoTokenizer
-
-        from ..data import wiki_summaries
-
-        path = (getattr(model, "name_or_path", "") or getattr(model.config, "_name_or_path", "")
-                or getattr(model.config.get_text_config(decoder=True), "_name_or_path", ""))  # a VLM's language model
-        tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        texts = wiki_summaries()
-        text = "\n\n".join(texts[t] for t in sorted(texts)[5000:5200])
-        ids = tok(text, return_tensors="pt").input_ids[:, :tokens]
-        if ids.shape[1] >= min(tokens, 256):
-            return ids
-    except Exception:  # noqa: BLE001 - any missing piece means: fall back to random ids
-        pass
-    vocab = model.config.get_text_config(decoder=True).vocab_size
-    return torch.randint(0, vocab, (1, tokens), generator=torch.Generator().manual_seed(seed))
-
-
-@torch.no_grad()
-def calibrate(model, tiers, tokens: int = 2048, iters: int = 20, seed: int = 42, pairs: str = "contiguous") -> Codebooks:
-    """Codebooks fitted on the model's own post-RoPE keys over :func:`calibration_ids` (remembered per model)."""
-    from transformers import DynamicCache
-    from transformers.cache_utils import DynamicLayer
-
-    from ..cache import cache_kwargs
-
-    key = (tuple(tiers), tokens, iters, seed, pairs)
-    per_model = _CALIBRATED.setdefault(model, {})
-    if key in per_model:
-        return per_model[key]
-    ids = calibration_ids(model, tokens, seed).to(model.device)
-    cache = DynamicCache(config=model.config.get_text_config(decoder=True))
-    model(input_ids=ids, **cache_kwargs(model, cache))
-    keys = {i: layer.keys[0].float() for i, layer in enumerate(cache.layers) if type(layer) is DynamicLayer}
-    books = fit_codebooks(keys, tiers, iters, seed, pairs=pairs)
-    per_model[key] = books
-    return books
-
-
-def encode_store(store, books: list, tiers: torch.Tensor) -> None:
-    """(Re)lay out a store's entries: slot s gets tier ``tiers[:, s]`` (1..T; 0 = dropped) of its current key, each
-    tier's tokens sorted by position (:meth:`~modalkv.storage.spherical.SphericalPayload.encode`)."""
-    payload = store.payload
-    payload.books = books
-    order, ok = payload.encode(tiers, store.pos, store.valid, store.n)
-    store.reorder(order, ok)
-    if "tier" in store.extras:
-        store.extras["tier"][:, : store.n] = payload.tiers(store.n).float()
-
-
-# --------------------------------------------------------------------------------------------------------------
-# rate-distortion allocation
-# --------------------------------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -394,7 +213,7 @@ class SphericalKV(Method):
         else:
             chord = self._chords(ctx.layer.layer_idx)
         rows_idx = torch.arange(max(0, n - self.window), n, device=ctx.keys.device)
-        probs = _probs(ctx.query, ctx.keys, ctx.scaling, rows_idx, ctx.real)  # [B, Hq, w, n]
+        probs = attention_probs(ctx.query, ctx.keys, ctx.scaling, rows_idx, ctx.real)  # [B, Hq, w, n]
         G_q = ctx.query.shape[1] // H
         p = probs.view(B, H, G_q * rows_idx.numel(), n).mean(2)  # mean attention per window query
         p = pool1d(p, self.kernel, "max") if self.kernel > 1 else p  # SnapKV's smoothing (CHOICE)
