@@ -242,10 +242,7 @@ def attend_coded(layer, query: torch.Tensor, mask, scaling: float) -> torch.Tens
         rv = torch.stack([pl.rv[:, : n - nq] for pl in payloads], 1).float()
         out += torch.matmul(probs[..., nq:], rv)
     out = out.to(query.dtype).view(B, H, G, q, -1).permute(0, 3, 1, 2, 4).reshape(B, q, Hq, -1)
-    probs_per_head = []
-    if want_probs:
-        probs_per_head = [probs[:, h].to(query.dtype).unflatten(1, (G, q)) for h in range(H)]
-    _after_step(layer, probs_per_head)
+    _after_step(layer, probs.to(query.dtype).unflatten(2, (G, q)) if want_probs else None, q)
     return out
 
 

@@ -697,7 +697,8 @@ class CompressedLayer(DynamicLayer):
     def enforce_decode_budget(self, step) -> None:
         """Evict down to ``decode_budget`` entries per (row, KV head) for a method that keeps every generated token
         (``KVCache.decode_policy``: least decode-time attention outside the recent half, or oldest after 4 sinks),
-        through the one eviction routine (:mod:`modalkv.decoding`). ``step``: a
+        through the one eviction routine (:mod:`modalkv.decoding`); the method's ``on_core_evict`` sees the victims
+        first (LOOK-M merges them into kept entries). ``step``: a
         :class:`~modalkv.decoding.DecodeStep`, or the step's attention rows per KV head ([B, G, q, n] each)."""
         from .decoding import INF, DecodeStep
 
@@ -705,6 +706,7 @@ class CompressedLayer(DynamicLayer):
             step = DecodeStep(self, step)
         cap = self.cache.budget.decode
         by_attention = self.cache.decode_policy == "attention"
+        on_evict = self.cache.method.on_core_evict
         for g in step.groups():
             if by_attention:
                 g.extra(DECODE_ATTENTION.name).add_(g.received("sum"))
@@ -712,9 +714,10 @@ class CompressedLayer(DynamicLayer):
                 continue
             over = g.n - cap if g.batch == 1 and g.all_valid else (g.valid.sum(-1) - cap).clamp(min=0)
             if by_attention:
-                g.evict(g.extra(DECODE_ATTENTION.name).masked_fill(g.newer_than(cap // 2), INF), over)
+                g.evict(g.extra(DECODE_ATTENTION.name).masked_fill(g.newer_than(cap // 2), INF), over,
+                        on_evict=on_evict)
             else:
-                g.evict(g.pos.float(), over, skip=min(4, cap - 1))
+                g.evict(g.pos.float(), over, skip=min(4, cap - 1), on_evict=on_evict)
 
     def budget_entries(self) -> int:
         """Valid entries over all heads and rows."""
