@@ -133,3 +133,46 @@ void spherical_logits(int ntask, const int64_t *tasks, int G, int bits, int K, i
         free(code);
     }
 }
+
+/* Dense keys (float32): out[i, t] = sum_j q[i, j] k[t, j] for t < n.
+ * task words: keys (f32 [n, d], rows of d), query (f32 [r, d]), out (f32, rows of ld_out), n. */
+void dense_logits(int ntask, const int64_t *tasks, int d, int r, int ld_out, int threads) {
+#pragma omp parallel for schedule(dynamic) num_threads(threads) if (threads > 1)
+    for (int k = 0; k < ntask; k++) {
+        const int64_t *w = tasks + 4 * k;
+        const float *keys = (const float *)w[0], *q = (const float *)w[1];
+        float *out = (float *)w[2];
+        int n = (int)w[3];
+        for (int t = 0; t < n; t++) {
+            const float *kt = keys + (size_t)t * d;
+            for (int i = 0; i < r; i++) {
+                const float *qi = q + (size_t)i * d;
+                float acc = 0.f;
+                for (int j = 0; j < d; j++) acc += qi[j] * kt[j];
+                out[(size_t)i * ld_out + t] = acc;
+            }
+        }
+    }
+}
+
+/* Dense values (float32): out[i, :] = sum_t p[i, t] v[t, :] for t < n.
+ * task words: values (f32 [n, dv], rows of dv), probs (f32, rows of ld_p), out (f32 [r, dv], overwritten), n. */
+void dense_mix(int ntask, const int64_t *tasks, int dv, int r, int ld_p, int threads) {
+#pragma omp parallel for schedule(dynamic) num_threads(threads) if (threads > 1)
+    for (int k = 0; k < ntask; k++) {
+        const int64_t *w = tasks + 4 * k;
+        const float *v = (const float *)w[0], *p = (const float *)w[1];
+        float *out = (float *)w[2];
+        int n = (int)w[3];
+        memset(out, 0, sizeof(float) * (size_t)r * dv);
+        for (int t = 0; t < n; t++) {
+            const float *vt = v + (size_t)t * dv;
+            for (int i = 0; i < r; i++) {
+                float pt = p[(size_t)i * ld_p + t];
+                if (pt == 0.f) continue;
+                float *o = out + (size_t)i * dv;
+                for (int j = 0; j < dv; j++) o[j] += pt * vt[j];
+            }
+        }
+    }
+}
