@@ -163,6 +163,46 @@ def profile_table(args) -> None:
     print(f"appended to {out}", file=sys.stderr)
 
 
+def kernel_times(args) -> None:
+    """The reads alone on fixed tensors at the attention shape (1 row, ``--kv-heads`` KV heads, 4 query rows per KV
+    head, head_dim 128, ``--context`` entries): torch matmuls over dense keys/values against the fused KIVI-4 kernels,
+    min over ``--calls`` calls each, interleaved (a proxy that load on a shared machine inflates least)."""
+    from modalkv.cache import HeadStore
+    from modalkv.storage import KIVI, kernels
+    from modalkv.storage.kivi import kivi_logits, kivi_mix
+
+    lib = kernels.library()
+    if lib is None:
+        raise SystemExit("the fused kernels could not be built")
+    B, H, r, d, n = 1, args.kv_heads, 4, 128, args.context
+    g = torch.Generator().manual_seed(0)
+    K, V = torch.randn(B, H, n, d, generator=g), torch.randn(B, H, n, d, generator=g)
+    q = torch.randn(B, H, r, d, generator=g) / d ** 0.5
+    pos = torch.arange(n, dtype=torch.int32).expand(B, n)
+    stores = [HeadStore(K[:, h], V[:, h], pos, torch.zeros(B, n, dtype=torch.int8), torch.ones(B, n, dtype=torch.bool),
+                        {}, 0, storage=KIVI(bits=4)) for h in range(H)]
+    payloads = [st.payload for st in stores]
+    p = torch.softmax(q @ K.transpose(-1, -2), -1).contiguous()
+    logits, out = torch.empty(B, H, r, n), torch.empty(B, H, r, d)
+    fns = {"dense logits (matmul)": lambda: torch.matmul(q, K.transpose(-1, -2)),
+           "dense probs x values (matmul)": lambda: torch.matmul(p, V),
+           "softmax": lambda: torch.softmax(logits, -1),
+           "kivi-4 logits (kernel)": lambda: kivi_logits(lib, payloads, q, logits),
+           "kivi-4 probs x values (kernel)": lambda: kivi_mix(lib, payloads, p, out)}
+    best = {name: float("inf") for name in fns}
+    for _ in range(args.calls):
+        for name, f in fns.items():
+            t0 = time.perf_counter()
+            f()
+            best[name] = min(best[name], time.perf_counter() - t0)
+    print(f"\n| read ({H} KV heads x {n} entries, 1 thread) | min ms over {args.calls} calls |\n|---|---:|")
+    for name, t in best.items():
+        print(f"| {name} | {t * 1e3:.3f} |")
+    dense = best["dense logits (matmul)"] + best["dense probs x values (matmul)"]
+    kivi = best["kivi-4 logits (kernel)"] + best["kivi-4 probs x values (kernel)"]
+    print(f"\nkivi-4 reads / dense reads: {kivi / dense:.2f} (the dense reads {dense / kivi:.2f}x slower)")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--layers", type=int, default=2)
@@ -178,6 +218,8 @@ def main() -> None:
     p.add_argument("--profile-context", type=int, default=512)
     p.add_argument("--profile-steps", type=int, default=8)
     p.add_argument("--verbose", action="store_true", help="with --profile: the most frequent ops of each row")
+    p.add_argument("--kernels", action="store_true", help="only time the reads alone on fixed tensors (see kernel_times)")
+    p.add_argument("--calls", type=int, default=40)
     p.add_argument("--ops-out", default=str(ROOT / "docs/results/decode_core_ops.csv"))
     p.add_argument("--configs", nargs="+", help="run only these configurations (besides DynamicCache and full)")
     p.add_argument("--calib-tokens", type=int, default=512, help="Spherical KV codebook calibration tokens")
@@ -194,6 +236,9 @@ def main() -> None:
     pin_threads(args.threads)
     if args.profile:
         profile_table(args)
+        return
+    if args.kernels:
+        kernel_times(args)
         return
     model = build(args, args.kv_heads)
     g = torch.Generator().manual_seed(0)

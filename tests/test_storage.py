@@ -152,6 +152,26 @@ def test_fused_reads_equal_the_torch_reads():
     torch.testing.assert_close(fused, store.logits(q), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("group", [32, 64])
+def test_fused_reads_at_a_real_head_dim(bits, group):
+    """head_dim 128 and 5 query rows: the vectorised kernel paths (4-bit codes, whole 128-channel blocks, query rows
+    in blocks of 4 and pairs) against the dequantized reads."""
+    g = torch.Generator().manual_seed(3)
+    n = 4 * group + 40
+    keys, values = torch.randn(2, n, 128, generator=g), torch.randn(2, n, 128, generator=g)
+    pos = torch.arange(n, dtype=torch.int32).expand(2, n)
+    store = HeadStore(keys, values, pos, torch.zeros(2, n, dtype=torch.int8), torch.ones(2, n, dtype=torch.bool), {},
+                      reserve=8, storage=KIVI(bits=bits, group_size=group, residual=16))
+    assert store.payload.nq >= 3 * group
+    q = torch.randn(2, 5, 128, generator=g)
+    p = torch.softmax(torch.randn(2, 5, n, generator=g), -1)
+    fused = store.logits(q), store.mix(p)
+    store.payload.fused = False
+    torch.testing.assert_close(fused[0], store.logits(q), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(fused[1], store.mix(p), atol=1e-5, rtol=1e-4)
+
+
 @pytest.mark.skipif(kernels.library() is None, reason="the fused kernels could not be built here")
 @pytest.mark.parametrize("method", ["full", "h2o"])
 def test_batched_kivi_step_equals_the_head_by_head_step(method, monkeypatch):

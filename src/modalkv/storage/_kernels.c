@@ -145,14 +145,16 @@ void kivi_logits(int ntask, const int64_t *tasks, int d, int G, int bits, int r,
 static void kivi_mix4_avx512(const uint8_t *codes, const half *scale, const half *zero, const float *p, float *out,
                              int nq, int dv, int vg, int r, int ld_p) {
     int line = dv / 2, ng = dv / vg;
-    float *zsum = calloc((size_t)r * ng, sizeof(float));
+    float *zsum = calloc((size_t)(r * ng + ng), sizeof(float)), *zf = zsum + r * ng;
     __m512i even = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
     __m512i odd = _mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8);
-    for (int t = 0; t < nq; t++)
+    for (int t = 0; t < nq; t++) {
+        for (int g = 0; g < ng; g++) zf[g] = h2f(zero[(size_t)t * ng + g]);
         for (int i = 0; i < r; i++) {
             float pt = p[(size_t)i * ld_p + t];
-            for (int g = 0; g < ng; g++) zsum[i * ng + g] += pt * h2f(zero[(size_t)t * ng + g]);
+            for (int g = 0; g < ng; g++) zsum[i * ng + g] += pt * zf[g];
         }
+    }
     for (int blk = 0; blk < dv; blk += 128) {
         for (int i0 = 0; i0 < r; i0 += 2) {
             int two = r - i0 > 1;
