@@ -201,6 +201,12 @@ def kernel_times(args) -> None:
     dense = best["dense logits (matmul)"] + best["dense probs x values (matmul)"]
     kivi = best["kivi-4 logits (kernel)"] + best["kivi-4 probs x values (kernel)"]
     print(f"\nkivi-4 reads / dense reads: {kivi / dense:.2f} (the dense reads {dense / kivi:.2f}x slower)")
+    import pandas as pd
+
+    out = Path(args.kernels_out)
+    pd.DataFrame([dict(run=args.run, read=name, min_ms=t * 1e3, kv_heads=H, context=n, calls=args.calls)
+                  for name, t in best.items()]).to_csv(out, mode="a", header=not out.exists(), index=False)
+    print(f"appended to {out}", file=sys.stderr)
 
 
 def main() -> None:
@@ -220,6 +226,7 @@ def main() -> None:
     p.add_argument("--verbose", action="store_true", help="with --profile: the most frequent ops of each row")
     p.add_argument("--kernels", action="store_true", help="only time the reads alone on fixed tensors (see kernel_times)")
     p.add_argument("--calls", type=int, default=40)
+    p.add_argument("--kernels-out", default=str(ROOT / "docs/results/decode_core_kernels.csv"))
     p.add_argument("--ops-out", default=str(ROOT / "docs/results/decode_core_ops.csv"))
     p.add_argument("--configs", nargs="+", help="run only these configurations (besides DynamicCache and full)")
     p.add_argument("--calib-tokens", type=int, default=512, help="Spherical KV codebook calibration tokens")
