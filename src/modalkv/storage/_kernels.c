@@ -139,9 +139,9 @@ void kivi_logits(int ntask, const int64_t *tasks, int d, int G, int bits, int r,
 }
 
 #ifdef KIVI_AVX512
-/* kivi_mix for 4-bit codes: per block of 128 channels (4 chunks of 16 code bytes: even channels in the low
- * nibbles, odd ones in the high) and pair of query rows, the 16 accumulators stay in registers over all tokens;
- * the zero terms are summed per group apart. */
+/* kivi_mix for 4-bit codes: per block of 64 channels (2 chunks of 16 code bytes: even channels in the low nibbles,
+ * odd ones in the high) and group of up to 4 query rows, the accumulators stay in registers over all tokens and each
+ * token's codes are converted once for the rows; the zero terms are summed per value group apart. */
 static void kivi_mix4_avx512(const uint8_t *codes, const half *scale, const half *zero, const float *p, float *out,
                              int nq, int dv, int vg, int r, int ld_p) {
     int line = dv / 2, ng = dv / vg;
@@ -155,36 +155,40 @@ static void kivi_mix4_avx512(const uint8_t *codes, const half *scale, const half
             for (int g = 0; g < ng; g++) zsum[i * ng + g] += pt * zf[g];
         }
     }
-    for (int blk = 0; blk < dv; blk += 128) {
-        for (int i0 = 0; i0 < r; i0 += 2) {
-            int two = r - i0 > 1;
-            __m512 lo0[4], hi0[4], lo1[4], hi1[4];
-            for (int c = 0; c < 4; c++) lo0[c] = hi0[c] = lo1[c] = hi1[c] = _mm512_setzero_ps();
-            const float *p0 = p + (size_t)i0 * ld_p, *p1 = two ? p0 + ld_p : p0;
+    for (int blk = 0; blk < dv; blk += 64) {
+        int g0 = blk / vg, g1 = (blk + 32) / vg;
+        for (int i0 = 0; i0 < r; i0 += 4) {
+            int nr = r - i0 < 4 ? r - i0 : 4;
+            const float *pr[4];
+            for (int i = 0; i < 4; i++) pr[i] = p + (size_t)(i0 + (i < nr ? i : 0)) * ld_p;
+            __m512 acc[4][4];
+            for (int i = 0; i < 4; i++)
+                for (int c = 0; c < 4; c++) acc[i][c] = _mm512_setzero_ps();
             for (int t = 0; t < nq; t++) {
                 const uint8_t *ct = codes + (size_t)t * line + blk / 2;
                 const half *st = scale + (size_t)t * ng;
-                for (int c = 0; c < 4; c++) {
-                    float s = h2f(st[(blk + 32 * c) / vg]);
-                    __m512 lo, hi;
-                    nibbles16(ct + 16 * c, &lo, &hi);
-                    __m512 a0 = _mm512_set1_ps(p0[t] * s), a1 = _mm512_set1_ps(p1[t] * s);
-                    lo0[c] = _mm512_fmadd_ps(a0, lo, lo0[c]);
-                    hi0[c] = _mm512_fmadd_ps(a0, hi, hi0[c]);
-                    lo1[c] = _mm512_fmadd_ps(a1, lo, lo1[c]);
-                    hi1[c] = _mm512_fmadd_ps(a1, hi, hi1[c]);
+                float s0 = h2f(st[g0]), s1 = h2f(st[g1]);
+                __m512 lo0, hi0, lo1, hi1;
+                nibbles16(ct, &lo0, &hi0);
+                nibbles16(ct + 16, &lo1, &hi1);
+#pragma GCC unroll 4
+                for (int i = 0; i < 4; i++) {
+                    float pt = pr[i][t];
+                    __m512 a0 = _mm512_set1_ps(pt * s0), a1 = _mm512_set1_ps(pt * s1);
+                    acc[i][0] = _mm512_fmadd_ps(a0, lo0, acc[i][0]);
+                    acc[i][1] = _mm512_fmadd_ps(a0, hi0, acc[i][1]);
+                    acc[i][2] = _mm512_fmadd_ps(a1, lo1, acc[i][2]);
+                    acc[i][3] = _mm512_fmadd_ps(a1, hi1, acc[i][3]);
                 }
             }
-            for (int c = 0; c < 4; c++) {  /* back to channel order, plus the zero terms of the channels' group */
-                int g = (blk + 32 * c) / vg;
-                for (int k = 0; k < 1 + two; k++) {
-                    __m512 lo = k ? lo1[c] : lo0[c], hi = k ? hi1[c] : hi0[c];
-                    __m512 z = _mm512_set1_ps(zsum[(i0 + k) * ng + g]);
-                    float *o = out + (size_t)(i0 + k) * dv + blk + 32 * c;
+            for (int i = 0; i < nr; i++)  /* back to channel order, plus the zero terms of the channels' group */
+                for (int c = 0; c < 2; c++) {
+                    __m512 z = _mm512_set1_ps(zsum[(i0 + i) * ng + (c ? g1 : g0)]);
+                    float *o = out + (size_t)(i0 + i) * dv + blk + 32 * c;
+                    __m512 lo = acc[i][2 * c], hi = acc[i][2 * c + 1];
                     _mm512_storeu_ps(o, _mm512_add_ps(_mm512_permutex2var_ps(lo, even, hi), z));
                     _mm512_storeu_ps(o + 16, _mm512_add_ps(_mm512_permutex2var_ps(lo, odd, hi), z));
                 }
-            }
         }
     }
     free(zsum);
@@ -204,7 +208,7 @@ void kivi_mix(int ntask, const int64_t *tasks, int dv, int vg, int bits, int r, 
         float *out = (float *)w[4];
         int nq = (int)w[5], line = dv * bits / 8, ng = dv / vg;
 #ifdef KIVI_AVX512
-        if (bits == 4 && vg % 32 == 0 && dv % 128 == 0) {
+        if (bits == 4 && vg % 32 == 0 && dv % 64 == 0) {
             kivi_mix4_avx512(codes, scale, zero, p, out, nq, dv, vg, r, ld_p);
             continue;
         }
