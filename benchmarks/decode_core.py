@@ -79,7 +79,10 @@ def cache_bytes(cache) -> int:
 
 
 @torch.no_grad()
-def aten_ops_per_layer_step(model, ids, make_cache, layers: int, per_head: bool = False) -> int:
+def aten_ops_per_layer_step(model, ids, make_cache, layers: int, per_head: bool = False, steps: int = 1,
+                            top: dict | None = None) -> float:
+    """aten ops per decode step and layer (torch.profiler counts, load-independent), averaged over ``steps`` steps
+    after one warm-up step; ``top`` (a dict) receives the count of each aten op over those steps."""
     from torch.profiler import ProfilerActivity, profile
 
     from modalkv import cache_kwargs
@@ -90,10 +93,120 @@ def aten_ops_per_layer_step(model, ids, make_cache, layers: int, per_head: bool 
         for layer in getattr(cache, "managed_layers", []):
             layer.packed = False
     nxt = out.logits[:, -1:].argmax(-1)
-    model(input_ids=nxt, position_ids=torch.tensor([[ids.shape[1]]]), **cache_kwargs(model, cache))
+    pos = ids.shape[1]
+    model(input_ids=nxt, position_ids=torch.full((ids.shape[0], 1), pos), **cache_kwargs(model, cache))
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        model(input_ids=nxt, position_ids=torch.tensor([[ids.shape[1] + 1]]), **cache_kwargs(model, cache))
-    return sum(e.count for e in prof.key_averages() if e.key.startswith("aten::")) // layers
+        for t in range(steps):
+            model(input_ids=nxt, position_ids=torch.full((ids.shape[0], 1), pos + 1 + t),
+                  **cache_kwargs(model, cache))
+    events = [e for e in prof.key_averages() if e.key.startswith("aten::")]
+    if top is not None:
+        top.update({e.key: e.count for e in events})
+    return sum(e.count for e in events) / layers / steps
+
+
+# the configurations of the op-count table (--profile): name -> (method, budget, KVCache keywords)
+PROFILED = {
+    "DynamicCache": None,
+    "full": ("full", 1.0, {}),
+    "snapkv 0.25": ("snapkv", 0.25, {}),
+    "h2o 0.25": ("h2o", 0.25, {}),
+    "streamingllm 0.25": ("streamingllm", 0.25, {}),
+    "hae 0.25": ("hae", 0.25, {}),
+    "retentivekv 0.25": ("retentivekv", 0.25, {}),
+    "knorm 0.25": ("knorm", 0.25, {}),
+    "kivi-4": ("full", 1.0, {"quantize": "kivi-4"}),
+    "sphericalkv 0.25": ("sphericalkv", 0.25, {"calib_tokens": 128}),
+}
+
+
+def profile_table(args) -> None:
+    """Aten ops per decode step and layer at 2 and 8 KV heads for every configuration of PROFILED: a markdown table,
+    appended to ``decode_core_ops.csv`` (``--ops-out``)."""
+    import pandas as pd
+    from transformers import DynamicCache
+
+    from modalkv import KVCache
+
+    rows = []
+    for kv_heads in (2, 8):
+        model = build(args, kv_heads)
+        g = torch.Generator().manual_seed(0)
+        ids = torch.randint(0, 1024, (args.batch, args.profile_context), generator=g)
+        for name, spec in PROFILED.items():
+            if args.configs and name not in args.configs and name not in ("DynamicCache", "full"):
+                continue
+            if spec is None:
+                def make():
+                    return DynamicCache(config=model.config)
+            else:
+                def make(spec=spec):
+                    method, budget, kw = spec
+                    return KVCache(model, method, budget, **kw)
+            top: dict = {}
+            ops = aten_ops_per_layer_step(model, ids, make, args.layers, steps=args.profile_steps, top=top)
+            rows.append(dict(run=args.run, config=name, kv_heads=kv_heads, ops_per_layer_step=ops,
+                             context=args.profile_context, batch=args.batch, steps=args.profile_steps))
+            if args.verbose:
+                busiest = sorted(top.items(), key=lambda kv: -kv[1])[:12]
+                print(f"{name} @ {kv_heads} KV heads: {ops:.0f} ops/layer/step; " +
+                      ", ".join(f"{k[6:]} {v / args.layers / args.profile_steps:.1f}" for k, v in busiest), flush=True)
+        del model
+    df = pd.DataFrame(rows)
+    table = df.pivot(index="config", columns="kv_heads", values="ops_per_layer_step").reindex(
+        [c for c in PROFILED if c in set(df.config)])
+    print(f"\n| configuration | 2 KV heads | 8 KV heads | 8 / 2 |\n|---|---:|---:|---:|")
+    for name, r in table.iterrows():
+        print(f"| {name} | {r[2]:.0f} | {r[8]:.0f} | {r[8] / r[2]:.2f} |")
+    out = Path(args.ops_out)
+    df.to_csv(out, mode="a", header=not out.exists(), index=False)
+    print(f"appended to {out}", file=sys.stderr)
+
+
+def kernel_times(args) -> None:
+    """The reads alone on fixed tensors at the attention shape (1 row, ``--kv-heads`` KV heads, 4 query rows per KV
+    head, head_dim 128, ``--context`` entries): torch matmuls over dense keys/values against the fused KIVI-4 kernels,
+    min over ``--calls`` calls each, interleaved (a proxy that load on a shared machine inflates least)."""
+    from modalkv.cache import HeadStore
+    from modalkv.storage import KIVI, kernels
+    from modalkv.storage.kivi import kivi_logits, kivi_mix
+
+    lib = kernels.library()
+    if lib is None:
+        raise SystemExit("the fused kernels could not be built")
+    B, H, r, d, n = 1, args.kv_heads, 4, 128, args.context
+    g = torch.Generator().manual_seed(0)
+    K, V = torch.randn(B, H, n, d, generator=g), torch.randn(B, H, n, d, generator=g)
+    q = torch.randn(B, H, r, d, generator=g) / d ** 0.5
+    pos = torch.arange(n, dtype=torch.int32).expand(B, n)
+    stores = [HeadStore(K[:, h], V[:, h], pos, torch.zeros(B, n, dtype=torch.int8), torch.ones(B, n, dtype=torch.bool),
+                        {}, 0, storage=KIVI(bits=4)) for h in range(H)]
+    payloads = [st.payload for st in stores]
+    p = torch.softmax(q @ K.transpose(-1, -2), -1).contiguous()
+    logits, out = torch.empty(B, H, r, n), torch.empty(B, H, r, d)
+    fns = {"dense logits (matmul)": lambda: torch.matmul(q, K.transpose(-1, -2)),
+           "dense probs x values (matmul)": lambda: torch.matmul(p, V),
+           "softmax": lambda: torch.softmax(logits, -1),
+           "kivi-4 logits (kernel)": lambda: kivi_logits(lib, payloads, q, logits),
+           "kivi-4 probs x values (kernel)": lambda: kivi_mix(lib, payloads, p, out)}
+    best = {name: float("inf") for name in fns}
+    for _ in range(args.calls):
+        for name, f in fns.items():
+            t0 = time.perf_counter()
+            f()
+            best[name] = min(best[name], time.perf_counter() - t0)
+    print(f"\n| read ({H} KV heads x {n} entries, 1 thread) | min ms over {args.calls} calls |\n|---|---:|")
+    for name, t in best.items():
+        print(f"| {name} | {t * 1e3:.3f} |")
+    dense = best["dense logits (matmul)"] + best["dense probs x values (matmul)"]
+    kivi = best["kivi-4 logits (kernel)"] + best["kivi-4 probs x values (kernel)"]
+    print(f"\nkivi-4 reads / dense reads: {kivi / dense:.2f} (the dense reads {dense / kivi:.2f}x slower)")
+    import pandas as pd
+
+    out = Path(args.kernels_out)
+    pd.DataFrame([dict(run=args.run, read=name, min_ms=t * 1e3, kv_heads=H, context=n, calls=args.calls)
+                  for name, t in best.items()]).to_csv(out, mode="a", header=not out.exists(), index=False)
+    print(f"appended to {out}", file=sys.stderr)
 
 
 def main() -> None:
@@ -106,7 +219,15 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--profile", action="store_true")
+    p.add_argument("--profile", action="store_true",
+                   help="only count aten ops per decode step and layer at 2 and 8 KV heads (no timing)")
+    p.add_argument("--profile-context", type=int, default=512)
+    p.add_argument("--profile-steps", type=int, default=8)
+    p.add_argument("--verbose", action="store_true", help="with --profile: the most frequent ops of each row")
+    p.add_argument("--kernels", action="store_true", help="only time the reads alone on fixed tensors (see kernel_times)")
+    p.add_argument("--calls", type=int, default=40)
+    p.add_argument("--kernels-out", default=str(ROOT / "docs/results/decode_core_kernels.csv"))
+    p.add_argument("--ops-out", default=str(ROOT / "docs/results/decode_core_ops.csv"))
     p.add_argument("--configs", nargs="+", help="run only these configurations (besides DynamicCache and full)")
     p.add_argument("--calib-tokens", type=int, default=512, help="Spherical KV codebook calibration tokens")
     p.add_argument("--run", default="", help="a label for this run in the CSV")
@@ -120,6 +241,12 @@ def main() -> None:
     from modalkv.measure import pin_threads
 
     pin_threads(args.threads)
+    if args.profile:
+        profile_table(args)
+        return
+    if args.kernels:
+        kernel_times(args)
+        return
     model = build(args, args.kv_heads)
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, 1024, (args.batch, args.context), generator=g)
@@ -162,13 +289,7 @@ def main() -> None:
     for key, val in dict(layers=args.layers, kv_heads=args.kv_heads, context=args.context, batch=args.batch,
                          threads=args.threads, base_ms_32_tokens=base_ms, read_gb_s=bandwidth / 1e9).items():
         med[key] = val
-    if args.profile:
-        for name in ("DynamicCache", "modalkv full", "snapkv 0.25", "snapkv 0.25 per-head"):
-            make, per_head = configs[name]
-            med.loc[med.config == name, "aten_ops_per_layer_step"] = aten_ops_per_layer_step(
-                model, ids[:, :512], make, args.layers, per_head)
-    if "aten_ops_per_layer_step" not in med:
-        med["aten_ops_per_layer_step"] = float("nan")
+    med["aten_ops_per_layer_step"] = float("nan")  # (op counts: --profile)
     med.insert(0, "run", args.run)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -8,6 +8,10 @@ against transformers' own DynamicCache and modalkv's ``full`` measured in the sa
     python benchmarks/memory_speed.py --lengths 2048 --batches 1 --methods dynamic full snapkv  # quick
     python benchmarks/memory_speed.py --lengths 8192 --batches 4 8 --threads 1 --budget 0.2 \
         --methods full snapkv kivi-4 sphericalkv                     # the compressed formats, KV-bound
+    python benchmarks/memory_speed.py --kv-bound --lengths 8192 --batches 4 8 --threads 1 2 --budget 0.2 \
+        --new-tokens 12 --repeats 2 --out docs/results/memory_speed_kv_bound.md
+                      # the KV-bound sweep in one process: one captured prefill, every method at every batch size
+                      # and thread count, ratios to modalkv's full cache
 
 Decode ms/token: a hand-written greedy loop, one forward per token; the median step time over ``--new-tokens``
 steps (the first token comes from prefill), repeated ``--repeats`` times on the same cache, median of the
@@ -204,23 +208,134 @@ def write_markdown(df, out: Path, bw: float, args, torch_version: str) -> None:
     out.write_text("\n".join(lines) + "\n")
 
 
+# the KV-bound sweep (--kv-bound): the methods the decode/storage work targets, at one budget
+KV_BOUND_METHODS = ["full", "snapkv", "adakv", "madakv", "hae", "retentivekv", "sphericalkv", "kivi-4"]
+
+
+def kv_bound(args) -> None:
+    """One prompt forward (captured), then per method: the compressed cache, replicated to each batch size, decoded
+    at each thread count. Prints a markdown table with every step time as a ratio to modalkv's full cache at the same
+    batch size and thread count, and writes it (with a CSV) to ``--out``."""
+    import pandas as pd
+    import torch
+
+    from modalkv.cache import cache_kwargs
+    from modalkv.measure import cache_bytes
+    from modalkv.models import load_model
+    from modalkv.replay import capture_prefill
+    from modalkv.storage import storage_names
+
+    torch.set_num_threads(args.prefill_threads)
+    model, tok = load_model(args.model)
+    length = args.lengths[0]
+    ids = build_prompt(tok, length)
+    t0 = time.perf_counter()
+    captured = capture_prefill(model, ids)
+    print(f"prefill of {length} tokens captured in {time.perf_counter() - t0:.0f}s", flush=True)
+    bandwidth = {t: measure_bandwidth(t) for t in args.threads}
+    first = captured.logits[:, -1:].argmax(-1)
+    methods = args.methods if args.methods != p_default_methods() else KV_BOUND_METHODS
+    results = []
+    with torch.no_grad():
+        for m in methods:
+            for B in sorted(args.batches):
+                # every row the same prompt; the cache is built at batch B (not replicated afterwards: methods keep
+                # per-row state beside the stores that a batch replication would not copy)
+                torch.set_num_threads(args.prefill_threads)
+                t0 = time.perf_counter()
+                rows = captured_rows(captured, B)
+                if m in storage_names():
+                    cache = rows.build_cache(model, "full", 1.0, quantize=m)
+                else:
+                    kw = {"mode": "kv_only"} if m == "hae" else {}
+                    cache = rows.build_cache(model, m, 1.0 if m == "full" else args.budget, **kw)
+                build_s = time.perf_counter() - t0
+                pos = length
+                kw = cache_kwargs(model, cache)
+                kept = cache_bytes(cache)["kept_bytes"]
+                for T in args.threads:
+                    torch.set_num_threads(T)
+                    nxt = first.expand(B, 1)
+                    medians = []
+                    for _ in range(args.repeats):
+                        steps = []
+                        for _ in range(args.new_tokens):
+                            t0 = time.perf_counter()
+                            out = model(input_ids=nxt, position_ids=torch.full((B, 1), pos), **kw)
+                            nxt = out.logits[:, -1:].argmax(-1)
+                            steps.append((time.perf_counter() - t0) * 1e3)
+                            pos += 1
+                        medians.append(statistics.median(steps[1:]))
+                    ms = statistics.median(medians)
+                    results.append(dict(method=m, budget=1.0 if m in ("full", *storage_names()) else args.budget,
+                                     length=length, batch=B, threads=T, decode_ms=ms, kv_kept_bytes=kept,
+                                     build_s=build_s, floor_ms=kept / bandwidth[T] * 1e3))
+                    print(f"{m:12s} B={B} threads={T}: {ms:.1f} ms/token (KV {kept / 2**20:.0f} MiB)", flush=True)
+                del cache, rows
+    df = pd.DataFrame(results)
+    full = df[df.method == "full"].set_index(["batch", "threads"])["decode_ms"]
+    df["vs_full"] = [full.get((B, T), float("nan")) / ms for B, T, ms in zip(df.batch, df.threads, df.decode_ms)]
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    df.to_csv(out.with_suffix(".csv"), index=False)
+    lines = [f"KV-bound decode on {args.model}: {length}-token prompt, budget {args.budget}, "
+             f"median of {args.repeats} repeats of {args.new_tokens} steps; `python benchmarks/memory_speed.py "
+             f"{' '.join(sys.argv[1:])}` on {time.strftime('%Y-%m-%d')}. KV floor = kept bytes / bandwidth "
+             f"({', '.join(f'{t} thread(s) {bw / 1e9:.1f} GB/s' for t, bw in bandwidth.items())}).", "",
+             "| method | batch | threads | KV MiB | ms/token | vs full | KV floor ms |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for r in df.sort_values(["batch", "threads"], kind="stable").itertuples():
+        lines.append(f"| {r.method} | {r.batch} | {r.threads} | {r.kv_kept_bytes / 2**20:.0f} | {r.decode_ms:.1f} | "
+                     f"{r.vs_full:.2f}x | {r.floor_ms:.1f} |")
+    out.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    print(f"wrote {out} and {out.with_suffix('.csv')}")
+
+
+def captured_rows(captured, batch: int):
+    """The captured prefill of one prompt as ``batch`` identical rows (views, no copies)."""
+    import copy
+
+    if batch == 1:
+        return captured
+    out = copy.copy(captured)
+    out.layers = {i: (q.expand(batch, *q.shape[1:]), k.expand(batch, *k.shape[1:]), v.expand(batch, *v.shape[1:]),
+                      real.expand(batch, -1), scaling) for i, (q, k, v, real, scaling) in captured.layers.items()}
+    out.logits = captured.logits.expand(batch, *captured.logits.shape[1:])
+    if captured.modality is not None:
+        out.modality = captured.modality.expand(batch, -1)
+    return out
+
+
+def p_default_methods() -> list[str]:
+    return ["dynamic", "full", "snapkv", "adakv", "streamingllm", "h2o"]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--methods", nargs="+", default=["dynamic", "full", "snapkv", "adakv", "streamingllm", "h2o"])
+    p.add_argument("--methods", nargs="+", default=p_default_methods())
+    p.add_argument("--kv-bound", action="store_true",
+                   help="the KV-bound sweep in one process: one captured prefill, then every method of --methods "
+                        f"(default {' '.join(KV_BOUND_METHODS)}) at every --batches and --threads")
     p.add_argument("--method", default="full")
     p.add_argument("--lengths", nargs="+", type=int, default=[2048, 4096, 8192])
     p.add_argument("--length", type=int, default=2048)
     p.add_argument("--batches", nargs="+", type=int, default=[1, 8])
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--budget", type=float, default=0.25)
-    p.add_argument("--threads", type=int, default=1, help="decode threads (pinned)")
+    p.add_argument("--threads", type=int, nargs="+", default=[1], help="decode threads (pinned); --kv-bound: a list")
     p.add_argument("--prefill-threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--new-tokens", type=int, default=24)
     p.add_argument("--out", default=str(ROOT / "docs/results/memory_speed.md"))
     args = p.parse_args()
+    if args.kv_bound:
+        kv_bound(args)
+        return
+    if len(args.threads) != 1:
+        p.error("--threads takes one value except with --kv-bound")
+    args.threads = args.threads[0]
     if args.worker:
         print(json.dumps(worker(args)))
     else:

@@ -90,6 +90,8 @@ def static_refusal(sc) -> str | None:
                         rf"n_sink={STREAMING_SINKS} attention sinks")
     if m == "sphericalkv" and sc["quantize"]:
         return r"sphericalkv stores its own entry format; it cannot be combined with quantize='kivi-4'"
+    if m == "lookm" and sc["quantize"] and sc["decode_budget"] is not None:
+        return r"lookm merges the entries decode_budget evicts into kept entries, which needs dense storage"
     if m == "kvzip" and len(sc["lengths"]) > 1:
         return r"kvzip compresses one context at a time \(batch 1\)"
     if m == "full" and (sc["budget"] != 1.0 or sc["caps"]):

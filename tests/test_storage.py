@@ -1,6 +1,6 @@
 """The storage contract: every payload (dense, KIVI, Spherical KV codes) appends, keeps, moves and counts its bytes
 exactly, its two reads equal the dense reconstruction's, the fused kernels equal the pure torch reads, the batched
-KIVI step equals the head-by-head one, and the storage registry refuses unknown names clearly."""
+KIVI and Spherical KV steps equal the head-by-head ones, and the storage registry refuses unknown names clearly."""
 
 import pytest
 import torch
@@ -152,6 +152,26 @@ def test_fused_reads_equal_the_torch_reads():
     torch.testing.assert_close(fused, store.logits(q), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("group", [32, 64])
+def test_fused_reads_at_a_real_head_dim(bits, group):
+    """head_dim 128 and 5 query rows: the vectorised kernel paths (4-bit codes, whole 128-channel blocks, query rows
+    in blocks of 4 and pairs) against the dequantized reads."""
+    g = torch.Generator().manual_seed(3)
+    n = 4 * group + 40
+    keys, values = torch.randn(2, n, 128, generator=g), torch.randn(2, n, 128, generator=g)
+    pos = torch.arange(n, dtype=torch.int32).expand(2, n)
+    store = HeadStore(keys, values, pos, torch.zeros(2, n, dtype=torch.int8), torch.ones(2, n, dtype=torch.bool), {},
+                      reserve=8, storage=KIVI(bits=bits, group_size=group, residual=16))
+    assert store.payload.nq >= 3 * group
+    q = torch.randn(2, 5, 128, generator=g)
+    p = torch.softmax(torch.randn(2, 5, n, generator=g), -1)
+    fused = store.logits(q), store.mix(p)
+    store.payload.fused = False
+    torch.testing.assert_close(fused[0], store.logits(q), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(fused[1], store.mix(p), atol=1e-5, rtol=1e-4)
+
+
 @pytest.mark.skipif(kernels.library() is None, reason="the fused kernels could not be built here")
 @pytest.mark.parametrize("method", ["full", "h2o"])
 def test_batched_kivi_step_equals_the_head_by_head_step(method, monkeypatch):
@@ -170,6 +190,34 @@ def test_batched_kivi_step_equals_the_head_by_head_step(method, monkeypatch):
     monkeypatch.setenv("MODALKV_KERNELS", "0")  # no kernels: head by head, dequantizing
     calls.clear()
     per_head, _ = run_steps(model, ids, mask, KVCache(model, method, 48 if method == "h2o" else 1.0, quantize=kivi), 12)
+    assert not calls
+    for a, b in zip(batched, per_head):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.skipif(kernels.library() is None, reason="the fused kernels could not be built here")
+@pytest.mark.parametrize("batch", [1, 2])
+def test_batched_spherical_step_equals_the_head_by_head_step(batch, monkeypatch):
+    import modalkv.attention as attn
+
+    model = tiny_llama()
+    ids = prompt(120, batch=batch)
+    mask = torch.ones_like(ids)
+    if batch > 1:
+        mask[1, :7] = 0  # a padded row
+
+    def make():
+        return KVCache(model, "sphericalkv", 0.4, window=8, n_sink=2, recent=8, refresh=4, page_size=16,
+                       calib_tokens=256)
+
+    calls = []
+    real = attn.attend_spherical
+    monkeypatch.setattr(attn, "attend_spherical", lambda *a: calls.append(1) or real(*a))
+    batched, _ = run_steps(model, ids, mask, make(), 10)  # refresh=4: re-allocations (tiers) between the steps
+    assert len(calls) == 10 * 3  # every decode step of every layer
+    monkeypatch.setenv("MODALKV_KERNELS", "0")  # no kernels: head by head, torch table gathers
+    calls.clear()
+    per_head, _ = run_steps(model, ids, mask, make(), 10)
     assert not calls
     for a, b in zip(batched, per_head):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)

@@ -20,6 +20,7 @@ import sys
 import weakref
 
 import torch
+import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
@@ -246,6 +247,80 @@ def attend_coded(layer, query: torch.Tensor, mask, scaling: float) -> torch.Tens
     return out
 
 
+def _spherical_batchable(layer, q: int) -> bool:
+    """Can this step read a Spherical KV layer in one batched step (:func:`attend_spherical`)? (Heads may hold
+    different numbers of entries for one new token; a multi-token chunk needs them equal.)"""
+    from .storage import kernels
+    from .storage.spherical import SphericalPayload
+
+    heads = layer.heads
+    method = layer.cache.method
+    if method.has_readout or not heads or heads[0].pos.device.type != "cpu":
+        return False
+    first = heads[0].payload
+    if type(first) is not SphericalPayload or not first.fused or first.params.reference or first.books is None:
+        return False
+    if kernels.library() is None:
+        return False
+    return all(type(st.payload) is SphericalPayload and (q == 1 or st.n == heads[0].n) and st.payload.books is not None
+               and st.payload.values.dtype == torch.float32 and st.payload.tail_keys.dtype == torch.float32
+               and hidden_entries(method, st) is None for st in heads)
+
+
+def attend_spherical(layer, query: torch.Tensor, mask, scaling: float) -> torch.Tensor:
+    """:func:`attend_stored` for a Spherical KV layer: per tier one table ``T = <q_j, C_c>`` for every KV head (one
+    einsum) and one fused kernel call over every (row, head) section, one kernel call for every dense tail, and one
+    for probabilities x values; a fixed number of tensor ops whatever the number of heads. Heads holding fewer
+    entries than the largest are padded in the logits (masked) only. Returns [B, q, Hq, d]."""
+    from .storage import kernels
+    from .storage.spherical import spherical_logits, spherical_mix, spherical_tail_logits
+
+    B, Hq, q, d = query.shape
+    heads = layer.heads
+    H = len(heads)
+    G = Hq // H
+    method = layer.cache.method
+    want_probs = method.needs_decode_probs or layer.cache.core_decode_eviction == "attention"
+    payloads = [st.payload for st in heads]
+    params = payloads[0].params
+    sizes = [st.n for st in heads]
+    n, r = max(sizes), G * q
+    block = _block_mask(mask, q)
+    if block is not None:  # the new slots of a padded multi-token chunk: mark padding invalid
+        real_new = block[:, -1, :] if block.shape[0] == B else block[:, -1, :].expand(B, q)
+        for store in heads:
+            store.valid[:, n - q : n] &= real_new
+            store.all_valid = store.all_valid and bool(real_new.all())
+    lib = kernels.library()
+    qs = (query.float() * scaling).reshape(B, H, r, d).contiguous()
+    logits = qs.new_empty(B, H, r, n)
+    tiers = sorted({sec["tier"] for pl in payloads for sec in pl.sections if sec["width"]})
+    if tiers:
+        grouped = params.grouped(qs)
+        for t in tiers:
+            books = torch.stack([pl.books[t - 1] for pl in payloads])  # [H, G_t, K_t, g_t]
+            _, Gt, K, g = books.shape
+            lut = torch.einsum("bhrjx,hjkx->bhrjk", grouped.reshape(B, H, r, Gt, g), books).contiguous()
+            spherical_logits(lib, payloads, t, lut, logits)
+    spherical_tail_logits(lib, payloads, qs, logits, sizes)
+    if not all(st.all_valid for st in heads):
+        visible = torch.stack([F.pad(st.valid[:, : st.n], (0, n - st.n)) for st in heads], 1)
+        logits.masked_fill_(~visible[:, :, None, :], float("-inf"))
+    elif any(size != n for size in sizes):
+        within = torch.arange(n)[None, :] < torch.tensor(sizes)[:, None]  # [H, n]
+        logits.masked_fill_(~within[None, :, None, :], float("-inf"))
+    if block is not None:
+        allowed = torch.ones(B, q, n, dtype=torch.bool, device=logits.device)
+        allowed[:, :, n - q :] = block
+        logits = logits.view(B, H, G, q, n).masked_fill(~allowed[:, None, None], float("-inf")).view(B, H, r, n)
+    probs = torch.softmax(logits, dim=-1).contiguous()
+    out = probs.new_empty(B, H, r, payloads[0].dv)
+    spherical_mix(lib, payloads, probs, out, sizes)
+    out = out.to(query.dtype).view(B, H, G, q, -1).permute(0, 3, 1, 2, 4).reshape(B, q, Hq, -1)
+    _after_step(layer, probs.to(query.dtype).unflatten(2, (G, q)) if want_probs else None, q)
+    return out
+
+
 def attend_stored(layer, query: torch.Tensor, mask, scaling: float) -> torch.Tensor:
     """Attention of ``query`` [B, Hq, q, d] over every head store of ``layer`` (new entries already appended).
 
@@ -255,6 +330,8 @@ def attend_stored(layer, query: torch.Tensor, mask, scaling: float) -> torch.Ten
         return attend_packed(layer, query, mask, scaling)
     if _coded_batchable(layer, query.shape[2]):
         return attend_coded(layer, query, mask, scaling)
+    if _spherical_batchable(layer, query.shape[2]):
+        return attend_spherical(layer, query, mask, scaling)
     B, Hq, q, d = query.shape
     heads = layer.heads
     H = len(heads)

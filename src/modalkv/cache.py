@@ -35,7 +35,7 @@ from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
 from . import attention, pruning
 from .budget import Budget, parse_caps
-from .decoding import Extra
+from .decoding import Extra, adopted_extras
 from .modality import TEXT, as_modality_ids
 
 # the core's own per-entry score for decode_budget with decode_policy="attention"
@@ -134,7 +134,8 @@ class HeadStore:
         self.payload.grow(new_cap)
 
     def append(self, keys, values, pos, mod, valid) -> None:
-        """Append q entries per row: keys/values [B, q, d], pos [B, q], mod [B, q], valid [B, q]."""
+        """Append q entries per row: keys/values [B, q, d], pos [B, q], mod [B, q], valid [B, q] bool (or True:
+        every new entry is real, known without looking at a tensor)."""
         q, at = keys.shape[1], self.n
         if at + q > self.pos.shape[1]:
             self._grow(at + q)
@@ -144,7 +145,7 @@ class HeadStore:
         self.valid[:, at : at + q] = valid
         for t in self.extras.values():
             t[:, at : at + q] = 0.0
-        if not bool(valid.all()):
+        if valid is not True and not bool(valid.all()):
             self.all_valid = False
         self.n += q
 
@@ -425,9 +426,8 @@ class CompressedLayer(DynamicLayer):
                 B = key_states.shape[0]
                 pos = torch.arange(self.seen, self.seen + q, device=key_states.device, dtype=torch.int32).expand(B, q)
                 mod = self.cache.modality_slice(self.seen, q, B, key_states.device)
-                valid = torch.ones(B, q, dtype=torch.bool, device=key_states.device)
                 for h, store in enumerate(self.heads):
-                    store.append(key_states[:, h], value_states[:, h], pos, mod, valid)
+                    store.append(key_states[:, h], value_states[:, h], pos, mod, True)
         self.seen += q
         _ACTIVE.layer = self
         self.returned_key = key_states
@@ -446,9 +446,8 @@ class CompressedLayer(DynamicLayer):
         if any(st.n != n for st in heads):
             pos = torch.arange(self.seen, self.seen + q, device=keys.device, dtype=torch.int32).expand(B, q)
             mod = self.cache.modality_slice(self.seen, q, B, keys.device)
-            valid = torch.ones(B, q, dtype=torch.bool, device=keys.device)
             for h, st in enumerate(heads):
-                st.append(keys[:, h], values[:, h], pos, mod, valid)
+                st.append(keys[:, h], values[:, h], pos, mod, True)
             return
         b["keys"][:, :, n : n + q] = keys
         b["values"][:, :, n : n + q] = values
@@ -458,9 +457,13 @@ class CompressedLayer(DynamicLayer):
         else:
             b["mod"][:, :, n : n + q] = self.cache.modality_slice(self.seen, q, B, keys.device)[:, None]
         b["valid"][:, :, n : n + q] = True
+        adopted = adopted_extras(self)  # extras held as one layer buffer: one write for every head
+        for buf in adopted.values():
+            buf[:, :, n : n + q] = 0.0
         for st in heads:
-            for t in st.extras.values():
-                t[:, n : n + q] = 0.0
+            for name, t in st.extras.items():
+                if name not in adopted:
+                    t[:, n : n + q] = 0.0
             st.n = n + q
 
     def get_seq_length(self) -> int:
@@ -697,7 +700,8 @@ class CompressedLayer(DynamicLayer):
     def enforce_decode_budget(self, step) -> None:
         """Evict down to ``decode_budget`` entries per (row, KV head) for a method that keeps every generated token
         (``KVCache.decode_policy``: least decode-time attention outside the recent half, or oldest after 4 sinks),
-        through the one eviction routine (:mod:`modalkv.decoding`). ``step``: a
+        through the one eviction routine (:mod:`modalkv.decoding`); the method's ``on_core_evict`` sees the victims
+        first (LOOK-M merges them into kept entries). ``step``: a
         :class:`~modalkv.decoding.DecodeStep`, or the step's attention rows per KV head ([B, G, q, n] each)."""
         from .decoding import INF, DecodeStep
 
@@ -705,6 +709,7 @@ class CompressedLayer(DynamicLayer):
             step = DecodeStep(self, step)
         cap = self.cache.budget.decode
         by_attention = self.cache.decode_policy == "attention"
+        on_evict = self.cache.method.on_core_evict
         for g in step.groups():
             if by_attention:
                 g.extra(DECODE_ATTENTION.name).add_(g.received("sum"))
@@ -712,9 +717,10 @@ class CompressedLayer(DynamicLayer):
                 continue
             over = g.n - cap if g.batch == 1 and g.all_valid else (g.valid.sum(-1) - cap).clamp(min=0)
             if by_attention:
-                g.evict(g.extra(DECODE_ATTENTION.name).masked_fill(g.newer_than(cap // 2), INF), over)
+                g.evict(g.extra(DECODE_ATTENTION.name).masked_fill(g.newer_than(cap // 2), INF), over,
+                        on_evict=on_evict)
             else:
-                g.evict(g.pos.float(), over, skip=min(4, cap - 1))
+                g.evict(g.pos.float(), over, skip=min(4, cap - 1), on_evict=on_evict)
 
     def budget_entries(self) -> int:
         """Valid entries over all heads and rows."""

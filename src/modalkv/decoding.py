@@ -317,9 +317,13 @@ class Group:
             for i, st in enumerate(self.stores):
                 st.remove(victims[:, i if victims.shape[1] > 1 else 0, 0])
             return
-        adopted = _adopted_extras(self.layer)
+        adopted = adopted_extras(self.layer)
+        index = {}  # the scatter index for each trailing shape (keys and values share one, per-slot arrays another)
         for buf in [*self.layer.buffers.values(), *adopted.values()]:
-            idx = victims.view(*victims.shape, *([1] * (buf.dim() - 3))).expand(*victims.shape, *buf.shape[3:])
+            idx = index.get(buf.shape[3:])
+            if idx is None:
+                idx = index[buf.shape[3:]] = victims.view(*victims.shape, *([1] * (buf.dim() - 3))).expand(
+                    *victims.shape, *buf.shape[3:])
             buf.scatter_(2, idx, buf[:, :, last : last + 1].clone())
         for i, st in enumerate(self.stores):
             for name, t in st.extras.items():  # extras that are not views of a layer buffer
@@ -330,7 +334,7 @@ class Group:
 
 
 # -- method extras as layer buffers (packed layers) ---------------------------------------------------------------
-def _adopted_extras(layer) -> dict:
+def adopted_extras(layer) -> dict:
     """The extras that are layer buffers [B, H, cap] whose slices are still the heads' own extras."""
     bufs = layer.__dict__.get("extra_buffers", {})
     return {name: buf for name, buf in bufs.items() if _still_views(layer, name, buf)}
@@ -340,7 +344,9 @@ def _still_views(layer, name, buf) -> bool:
     heads = layer.heads
     if buf.shape[1] != len(heads) or buf.shape[2] != layer.buffers["pos"].shape[2]:
         return False
-    return all(name in st.extras and st.extras[name].data_ptr() == buf[:, h].data_ptr() for h, st in enumerate(heads))
+    # head h's slice starts stride(1) elements after head h-1's (pointer arithmetic: no tensor op per head)
+    base, step = buf.data_ptr(), buf.stride(1) * buf.element_size()
+    return all(name in st.extras and st.extras[name].data_ptr() == base + h * step for h, st in enumerate(heads))
 
 
 def _layer_extra(layer, name: str) -> torch.Tensor:

@@ -201,6 +201,11 @@ class Method:
     def decode(self, step: DecodeStep) -> None:
         pass
 
+    def on_core_evict(self, group, victims: torch.Tensor, use: torch.Tensor | None) -> None:
+        """Called by the cache's own ``decode_budget`` eviction (for a method that does not evict while decoding)
+        with the entries it is about to evict, while they are still stored: the ``on_evict`` hook of
+        :meth:`~modalkv.decoding.Group.evict` (LOOK-M merges them into kept entries). Default: nothing."""
+
 
 def _describe(hint) -> str:
     origin = typing.get_origin(hint)

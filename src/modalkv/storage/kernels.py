@@ -89,6 +89,8 @@ def library():
                         lib.kivi_logits.argtypes = [c_int, p] + [c_int] * 6
                         lib.kivi_mix.argtypes = [c_int, p] + [c_int] * 6
                         lib.spherical_logits.argtypes = [c_int, p] + [c_int] * 7
+                        lib.dense_logits.argtypes = [c_int, p] + [c_int] * 4
+                        lib.dense_mix.argtypes = [c_int, p] + [c_int] * 4
                 except OSError:
                     lib = None
                 _STATE["lib"] = lib
@@ -98,6 +100,11 @@ def library():
 def tasks(rows: list[tuple]) -> torch.Tensor:
     """The int64 task table a kernel takes: one row of words (pointers and counts) per task."""
     return torch.tensor(rows, dtype=torch.int64)
+
+
+def row(t: torch.Tensor, *index: int) -> int:
+    """The address of ``t[index]`` (leading indices), by pointer arithmetic: no tensor is made per task."""
+    return t.data_ptr() + sum(i * t.stride(k) for k, i in enumerate(index)) * t.element_size()
 
 
 def threads() -> int:

@@ -288,8 +288,8 @@ def kivi_logits(lib, payloads: list[KIVIPayload], query: torch.Tensor, out: torc
     rows = []
     for h, pl in enumerate(payloads):
         for b in range(B):
-            rows.append((pl.kc[b].data_ptr(), pl.ks[b].data_ptr(), pl.kz[b].data_ptr(), query[b, h].data_ptr(),
-                         out[b, h].data_ptr(), pl.nq))
+            rows.append((kernels.row(pl.kc, b), kernels.row(pl.ks, b), kernels.row(pl.kz, b),
+                         kernels.row(query, b, h), kernels.row(out, b, h), pl.nq))
     table = kernels.tasks(rows)
     lib.kivi_logits(len(rows), table.data_ptr(), d, fmt.group_size, fmt.bits, r, ld, kernels.threads())
 
@@ -303,7 +303,7 @@ def kivi_mix(lib, payloads: list[KIVIPayload], probs: torch.Tensor, out: torch.T
     rows = []
     for h, pl in enumerate(payloads):
         for b in range(B):
-            rows.append((pl.vc[b].data_ptr(), pl.vs[b].data_ptr(), pl.vz[b].data_ptr(), probs[b, h].data_ptr(),
-                         out[b, h].data_ptr(), pl.nq))
+            rows.append((kernels.row(pl.vc, b), kernels.row(pl.vs, b), kernels.row(pl.vz, b),
+                         kernels.row(probs, b, h), kernels.row(out, b, h), pl.nq))
     table = kernels.tasks(rows)
     lib.kivi_mix(len(rows), table.data_ptr(), payloads[0].dv, payloads[0].vgroup, fmt.bits, r, ld, kernels.threads())

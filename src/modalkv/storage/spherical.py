@@ -326,9 +326,34 @@ def spherical_logits(lib, payloads: list[SphericalPayload], tier: int, lut: torc
                 continue
             bits = sec["bits"]
             for b in range(B):
-                rows.append((sec["codes"][b].data_ptr(), sec["rcode"][b].data_ptr(), sec["scale"][b].data_ptr(),
-                             lut[b, h].data_ptr(), out[b, h, 0, sec["start"] :].data_ptr(), sec["width"]))
+                rows.append((kernels.row(sec["codes"], b), kernels.row(sec["rcode"], b), kernels.row(sec["scale"], b),
+                             kernels.row(lut, b, h), kernels.row(out, b, h) + sec["start"] * out.element_size(),
+                             sec["width"]))
     if rows:
         table = kernels.tasks(rows)  # held until the call returns
         lib.spherical_logits(len(rows), table.data_ptr(), G, bits, K, payloads[0].params.page_size, r,
                              out.stride(2), kernels.threads())
+
+
+def spherical_tail_logits(lib, payloads: list[SphericalPayload], query: torch.Tensor, out: torch.Tensor,
+                          sizes: list[int]) -> None:
+    """Logits of every payload's dense tail (slots ``[tail_start, sizes[h])``, float32 keys): query f32 contiguous
+    [B, H, r, d], out f32 [B, H, r, >=max(sizes)] (innermost stride 1); head h reads ``payloads[h]``."""
+    B, H, r, d = query.shape
+    rows = [(kernels.row(pl.tail_keys, b), kernels.row(query, b, h),
+             kernels.row(out, b, h) + pl.tail_start * out.element_size(), n - pl.tail_start)
+            for h, (pl, n) in enumerate(zip(payloads, sizes)) for b in range(B) if n > pl.tail_start]
+    if rows:
+        table = kernels.tasks(rows)
+        lib.dense_logits(len(rows), table.data_ptr(), d, r, out.stride(2), kernels.threads())
+
+
+def spherical_mix(lib, payloads: list[SphericalPayload], probs: torch.Tensor, out: torch.Tensor,
+                  sizes: list[int]) -> None:
+    """Probabilities times the dense float32 values of slots [0, sizes[h]) of every payload: probs f32
+    [B, H, r, >=max(sizes)] (innermost stride 1), out f32 contiguous [B, H, r, dv] (overwritten)."""
+    B, H, r, _ = probs.shape
+    rows = [(kernels.row(pl.values, b), kernels.row(probs, b, h), kernels.row(out, b, h), n)
+            for h, (pl, n) in enumerate(zip(payloads, sizes)) for b in range(B)]
+    table = kernels.tasks(rows)
+    lib.dense_mix(len(rows), table.data_ptr(), payloads[0].dv, r, probs.stride(2), kernels.threads())
