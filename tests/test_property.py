@@ -37,7 +37,7 @@ GEMMA = tiny_gemma3()
 PREFILL_BOUND = {
     "full": "prompt", "streamingllm": "head", "h2o": "head", "snapkv": "head", "pyramidkv": "stack",
     "adakv": "layer", "lookm": "head", "madakv": "cache", "hae": "head", "retentivekv": "head",
-    "sphericalkv": "bytes", "kvzip": "cache", "expected_attention": "head",
+    "sphericalkv": "bytes", "kvzip": "cache", "expected_attention": "head", "knorm": "head",
 }
 SPHERICAL = {"calib_tokens": 64}
 STREAMING_SINKS = SMALL["streamingllm"]["n_sink"]
