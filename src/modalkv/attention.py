@@ -126,6 +126,11 @@ def _packable(layer, q: int) -> bool:
     return q == 1 or all(st.n == heads[0].n for st in heads)
 
 
+def _wants_probs(cache) -> bool:
+    """Does this decode step need the attention rows (the method's decode hook, or decode_budget by attention)?"""
+    return cache.method.needs_decode_probs or cache.core_decode_eviction == "attention"
+
+
 def _after_step(layer, probs, q: int) -> None:
     """After a decode step attended: the method's decode hook, then the cache's decode_budget eviction, both given
     one :class:`~modalkv.decoding.DecodeStep` (``probs``: [B, H, G, q, n] for a packed layer, else per head)."""
@@ -147,8 +152,7 @@ def attend_packed(layer, query: torch.Tensor, mask, scaling: float) -> torch.Ten
     G = Hq // H
     cache = layer.cache
     method = cache.method
-    core_evicts = cache.core_decode_eviction
-    want_probs = method.needs_decode_probs or core_evicts == "attention"
+    want_probs = _wants_probs(cache)
     sizes = [st.n for st in heads]
     n = max(sizes)
     buf = layer.buffers
@@ -208,8 +212,7 @@ def attend_coded(layer, query: torch.Tensor, mask, scaling: float) -> torch.Tens
     heads = layer.heads
     H = len(heads)
     G = Hq // H
-    method = layer.cache.method
-    want_probs = method.needs_decode_probs or layer.cache.core_decode_eviction == "attention"
+    want_probs = _wants_probs(layer.cache)
     payloads = [st.payload for st in heads]
     n, nq = heads[0].n, payloads[0].nq
     block = _block_mask(mask, q)
@@ -279,8 +282,7 @@ def attend_spherical(layer, query: torch.Tensor, mask, scaling: float) -> torch.
     heads = layer.heads
     H = len(heads)
     G = Hq // H
-    method = layer.cache.method
-    want_probs = method.needs_decode_probs or layer.cache.core_decode_eviction == "attention"
+    want_probs = _wants_probs(layer.cache)
     payloads = [st.payload for st in heads]
     params = payloads[0].params
     sizes = [st.n for st in heads]
@@ -338,8 +340,7 @@ def attend_stored(layer, query: torch.Tensor, mask, scaling: float) -> torch.Ten
     G = Hq // H
     cache = layer.cache
     method = cache.method
-    core_evicts = cache.core_decode_eviction
-    want_probs = method.needs_decode_probs or core_evicts == "attention"
+    want_probs = _wants_probs(cache)
     block = _block_mask(mask, q)
     if block is not None:  # the new slots of a padded multi-token chunk: mark padding invalid
         real_new = block[:, -1, :] if block.shape[0] == B else block[:, -1, :].expand(B, q)
