@@ -99,6 +99,8 @@ def main() -> None:
     p.add_argument("--kv-space", type=int, default=1, help="GiB (VLLM_CPU_KVCACHE_SPACE)")
     p.add_argument("--blocks", type=int, default=0, help="override the KV block count (0: from --kv-space)")
     p.add_argument("--out", default="docs/results/serving_vllm.csv")
+    p.add_argument("--configs", nargs="+", default=[f"{m or 'vanilla'}@{b}" for _, m, b in CONFIGS],
+                   help="which configurations to run (vanilla@1.0 snapkv@0.5 snapkv@0.25); vanilla first")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
@@ -111,6 +113,8 @@ def main() -> None:
     prompts = needle_prompts(tok, args.requests, args.prompt_tokens)
     rows = []
     for label, method, budget in CONFIGS:
+        if f"{method or 'vanilla'}@{budget}" not in args.configs:
+            continue
         job = {"model": model, "prompts": [ids for ids, _ in prompts], "codes": [c for _, c in prompts],
                "output_tokens": args.output_tokens, "blocks": args.blocks, "budget": None if method is None else budget,
                "max_model_len": args.prompt_tokens + args.output_tokens + 128}
@@ -131,6 +135,9 @@ def main() -> None:
         row = {"config": label if method is None else f"{method}@{budget}", "budget": budget,
                "requests": args.requests, "prompt_tokens": args.prompt_tokens, "output_tokens_each": args.output_tokens,
                **json.loads(lines[-1][7:])}
+        if method and row["compressed"] == 0:  # the plugin did not run: the numbers would be vanilla's, mislabelled
+            sys.exit(f"{label} {budget}: no request was compressed (is modalkv installed in this environment and its "
+                     f"plugin loaded?)\n{done.stderr[-4000:]}")
         print(row, file=sys.stderr, flush=True)
         rows.append(row)
     base = rows[0]

@@ -900,6 +900,39 @@ class KVCache(Cache):
         new.method.cache = new
         return new
 
+    # -- batch operations (beam search, batch replication) ---------------------------------------------------
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        """Keep the batch rows ``indices`` (in that order) everywhere: the head stores, the cache's per-row ids and
+        the method's per-row state (:meth:`~modalkv.methods.base.Method.select_batch`)."""
+        super().batch_select_indices(indices)
+        self._select_rows(indices)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self.batch_select_indices(beam_idx)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        batch = self.batch_size
+        if batch is None:
+            return
+        self.batch_select_indices(torch.arange(batch).repeat_interleave(repeats))
+
+    @property
+    def batch_size(self) -> int | None:
+        """Rows the cache holds (None before the first forward)."""
+        for layer in self.managed_layers:
+            if layer.heads:
+                return layer.heads[0].batch
+        return None
+
+    def _select_rows(self, index: torch.Tensor) -> None:
+        for name in ("_modality", "prune_index", "prune_real", "context_ids"):
+            t = getattr(self, name)
+            if t is not None:
+                setattr(self, name, t.index_select(0, index.to(t.device)))
+        if self.layout is not None:
+            self.layout = self.layout.select_rows(index)
+        self.method.select_batch(index)
+
     # -- modality -------------------------------------------------------------------------------------------
     def set_modality(self, mm_token_type_ids) -> None:
         """Give the cache the per-token modality ids of the prompt (``mm_token_type_ids``: [B, n]), or a

@@ -87,6 +87,11 @@ class ModalityLayout:
     def counts(self) -> dict[str, int]:
         return {MODALITY_NAMES[int(m)]: int((self.ids == m).sum()) for m in torch.unique(self.ids)}
 
+    def select_rows(self, index: torch.Tensor) -> "ModalityLayout":
+        """The layout of batch rows ``index`` (in that order)."""
+        return ModalityLayout(*(t.index_select(0, index.to(t.device)) for t in (self.ids, self.item, self.frame,
+                                                                               self.row, self.col)))
+
 
 def mask_runs(mask_row: torch.Tensor) -> list[tuple[int, int]]:
     """(start, length) of each run of True in a 1-D bool tensor."""

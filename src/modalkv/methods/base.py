@@ -198,6 +198,10 @@ class Method:
         """Restore what :meth:`state_dict` returned, on a cache rebuilt by :func:`modalkv.load_cache`: first with
         ``layer=None``, then for each managed layer once its head stores exist."""
 
+    def select_batch(self, index: torch.Tensor) -> None:
+        """Keep batch rows ``index`` (in that order) of the per-row state this method holds outside the head stores
+        (beam search, ``batch_repeat_interleave``); the cache has already done so for the stores. Default: none."""
+
     def decode(self, step: DecodeStep) -> None:
         pass
 

@@ -167,6 +167,12 @@ class HAE(Method):
             return {key: getattr(self, attr) for key, attr in names.items() if getattr(self, attr, None) is not None}
         return {}
 
+    def select_batch(self, index: torch.Tensor) -> None:
+        for name in ("_sink_limit", "dap_visual", "dap_evicted", "_bcast_removed", "_bcast_bin"):
+            t = getattr(self, name, None)
+            if t is not None:
+                setattr(self, name, t.index_select(0, index.to(t.device)))
+
     def load_state_dict(self, layer, state: dict[str, torch.Tensor]) -> None:
         if layer is None:
             self._bcast_removed, self._bcast_bin = None, None

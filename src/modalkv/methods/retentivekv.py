@@ -220,6 +220,17 @@ class RetentiveKV(Method):
         st = self._states.get(layer.rank, {})
         return {name: t for name, t in st.items() if not name.startswith("_")}
 
+    def select_batch(self, index: torch.Tensor) -> None:
+        """The sinks' end and every layer's state memories are per row."""
+        if self._sink_end is not None:
+            self._sink_end = self._sink_end.index_select(0, index.to(self._sink_end.device))
+        for st in self._states.values():
+            for name, t in list(st.items()):
+                if torch.is_tensor(t):
+                    st[name] = t.index_select(0, index.to(t.device))
+            st["_version"] = st.get("_version", 0) + 1
+        self._derived = {}
+
     def load_state_dict(self, layer, state: dict[str, torch.Tensor]) -> None:
         if layer is None:
             self._sink_end = state.get("sink_end")

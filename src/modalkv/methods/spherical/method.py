@@ -145,6 +145,10 @@ class SphericalKV(Method):
             out[f"book{t}"], out[f"chord{t}"] = book, chord
         return out
 
+    def select_batch(self, index: torch.Tensor) -> None:
+        """The window query norms (the distortion proxy's weights) are per row."""
+        self._qbar = {i: [q.index_select(0, index.to(q.device)) for q in qs] for i, qs in self._qbar.items()}
+
     def load_state_dict(self, layer, state: dict[str, torch.Tensor]) -> None:
         if layer is None:
             saved = state.get("codebooks_sha256")
