@@ -219,7 +219,6 @@ def kv_bound(args) -> None:
     import pandas as pd
     import torch
 
-    from modalkv.cache import cache_kwargs
     from modalkv.measure import cache_bytes
     from modalkv.models import load_model
     from modalkv.replay import capture_prefill
@@ -237,6 +236,14 @@ def kv_bound(args) -> None:
     methods = args.methods if args.methods != p_default_methods() else KV_BOUND_METHODS
     results = []
     with torch.no_grad():
+        # the same model's step with a 32-token context (the weights' share of a step): the cache part of a step is
+        # its time minus this one
+        short = capture_prefill(model, ids[:, :32])
+        base = {}
+        for B in sorted(args.batches):
+            cache = captured_rows(short, B).build_cache(model, "full", 1.0)
+            for T in args.threads:
+                base[B, T] = step_ms(model, cache, first.expand(B, 1), 32, T, args)
         for m in methods:
             for B in sorted(args.batches):
                 # every row the same prompt; the cache is built at batch B (not replicated afterwards: methods keep
@@ -251,25 +258,15 @@ def kv_bound(args) -> None:
                     cache = rows.build_cache(model, m, 1.0 if m == "full" else args.budget, **kw)
                 build_s = time.perf_counter() - t0
                 pos = length
-                kw = cache_kwargs(model, cache)
                 kept = cache_bytes(cache)["kept_bytes"]
                 for T in args.threads:
-                    torch.set_num_threads(T)
-                    nxt = first.expand(B, 1)
-                    medians = []
-                    for _ in range(args.repeats):
-                        steps = []
-                        for _ in range(args.new_tokens):
-                            t0 = time.perf_counter()
-                            out = model(input_ids=nxt, position_ids=torch.full((B, 1), pos), **kw)
-                            nxt = out.logits[:, -1:].argmax(-1)
-                            steps.append((time.perf_counter() - t0) * 1e3)
-                            pos += 1
-                        medians.append(statistics.median(steps[1:]))
-                    ms = statistics.median(medians)
+                    ms = step_ms(model, cache, first.expand(B, 1), pos, T, args)
+                    pos += args.repeats * args.new_tokens
                     results.append(dict(method=m, budget=1.0 if m in ("full", *storage_names()) else args.budget,
                                      length=length, batch=B, threads=T, decode_ms=ms, kv_kept_bytes=kept,
-                                     build_s=build_s, floor_ms=kept / bandwidth[T] * 1e3))
+                                     build_s=build_s, floor_ms=kept / bandwidth[T] * 1e3,
+                                     base_ms_32_tokens=base[B, T], cache_ms=ms - base[B, T],
+                                     cache_vs_floor=(ms - base[B, T]) / (kept / bandwidth[T] * 1e3)))
                     print(f"{m:12s} B={B} threads={T}: {ms:.1f} ms/token (KV {kept / 2**20:.0f} MiB)", flush=True)
                 del cache, rows
     df = pd.DataFrame(results)
@@ -282,13 +279,39 @@ def kv_bound(args) -> None:
              f"median of {args.repeats} repeats of {args.new_tokens} steps; `python benchmarks/memory_speed.py "
              f"{' '.join(sys.argv[1:])}` on {time.strftime('%Y-%m-%d')}. KV floor = kept bytes / bandwidth "
              f"({', '.join(f'{t} thread(s) {bw / 1e9:.1f} GB/s' for t, bw in bandwidth.items())}).", "",
-             "| method | batch | threads | KV MiB | ms/token | vs full | KV floor ms |", "|---|---:|---:|---:|---:|---:|---:|"]
+             "| method | batch | threads | KV MiB | ms/token | vs full | cache part ms | KV floor ms | part / floor |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in df.sort_values(["batch", "threads"], kind="stable").itertuples():
         lines.append(f"| {r.method} | {r.batch} | {r.threads} | {r.kv_kept_bytes / 2**20:.0f} | {r.decode_ms:.1f} | "
-                     f"{r.vs_full:.2f}x | {r.floor_ms:.1f} |")
+                     f"{r.vs_full:.2f}x | {r.cache_ms:.1f} | {r.floor_ms:.1f} | {r.cache_vs_floor:.1f} |")
+    lines += ["", "Cache part = step minus the same model's step with a 32-token context at the same batch size and "
+              "thread count (" + ", ".join(f"B={B} T={T}: {v:.1f} ms" for (B, T), v in base.items()) + ")."]
     out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     print(f"wrote {out} and {out.with_suffix('.csv')}")
+
+
+def step_ms(model, cache, first, pos: int, threads: int, args) -> float:
+    """Median decode step time (ms) of ``cache`` at ``threads`` threads: ``--repeats`` runs of ``--new-tokens``
+    greedy steps from ``first`` at position ``pos``, each run's median (first step excluded), median of the runs."""
+    import torch
+
+    from modalkv.cache import cache_kwargs
+
+    torch.set_num_threads(threads)
+    B = first.shape[0]
+    kw = cache_kwargs(model, cache)
+    nxt, medians = first, []
+    for _ in range(args.repeats):
+        steps = []
+        for _ in range(args.new_tokens):
+            t0 = time.perf_counter()
+            out = model(input_ids=nxt, position_ids=torch.full((B, 1), pos), **kw)
+            nxt = out.logits[:, -1:].argmax(-1)
+            steps.append((time.perf_counter() - t0) * 1e3)
+            pos += 1
+        medians.append(statistics.median(steps[1:]))
+    return statistics.median(medians)
 
 
 def captured_rows(captured, batch: int):
