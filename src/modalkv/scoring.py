@@ -29,14 +29,15 @@ def attention_probs(query: torch.Tensor, keys: torch.Tensor, scaling: float, row
     logits = torch.matmul(q * scaling, keys.float().transpose(-1, -2)).view(B, Hq, rows.numel(), n)
     cols = torch.arange(n, device=query.device)
     visible = (cols[None, :] <= rows[:, None])[None, None] & real[:, None, None, :]
-    logits = logits.masked_fill(~visible, float("-inf"))
+    # in place on the fresh logits tensor: each full-size copy costs as much as the matmul at long prompts
+    logits.masked_fill_(~visible, float("-inf"))
     probs = torch.softmax(logits, dim=-1)
-    # rows that see nothing (a padding query before any real token) carry no information: zero them. NaN coming
-    # from the data itself is left in place so that check_finite refuses it.
-    blind = ~visible.any(-1, keepdim=True)  # [B, 1, r, 1]
-    probs = probs.masked_fill(blind, 0.0)
-    query_real = real[:, rows]  # [B, r]
-    return probs * query_real[:, None, :, None]
+    # rows that see nothing (a padding query before any real token) carry no information, nor do padding queries:
+    # zero them. NaN coming from the data itself is left in place so that check_finite refuses it.
+    useless = ~visible.any(-1, keepdim=True) | ~real[:, None, rows, None]  # [B, 1, r, 1]
+    if bool(useless.any()):
+        probs.masked_fill_(useless, 0.0)
+    return probs
 
 
 def window_scores(query, keys, scaling: float, window: int, real, chunk: int = DEFAULT_CHUNK) -> torch.Tensor:
