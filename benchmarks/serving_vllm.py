@@ -66,6 +66,7 @@ def child(args) -> None:
     tok = llm.get_tokenizer()
     extra = None if job["budget"] is None else {"modalkv_budget": job["budget"]}
     params = SamplingParams(temperature=0, max_tokens=job["output_tokens"], ignore_eos=True, extra_args=extra)
+    load_start = os.getloadavg()[0]  # the machine's load (other processes slow every configuration differently)
     start = time.perf_counter()
     for i, ids in enumerate(job["prompts"]):
         engine.add_request(f"r{i}", {"prompt_token_ids": ids}, params)
@@ -87,7 +88,8 @@ def child(args) -> None:
         "kv_blocks": pool.num_gpu_blocks - 1, "max_running": max_running, "total_s": round(total, 2),
         "output_tok_s": round(out_tokens / total, 3), "output_tokens": out_tokens, "steps": steps,
         "needle_correct": correct, "requests": len(job["prompts"]), "min_free_blocks": min_free,
-        "blocks_freed_fraction": round(min(freed), 4) if freed else 0.0, "compressed": len(log)}))
+        "blocks_freed_fraction": round(min(freed), 4) if freed else 0.0, "compressed": len(log),
+        "load_avg_start": round(load_start, 2), "load_avg_end": round(os.getloadavg()[0], 2)}))
 
 
 def main() -> None:
