@@ -319,6 +319,9 @@ def spherical_logits(lib, payloads: list[SphericalPayload], tier: int, lut: torc
     """Fused logits of tier ``tier``'s section of every payload (head h reads ``payloads[h]``): lut f32 contiguous
     [B, H, r, G, K], out f32 [B, H, r, >=n] (innermost stride 1), written at each section's slots."""
     B, H, r, G, K = lut.shape
+    rp = -(-r // 4) * 4
+    table = lut.new_zeros(B, H, G, K, rp)  # the kernel's layout: query rows innermost, padded to a multiple of 4
+    table[..., :r] = lut.permute(0, 1, 3, 4, 2)
     rows, bits = [], None
     for h, pl in enumerate(payloads):
         for sec in pl.sections:
@@ -327,11 +330,11 @@ def spherical_logits(lib, payloads: list[SphericalPayload], tier: int, lut: torc
             bits = sec["bits"]
             for b in range(B):
                 rows.append((kernels.row(sec["codes"], b), kernels.row(sec["rcode"], b), kernels.row(sec["scale"], b),
-                             kernels.row(lut, b, h), kernels.row(out, b, h) + sec["start"] * out.element_size(),
+                             kernels.row(table, b, h), kernels.row(out, b, h) + sec["start"] * out.element_size(),
                              sec["width"]))
     if rows:
-        table = kernels.tasks(rows)  # held until the call returns
-        lib.spherical_logits(len(rows), table.data_ptr(), G, bits, K, payloads[0].params.page_size, r,
+        tasks = kernels.tasks(rows)  # held until the call returns
+        lib.spherical_logits(len(rows), tasks.data_ptr(), G, bits, K, payloads[0].params.page_size, r, rp,
                              out.stride(2), kernels.threads())
 
 
