@@ -29,8 +29,8 @@ def _store(storage, n=100, seed=0):
 
 
 @torch.no_grad()
-def _spherical_store():
-    model = tiny_llama()
+def _spherical_store(model=None):
+    model = model or tiny_llama()
     cache = KVCache(model, "sphericalkv", 0.4, window=8, n_sink=2, recent=8, refresh=4, page_size=16,
                     calib_tokens=256)
     model(prompt(120, batch=1), **cache_kwargs(model, cache))
@@ -212,12 +212,24 @@ def test_kivi_kernels_equal_the_torch_reads(kernel_build, bits, d, group, n, row
     torch.testing.assert_close(fused[1], store.mix(p), atol=1e-5, rtol=1e-4)
 
 
+def _wide_head_llama():
+    """A Llama with head_dim 64: 32 two-channel groups per key (the code words of 8 groups read at once)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1, head_dim=64, max_position_embeddings=512)
+    return LlamaForCausalLM(cfg).eval()
+
+
 @pytest.mark.parametrize("rows", [1, 3, 4, 6])
-def test_spherical_kernel_equals_the_torch_reads(kernel_build, rows):
+@pytest.mark.parametrize("wide", [False, True])
+def test_spherical_kernel_equals_the_torch_reads(kernel_build, rows, wide):
     """The section logits of both builds against the torch table gathers, for row counts below, at and above one
-    4-row block of the table."""
-    store = _spherical_store()
-    assert store.payload.sections
+    4-row block of the table, at head_dim 16 and 64 (code words read 8 groups at a time, and the last word of a
+    token's codes read short)."""
+    store = _spherical_store(_wide_head_llama() if wide else None)
+    assert store.payload.sections and (not wide or max(sec["G"] for sec in store.payload.sections) >= 16)
     q = torch.randn(1, rows, store.d)
     fused = store.logits(q)
     store.payload.fused = False

@@ -333,12 +333,25 @@ void spherical_logits(int ntask, const int64_t *tasks, int G, int bits, int K, i
             if (t % page == 0)
                 for (int j = 0; j < G; j++) rs[j] = scale[(t / page) * G + j] / 255.f;
             const uint8_t *p = codes + (size_t)t * nbytes, *rc = rcode + (size_t)t * G;
-            for (int j = 0; j < G; j++) {  /* offset of entry (j, code) in the table, radius of group j */
+            int j = 0;
+            for (; j + 8 <= G; j += 8) {  /* 8 codes are `bits` whole bytes: one 64-bit little-endian word */
+                int byte = j * bits / 8;
+                uint64_t word = 0;
+                if (byte + 8 <= nbytes) memcpy(&word, p + byte, 8);
+                else memcpy(&word, p + byte, (size_t)bits);
+#ifdef __BYTE_ORDER__
+#if __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
+                word = __builtin_bswap64(word);
+#endif
+#endif
+                for (int c = 0; c < 8; c++) idx[j + c] = ((j + c) * K + (int)((word >> (c * bits)) & mask)) * rp;
+            }
+            for (; j < G; j++) {  /* offset of entry (j, code) in the table */
                 int off = j * bits, byte = off >> 3;
                 int word = p[byte] | (byte + 1 < nbytes ? p[byte + 1] << 8 : 0);
                 idx[j] = (j * K + ((word >> (off & 7)) & mask)) * rp;
-                rh[j] = (float)rc[j] * rs[j];
             }
+            for (j = 0; j < G; j++) rh[j] = (float)rc[j] * rs[j];  /* radius of group j */
 #ifdef SIMD
             for (int i0 = 0; i0 < r; i0 += 4) {
                 __m128 a0 = _mm_setzero_ps(), a1 = _mm_setzero_ps(), a2 = _mm_setzero_ps(), a3 = _mm_setzero_ps();
