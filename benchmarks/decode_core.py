@@ -166,10 +166,16 @@ def profile_table(args) -> None:
 def kernel_times(args) -> None:
     """The reads alone on fixed tensors at the attention shape (1 row, ``--kv-heads`` KV heads, 4 query rows per KV
     head, head_dim 128, ``--context`` entries): torch matmuls over dense keys/values against the fused KIVI-4 kernels,
-    min over ``--calls`` calls each, interleaved (a proxy that load on a shared machine inflates least)."""
+    Spherical KV's section logits (one tier-1 section, 64 two-channel groups of 6-bit codes, over a third of the
+    entries, about what a 0.2 budget keeps) against the matmul over as many dense keys, and the dense values kernel
+    against its matmul; min over ``--calls`` calls each, interleaved (a proxy that load on a shared machine inflates
+    least). ``MODALKV_KERNELS=scalar`` times the portable loops instead of the AVX2 paths."""
+    from types import SimpleNamespace
+
     from modalkv.cache import HeadStore
     from modalkv.storage import KIVI, kernels
     from modalkv.storage.kivi import kivi_logits, kivi_mix
+    from modalkv.storage.spherical import spherical_logits, spherical_mix
 
     lib = kernels.library()
     if lib is None:
@@ -184,11 +190,26 @@ def kernel_times(args) -> None:
     payloads = [st.payload for st in stores]
     p = torch.softmax(q @ K.transpose(-1, -2), -1).contiguous()
     logits, out = torch.empty(B, H, r, n), torch.empty(B, H, r, d)
+    m, page, groups, bits = n // 3, 128, 64, 6  # Spherical KV: one tier-1 section of m entries per head
+    books = torch.nn.functional.normalize(torch.randn(H, groups, 1 << bits, d // groups, generator=g), dim=-1)
+
+    def section():
+        return dict(tier=1, start=0, width=m, bits=bits, G=groups, g=d // groups,
+                    codes=torch.randint(0, 256, (B, m, groups * bits // 8), dtype=torch.uint8, generator=g),
+                    rcode=torch.randint(0, 256, (B, m, groups), dtype=torch.uint8, generator=g),
+                    scale=torch.rand(B, -(-m // page), groups, generator=g))
+
+    sph = [SimpleNamespace(params=SimpleNamespace(page_size=page), dv=d, values=V[:, h].contiguous(), books=[books[h]],
+                           sections=[section()]) for h in range(H)]
+    Km = K[:, :, :m].contiguous()
     fns = {"dense logits (matmul)": lambda: torch.matmul(q, K.transpose(-1, -2)),
            "dense probs x values (matmul)": lambda: torch.matmul(p, V),
            "softmax": lambda: torch.softmax(logits, -1),
            "kivi-4 logits (kernel)": lambda: kivi_logits(lib, payloads, q, logits),
-           "kivi-4 probs x values (kernel)": lambda: kivi_mix(lib, payloads, p, out)}
+           "kivi-4 probs x values (kernel)": lambda: kivi_mix(lib, payloads, p, out),
+           "dense probs x values (kernel)": lambda: spherical_mix(lib, sph, p, out, [n] * H),
+           f"dense logits of {m} entries (matmul)": lambda: torch.matmul(q, Km.transpose(-1, -2)),
+           f"sphericalkv 2:6 logits of {m} entries (kernel)": lambda: spherical_logits(lib, sph, 1, q, logits)}
     best = {name: float("inf") for name in fns}
     for _ in range(args.calls):
         for name, f in fns.items():

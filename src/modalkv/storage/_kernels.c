@@ -313,22 +313,44 @@ void kivi_mix(int ntask, const int64_t *tasks, int dv, int vg, int bits, int r, 
     }
 }
 
-/* Spherical KV section logits: out[i, t] = sum_j rhat[t, j] lut[j, code[t, j], i], rhat = rcode * scale[page] / 255.
- * The table holds the query rows innermost (rp >= r of them, rp a multiple of 4), so one 4-float load serves 4 rows.
- * task words: codes (uint8 bit stream [w, nbytes]), rcode (uint8 [w, G]), scale (f32 [pages, G]), lut (f32
- * [G, K, rp]), out (f32, rows of ld_out), w. */
-void spherical_logits(int ntask, const int64_t *tasks, int G, int bits, int K, int page, int r, int rp, int ld_out,
+/* Spherical KV section logits: out[i, t] = sum_j rhat[t, j] T[i, j, code[t, j]], rhat = rcode * scale[page] / 255,
+ * with the per-query table T[i, j, c] = <q_i[j], C_j[c]> (q_i[j]: channels [j g, j g + g) of the grouped query row,
+ * C_j[c]: codeword c of group j) formed per task in a scratch with the query rows innermost (rp >= r of them, a
+ * multiple of 4, zero-padded), so that one 4-float load serves 4 rows.
+ * task words: codes (uint8 bit stream [w, nbytes]), rcode (uint8 [w, G]), scale (f32 [pages, G]), query (f32 [r, G g],
+ * grouped channel order), book (f32 [G, K, g]), out (f32, rows of ld_out), w. */
+void spherical_logits(int ntask, const int64_t *tasks, int G, int g, int bits, int K, int page, int r, int ld_out,
                       int threads) {
 #pragma omp parallel for schedule(dynamic) num_threads(threads) if (threads > 1)
     for (int k = 0; k < ntask; k++) {
-        const int64_t *w = tasks + 6 * k;
+        const int64_t *w = tasks + 7 * k;
         const uint8_t *codes = (const uint8_t *)w[0], *rcode = (const uint8_t *)w[1];
-        const float *scale = (const float *)w[2], *lut = (const float *)w[3];
-        float *out = (float *)w[4];
-        int width = (int)w[5], nbytes = (G * bits + 7) / 8, mask = (1 << bits) - 1;
-        float *rs = malloc(sizeof(float) * (size_t)(2 * G + 8));
-        float *rh = rs + G;
-        int *idx = malloc(sizeof(int) * (size_t)(G + 8));
+        const float *scale = (const float *)w[2], *q = (const float *)w[3], *book = (const float *)w[4];
+        float *out = (float *)w[5];
+        int width = (int)w[6], nbytes = (G * bits + 7) / 8, mask = (1 << bits) - 1, rp = (r + 3) / 4 * 4, d = G * g;
+        float *tab = malloc(sizeof(float) * ((size_t)G * K * rp + 2 * G + 4 * (size_t)g));
+        float *rs = tab + (size_t)G * K * rp, *rh = rs + G, *qv = rh + G;
+        int *idx = malloc(sizeof(int) * (size_t)G);
+        for (int j = 0; j < G; j++)  /* the table */
+            for (int i0 = 0; i0 < rp; i0 += 4) {
+                for (int x = 0; x < g; x++)
+                    for (int i = 0; i < 4; i++) qv[4 * x + i] = i0 + i < r ? q[(size_t)(i0 + i) * d + j * g + x] : 0.f;
+                for (int c = 0; c < K; c++) {
+                    const float *cw = book + ((size_t)j * K + c) * g;
+                    float *dst = tab + ((size_t)j * K + c) * rp + i0;
+#ifdef SIMD
+                    __m128 v = _mm_mul_ps(_mm_broadcast_ss(cw), _mm_loadu_ps(qv));
+                    for (int x = 1; x < g; x++) v = _mm_fmadd_ps(_mm_broadcast_ss(cw + x), _mm_loadu_ps(qv + 4 * x), v);
+                    _mm_storeu_ps(dst, v);
+#else
+                    for (int i = 0; i < 4; i++) {
+                        float v = 0.f;
+                        for (int x = 0; x < g; x++) v += cw[x] * qv[4 * x + i];
+                        dst[i] = v;
+                    }
+#endif
+                }
+            }
         for (int t = 0; t < width; t++) {
             if (t % page == 0)
                 for (int j = 0; j < G; j++) rs[j] = scale[(t / page) * G + j] / 255.f;
@@ -355,15 +377,15 @@ void spherical_logits(int ntask, const int64_t *tasks, int G, int bits, int K, i
 #ifdef SIMD
             for (int i0 = 0; i0 < r; i0 += 4) {
                 __m128 a0 = _mm_setzero_ps(), a1 = _mm_setzero_ps(), a2 = _mm_setzero_ps(), a3 = _mm_setzero_ps();
-                const float *li = lut + i0;
-                int j = 0;
+                const float *ti = tab + i0;
+                j = 0;
                 for (; j + 4 <= G; j += 4) {
-                    a0 = _mm_fmadd_ps(_mm_loadu_ps(li + idx[j]), _mm_broadcast_ss(rh + j), a0);
-                    a1 = _mm_fmadd_ps(_mm_loadu_ps(li + idx[j + 1]), _mm_broadcast_ss(rh + j + 1), a1);
-                    a2 = _mm_fmadd_ps(_mm_loadu_ps(li + idx[j + 2]), _mm_broadcast_ss(rh + j + 2), a2);
-                    a3 = _mm_fmadd_ps(_mm_loadu_ps(li + idx[j + 3]), _mm_broadcast_ss(rh + j + 3), a3);
+                    a0 = _mm_fmadd_ps(_mm_loadu_ps(ti + idx[j]), _mm_broadcast_ss(rh + j), a0);
+                    a1 = _mm_fmadd_ps(_mm_loadu_ps(ti + idx[j + 1]), _mm_broadcast_ss(rh + j + 1), a1);
+                    a2 = _mm_fmadd_ps(_mm_loadu_ps(ti + idx[j + 2]), _mm_broadcast_ss(rh + j + 2), a2);
+                    a3 = _mm_fmadd_ps(_mm_loadu_ps(ti + idx[j + 3]), _mm_broadcast_ss(rh + j + 3), a3);
                 }
-                for (; j < G; j++) a0 = _mm_fmadd_ps(_mm_loadu_ps(li + idx[j]), _mm_broadcast_ss(rh + j), a0);
+                for (; j < G; j++) a0 = _mm_fmadd_ps(_mm_loadu_ps(ti + idx[j]), _mm_broadcast_ss(rh + j), a0);
                 float res[4];
                 _mm_storeu_ps(res, _mm_add_ps(_mm_add_ps(a0, a1), _mm_add_ps(a2, a3)));
                 for (int i = 0; i < 4 && i0 + i < r; i++) out[(size_t)(i0 + i) * ld_out + t] = res[i];
@@ -371,12 +393,12 @@ void spherical_logits(int ntask, const int64_t *tasks, int G, int bits, int K, i
 #else
             for (int i = 0; i < r; i++) {
                 float acc = 0.f;
-                for (int j = 0; j < G; j++) acc += rh[j] * lut[idx[j] + i];
+                for (j = 0; j < G; j++) acc += rh[j] * tab[idx[j] + i];
                 out[(size_t)i * ld_out + t] = acc;
             }
 #endif
         }
-        free(rs);
+        free(tab);
         free(idx);
     }
 }
