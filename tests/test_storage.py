@@ -236,7 +236,7 @@ def test_spherical_kernel_equals_the_torch_reads(kernel_build, rows, wide):
     torch.testing.assert_close(fused, store.logits(q), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("d, n, rows", [(128, 301, 4), (16, 7, 3), (24, 1, 5), (40, 64, 2)])
+@pytest.mark.parametrize("d, n, rows", [(128, 301, 4), (128, 33, 4), (16, 7, 3), (16, 1, 4), (24, 1, 5), (40, 64, 2)])
 def test_dense_kernels_equal_matmul(kernel_build, d, n, rows):
     """dense_logits / dense_mix (Spherical KV's dense tail and values) against matmul: odd token counts, head dims
     that are and are not a multiple of the vector blocks, row tails; rows of the output wider than the count."""
