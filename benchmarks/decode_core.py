@@ -166,10 +166,16 @@ def profile_table(args) -> None:
 def kernel_times(args) -> None:
     """The reads alone on fixed tensors at the attention shape (1 row, ``--kv-heads`` KV heads, 4 query rows per KV
     head, head_dim 128, ``--context`` entries): torch matmuls over dense keys/values against the fused KIVI-4 kernels,
-    min over ``--calls`` calls each, interleaved (a proxy that load on a shared machine inflates least)."""
+    Spherical KV's section logits (one tier-1 section, 64 two-channel groups of 6-bit codes, over a third of the
+    entries, about what a 0.2 budget keeps) against the matmul over as many dense keys, and the dense values kernel
+    against its matmul; min over ``--calls`` calls each, interleaved (a proxy that load on a shared machine inflates
+    least). ``MODALKV_KERNELS=scalar`` times the portable loops instead of the AVX2 paths."""
+    from types import SimpleNamespace
+
     from modalkv.cache import HeadStore
     from modalkv.storage import KIVI, kernels
     from modalkv.storage.kivi import kivi_logits, kivi_mix
+    from modalkv.storage.spherical import spherical_logits, spherical_mix
 
     lib = kernels.library()
     if lib is None:
@@ -184,11 +190,26 @@ def kernel_times(args) -> None:
     payloads = [st.payload for st in stores]
     p = torch.softmax(q @ K.transpose(-1, -2), -1).contiguous()
     logits, out = torch.empty(B, H, r, n), torch.empty(B, H, r, d)
+    m, page, groups, bits = n // 3, 128, 64, 6  # Spherical KV: one tier-1 section of m entries per head
+    books = torch.nn.functional.normalize(torch.randn(H, groups, 1 << bits, d // groups, generator=g), dim=-1)
+
+    def section():
+        return dict(tier=1, start=0, width=m, bits=bits, G=groups, g=d // groups,
+                    codes=torch.randint(0, 256, (B, m, groups * bits // 8), dtype=torch.uint8, generator=g),
+                    rcode=torch.randint(0, 256, (B, m, groups), dtype=torch.uint8, generator=g),
+                    scale=torch.rand(B, -(-m // page), groups, generator=g))
+
+    sph = [SimpleNamespace(params=SimpleNamespace(page_size=page), dv=d, values=V[:, h].contiguous(), books=[books[h]],
+                           sections=[section()]) for h in range(H)]
+    Km = K[:, :, :m].contiguous()
     fns = {"dense logits (matmul)": lambda: torch.matmul(q, K.transpose(-1, -2)),
            "dense probs x values (matmul)": lambda: torch.matmul(p, V),
            "softmax": lambda: torch.softmax(logits, -1),
            "kivi-4 logits (kernel)": lambda: kivi_logits(lib, payloads, q, logits),
-           "kivi-4 probs x values (kernel)": lambda: kivi_mix(lib, payloads, p, out)}
+           "kivi-4 probs x values (kernel)": lambda: kivi_mix(lib, payloads, p, out),
+           "dense probs x values (kernel)": lambda: spherical_mix(lib, sph, p, out, [n] * H),
+           f"dense logits of {m} entries (matmul)": lambda: torch.matmul(q, Km.transpose(-1, -2)),
+           f"sphericalkv 2:6 logits of {m} entries (kernel)": lambda: spherical_logits(lib, sph, 1, q, logits)}
     best = {name: float("inf") for name in fns}
     for _ in range(args.calls):
         for name, f in fns.items():
@@ -209,6 +230,63 @@ def kernel_times(args) -> None:
     print(f"appended to {out}", file=sys.stderr)
 
 
+@torch.no_grad()
+def step_profile(args) -> None:
+    """Where a decode step's attention time goes: the full cache, KIVI-4 and Spherical KV at 0.2 at the attention
+    shape, the layer-level attention calls and the kernel calls inside them timed by wrapping the functions, per step
+    (all layers), median and min over ``--steps`` steps after one warm-up step; appended to ``--profile-out``. The
+    min is the figure to compare on a loaded machine (a median of a few-ms call includes preemption)."""
+    import pandas as pd
+
+    import modalkv.attention as attn
+    import modalkv.storage.kivi as kivi
+    import modalkv.storage.spherical as spherical
+    from modalkv import KVCache, cache_kwargs
+
+    spent: dict = {}
+
+    def timed(module, name, label):
+        real = getattr(module, name)
+
+        def call(*a, **kw):
+            t0 = time.perf_counter()
+            result = real(*a, **kw)
+            spent[label] = spent.get(label, 0.0) + time.perf_counter() - t0
+            return result
+        setattr(module, name, call)
+
+    for module, name in [(attn, "attend_packed"), (attn, "attend_coded"), (attn, "attend_spherical"),
+                         (kivi, "kivi_logits"), (kivi, "kivi_mix"), (spherical, "spherical_logits"),
+                         (spherical, "spherical_tail_logits"), (spherical, "spherical_mix")]:
+        timed(module, name, name)
+    model = build(args, args.kv_heads)
+    ids = torch.randint(0, 1024, (args.batch, args.context), generator=torch.Generator().manual_seed(0))
+    configs = {"modalkv full": lambda: KVCache(model, "full"),
+               "kivi-4": lambda: KVCache(model, "full", quantize="kivi-4"),
+               "sphericalkv 0.2": lambda: KVCache(model, "sphericalkv", 0.2, calib_tokens=args.calib_tokens)}
+    rows = []
+    for config, make in configs.items():
+        cache = make()
+        out = model(input_ids=ids, **cache_kwargs(model, cache))
+        nxt, pos, steps = out.logits[:, -1:].argmax(-1), ids.shape[1], []
+        for _ in range(args.steps + 1):
+            spent.clear()
+            t0 = time.perf_counter()
+            out = model(input_ids=nxt, position_ids=torch.full((ids.shape[0], 1), pos), **cache_kwargs(model, cache))
+            steps.append({"whole step": time.perf_counter() - t0, **spent})
+            nxt, pos = out.logits[:, -1:].argmax(-1), pos + 1
+        for part in steps[1]:
+            values = [st.get(part, 0.0) * 1e3 for st in steps[1:]]
+            rows.append(dict(run=args.run, config=config, part=part, median_ms=statistics.median(values),
+                             min_ms=min(values), layers=args.layers, kv_heads=args.kv_heads, context=args.context,
+                             steps=args.steps))
+            print(f"{config:16s} {part:22s} median {rows[-1]['median_ms']:8.3f} ms  min {rows[-1]['min_ms']:8.3f} ms")
+        del cache
+    out_path = Path(args.profile_out)
+    pd.DataFrame(rows).to_csv(out_path, mode="a", header=not out_path.exists(), index=False)
+    print(f"appended to {out_path}", file=sys.stderr)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--layers", type=int, default=2)
@@ -226,6 +304,9 @@ def main() -> None:
     p.add_argument("--verbose", action="store_true", help="with --profile: the most frequent ops of each row")
     p.add_argument("--kernels", action="store_true", help="only time the reads alone on fixed tensors (see kernel_times)")
     p.add_argument("--calls", type=int, default=40)
+    p.add_argument("--step-profile", action="store_true",
+                   help="only time the attention calls and kernel calls inside decode steps (see step_profile)")
+    p.add_argument("--profile-out", default=str(ROOT / "docs/results/decode_core_step_profile.csv"))
     p.add_argument("--kernels-out", default=str(ROOT / "docs/results/decode_core_kernels.csv"))
     p.add_argument("--ops-out", default=str(ROOT / "docs/results/decode_core_ops.csv"))
     p.add_argument("--configs", nargs="+", help="run only these configurations (besides DynamicCache and full)")
@@ -246,6 +327,9 @@ def main() -> None:
         return
     if args.kernels:
         kernel_times(args)
+        return
+    if args.step_profile:
+        step_profile(args)
         return
     model = build(args, args.kv_heads)
     g = torch.Generator().manual_seed(0)

@@ -9,7 +9,7 @@ from helpers import prompt, run_steps, tiny_llama
 from modalkv import KVCache, cache_kwargs
 from modalkv.cache import HeadStore
 from modalkv.storage import DENSE, KIVI, kernels, make_storage, register_storage, storage_names
-from modalkv.storage.kivi import KIVIPayload
+from modalkv.storage.kivi import KIVIPayload, kivi_logits
 
 B, D = 2, 16
 
@@ -29,8 +29,8 @@ def _store(storage, n=100, seed=0):
 
 
 @torch.no_grad()
-def _spherical_store():
-    model = tiny_llama()
+def _spherical_store(model=None):
+    model = model or tiny_llama()
     cache = KVCache(model, "sphericalkv", 0.4, window=8, n_sink=2, recent=8, refresh=4, page_size=16,
                     calib_tokens=256)
     model(prompt(120, batch=1), **cache_kwargs(model, cache))
@@ -170,6 +170,89 @@ def test_fused_reads_at_a_real_head_dim(bits, group):
     store.payload.fused = False
     torch.testing.assert_close(fused[0], store.logits(q), atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(fused[1], store.mix(p), atol=1e-5, rtol=1e-4)
+
+
+@pytest.fixture(params=["default", "scalar"])
+def kernel_build(request, monkeypatch):
+    """Each kernel build in turn: the default one (the AVX2 paths on CPUs that have them) and the portable C loops
+    (``MODALKV_KERNELS=scalar``)."""
+    monkeypatch.setenv("MODALKV_KERNELS", "1" if request.param == "default" else request.param)
+    lib = kernels.library()
+    if lib is None:
+        pytest.skip("the fused kernels could not be built here")
+    if request.param == "scalar":
+        assert lib.simd_build() == 0
+    return lib
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("d, group, n, rows", [(96, 3, 70, 5), (96, 32, 700, 3), (96, 96, 600, 8), (64, 8, 91, 1),
+                                               (24, 4, 50, 2)])
+def test_kivi_kernels_equal_the_torch_reads(kernel_build, bits, d, group, n, rows):
+    """Both builds against the dequantized reads: odd key groups (a token pair split at the group's end), value
+    groups that do and do not hold whole 8-byte blocks of codes, more quantized tokens than one chunk of the values
+    kernel, row counts that are not a multiple of the kernels' row tiles, head dims that are not a multiple of the
+    vector blocks (24)."""
+    g = torch.Generator().manual_seed(bits * 1000 + n)
+    keys, values = torch.randn(2, n, d, generator=g), torch.randn(2, n, d, generator=g)
+    pos = torch.arange(n, dtype=torch.int32).expand(2, n)
+    store = HeadStore(keys, values, pos, torch.zeros(2, n, dtype=torch.int8), torch.ones(2, n, dtype=torch.bool), {},
+                      reserve=8, storage=KIVI(bits=bits, group_size=group, residual=16))
+    assert store.payload.nq >= n - 16 - group
+    q = torch.randn(2, rows, d, generator=g)
+    p = torch.softmax(torch.randn(2, rows, n, generator=g), -1)
+    p[0, 0, 5] = 0.0  # an exact zero (the portable loop skips it)
+    fused = store.logits(q), store.mix(p)
+    nq = store.payload.nq
+    wide = torch.full((2, 1, rows, nq + 3), 7.0)  # the kernel alone: nothing written past the quantized slots
+    kivi_logits(kernel_build, [store.payload], q[:, None].contiguous(), wide)
+    assert bool((wide[..., nq:] == 7.0).all())
+    store.payload.fused = False
+    torch.testing.assert_close(fused[0], store.logits(q), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(fused[1], store.mix(p), atol=1e-5, rtol=1e-4)
+
+
+def _wide_head_llama():
+    """A Llama with head_dim 64: 32 two-channel groups per key (the code words of 8 groups read at once)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1, head_dim=64, max_position_embeddings=512)
+    return LlamaForCausalLM(cfg).eval()
+
+
+@pytest.mark.parametrize("rows", [1, 3, 4, 6])
+@pytest.mark.parametrize("wide", [False, True])
+def test_spherical_kernel_equals_the_torch_reads(kernel_build, rows, wide):
+    """The section logits of both builds against the torch table gathers, for row counts below, at and above one
+    4-row block of the table, at head_dim 16 and 64 (code words read 8 groups at a time, and the last word of a
+    token's codes read short)."""
+    store = _spherical_store(_wide_head_llama() if wide else None)
+    assert store.payload.sections and (not wide or max(sec["G"] for sec in store.payload.sections) >= 16)
+    q = torch.randn(1, rows, store.d)
+    fused = store.logits(q)
+    store.payload.fused = False
+    torch.testing.assert_close(fused, store.logits(q), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("d, n, rows", [(128, 301, 4), (128, 33, 4), (16, 7, 3), (16, 1, 4), (24, 1, 5), (40, 64, 2)])
+def test_dense_kernels_equal_matmul(kernel_build, d, n, rows):
+    """dense_logits / dense_mix (Spherical KV's dense tail and values) against matmul: odd token counts, head dims
+    that are and are not a multiple of the vector blocks, row tails; rows of the output wider than the count."""
+    g = torch.Generator().manual_seed(n)
+    k, v = torch.randn(2, n, d, generator=g), torch.randn(2, n, d, generator=g)
+    q = torch.randn(2, rows, d, generator=g)
+    p = torch.softmax(torch.randn(2, rows, n + 3, generator=g), -1)[..., :n]  # rows of stride n + 3
+    logits = torch.full((2, rows, n + 5), 7.0)
+    mixed = torch.full((2, rows, d), 7.0)
+    t1 = kernels.tasks([(kernels.row(k, b), kernels.row(q, b), kernels.row(logits, b), n) for b in range(2)])
+    kernel_build.dense_logits(2, t1.data_ptr(), d, rows, logits.stride(1), 1)
+    t2 = kernels.tasks([(kernels.row(v, b), kernels.row(p, b), kernels.row(mixed, b), n) for b in range(2)])
+    kernel_build.dense_mix(2, t2.data_ptr(), d, rows, p.stride(1), 1)
+    torch.testing.assert_close(logits[..., :n], q @ k.transpose(1, 2), atol=1e-4, rtol=1e-4)
+    assert bool((logits[..., n:] == 7.0).all())  # nothing written past the count
+    torch.testing.assert_close(mixed, p @ v, atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.skipif(kernels.library() is None, reason="the fused kernels could not be built here")

@@ -271,9 +271,9 @@ def _spherical_batchable(layer, q: int) -> bool:
 
 
 def attend_spherical(layer, query: torch.Tensor, mask, scaling: float) -> torch.Tensor:
-    """:func:`attend_stored` for a Spherical KV layer: per tier one table ``T = <q_j, C_c>`` for every KV head (one
-    einsum) and one fused kernel call over every (row, head) section, one kernel call for every dense tail, and one
-    for probabilities x values; a fixed number of tensor ops whatever the number of heads. Heads holding fewer
+    """:func:`attend_stored` for a Spherical KV layer: per tier one fused kernel call over every (row, head) section
+    (each task forms its table ``T = <q_j, C_c>`` and reads the codes against it), one kernel call for every dense
+    tail, and one for probabilities x values; a fixed number of tensor ops whatever the number of heads. Heads holding fewer
     entries than the largest are padded in the logits (masked) only. Returns [B, q, Hq, d]."""
     from .storage import kernels
     from .storage.spherical import spherical_logits, spherical_mix, spherical_tail_logits
@@ -298,12 +298,9 @@ def attend_spherical(layer, query: torch.Tensor, mask, scaling: float) -> torch.
     logits = qs.new_empty(B, H, r, n)
     tiers = sorted({sec["tier"] for pl in payloads for sec in pl.sections if sec["width"]})
     if tiers:
-        grouped = params.grouped(qs)
-        for t in tiers:
-            books = torch.stack([pl.books[t - 1] for pl in payloads])  # [H, G_t, K_t, g_t]
-            _, Gt, K, g = books.shape
-            lut = torch.einsum("bhrjx,hjkx->bhrjk", grouped.reshape(B, H, r, Gt, g), books).contiguous()
-            spherical_logits(lib, payloads, t, lut, logits)
+        grouped = params.grouped(qs).contiguous()
+        for t in tiers:  # the kernel forms the tables T = <q_j, C_c> itself
+            spherical_logits(lib, payloads, t, grouped, logits)
     spherical_tail_logits(lib, payloads, qs, logits, sizes)
     if not all(st.all_valid for st in heads):
         visible = torch.stack([F.pad(st.valid[:, : st.n], (0, n - st.n)) for st in heads], 1)

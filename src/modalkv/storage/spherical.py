@@ -263,9 +263,10 @@ class SphericalPayload(Payload):
             return super().logits(query, n)
         out = query.new_empty(query.shape[0], query.shape[1], n, dtype=torch.float32)
         lib = kernels.library() if self.fused and query.device.type == "cpu" else None
+        grouped = self.params.grouped(query.float()).contiguous()[:, None] if lib is not None else None
         for sec in self.sections:
             if lib is not None:
-                spherical_logits(lib, [self], sec["tier"], self.lut(sec, query)[:, None].contiguous(), out[:, None])
+                spherical_logits(lib, [self], sec["tier"], grouped, out[:, None])
             else:
                 out[:, :, sec["start"] : sec["start"] + sec["width"]] = self.section_logits(sec, query)
         tail = self.tail_keys[:, : n - self.tail_start]
@@ -315,23 +316,27 @@ class SphericalPayload(Payload):
         self.books = None
 
 
-def spherical_logits(lib, payloads: list[SphericalPayload], tier: int, lut: torch.Tensor, out: torch.Tensor) -> None:
-    """Fused logits of tier ``tier``'s section of every payload (head h reads ``payloads[h]``): lut f32 contiguous
-    [B, H, r, G, K], out f32 [B, H, r, >=n] (innermost stride 1), written at each section's slots."""
-    B, H, r, G, K = lut.shape
-    rows, bits = [], None
+def spherical_logits(lib, payloads: list[SphericalPayload], tier: int, query: torch.Tensor, out: torch.Tensor) -> None:
+    """Fused logits of tier ``tier``'s section of every payload (head h reads ``payloads[h]``): query f32 contiguous
+    [B, H, r, d] in the grouped channel order (``params.grouped``), out f32 [B, H, r, >=n] (innermost stride 1),
+    written at each section's slots. The kernel forms each (row, head)'s table ``T = <q_j, C_c>`` itself."""
+    B, H, r, d = query.shape
+    rows, shape, books = [], None, []
     for h, pl in enumerate(payloads):
         for sec in pl.sections:
             if sec["tier"] != tier or not sec["width"]:
                 continue
-            bits = sec["bits"]
+            book = pl.books[tier - 1].float().contiguous()  # [G, K, g]
+            books.append(book)  # held until the call returns
+            shape = (sec["G"], sec["g"], sec["bits"], book.shape[1])
             for b in range(B):
                 rows.append((kernels.row(sec["codes"], b), kernels.row(sec["rcode"], b), kernels.row(sec["scale"], b),
-                             kernels.row(lut, b, h), kernels.row(out, b, h) + sec["start"] * out.element_size(),
-                             sec["width"]))
+                             kernels.row(query, b, h), book.data_ptr(),
+                             kernels.row(out, b, h) + sec["start"] * out.element_size(), sec["width"]))
     if rows:
-        table = kernels.tasks(rows)  # held until the call returns
-        lib.spherical_logits(len(rows), table.data_ptr(), G, bits, K, payloads[0].params.page_size, r,
+        G, g, bits, K = shape
+        tasks = kernels.tasks(rows)  # held until the call returns
+        lib.spherical_logits(len(rows), tasks.data_ptr(), G, g, bits, K, payloads[0].params.page_size, r,
                              out.stride(2), kernels.threads())
 
 
