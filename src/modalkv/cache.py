@@ -25,8 +25,7 @@ The cache reports the true number of tokens seen (``get_seq_length``), so positi
 from __future__ import annotations
 
 import copy
-import dataclasses
-import threading
+import inspect
 import weakref
 from typing import Any
 
@@ -35,36 +34,15 @@ from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
 from . import attention, pruning
 from .budget import Budget, parse_caps
-from .decoding import Extra, adopted_extras
-from .modality import TEXT, as_modality_ids
+from .decoding import INF, DecodeStep, Extra, adopted_extras
+from .modality import TEXT, ModalityLayout, as_modality_ids, detect_modality, special_token_modalities
+from .protocol import PrefillContext, Selection  # Selection: also importable from here, as before
+from .registry import make_method
+from .storage import DENSE, make_storage
+from .storage.base import grown
 
 # the core's own per-entry score for decode_budget with decode_policy="attention"
 DECODE_ATTENTION = Extra("decode_attention", "attention received over the decode steps (decode_budget's score)")
-
-_ACTIVE = threading.local()  # the managed layer whose update() ran last: the attention function reads it
-
-
-def active_layer(layer_idx: int, key: torch.Tensor | None = None, module=None) -> "CompressedLayer | None":
-    """The managed layer whose ``update`` just returned ``key`` for ``layer_idx`` (consumed once), else None.
-
-    The key tensor is the handshake: a layer is handed to the attention function only for the very tensor its
-    ``update`` returned, so a layer left behind by a forward that did not consume it can never be picked up by a
-    later, unrelated forward (another cache, another model). A layer whose cache was built for another model than
-    ``module``'s raises.
-    """
-    layer = getattr(_ACTIVE, "layer", None)
-    if layer is None or layer.layer_idx != layer_idx or (key is not None and layer.returned_key is not key):
-        return None
-    _ACTIVE.layer = None
-    layer.returned_key = None
-    cache = layer.cache
-    if module is not None and id(module) not in cache.module_ids:
-        raise RuntimeError(
-            f"this KVCache was built for another model ({cache.model_name}); a cache holds one model's keys and "
-            "values and can only be used with the model it was built for"
-        )
-    return layer
-
 
 class HeadStore:
     """The kept entries of one (layer, KV head) for all batch rows (see the module docstring).
@@ -78,8 +56,6 @@ class HeadStore:
     slot_arrays = ("keys", "values", "pos", "mod", "valid")  # dense per-slot tensors a layer may pack (see pack())
 
     def __init__(self, keys, values, pos, mod, valid, extras: dict[str, torch.Tensor], reserve: int, storage=None):
-        from .storage import DENSE
-
         B, k, _ = keys.shape
         cap = k + max(0, reserve)
         dev = keys.device
@@ -125,8 +101,6 @@ class HeadStore:
 
     def _grow(self, needed: int) -> None:
         """Reallocate every per-slot tensor with room for at least ``needed`` slots (keeping slots [0, n))."""
-        from .storage.base import grown
-
         cap = self.pos.shape[1]
         new_cap = max(needed, cap + max(self.growth, cap // 8))
         self.pos, self.mod, self.valid = (grown(t, new_cap, self.n) for t in (self.pos, self.mod, self.valid))
@@ -275,9 +249,6 @@ class HeadStore:
     @classmethod
     def from_state(cls, tensors: dict[str, torch.Tensor], scalars: dict, reserve: int, storage=None) -> "HeadStore":
         """A store rebuilt from :meth:`state`, with ``reserve`` free slots."""
-        from .storage import DENSE
-        from .storage.base import grown
-
         store = cls.__new__(cls)
         n = int(scalars["n"])
         for name, t in tensors.items():
@@ -336,26 +307,6 @@ class HeadStore:
         }
 
 
-@dataclasses.dataclass
-class Selection:
-    """What a method keeps at prefill.
-
-    indices : LongTensor [B, H, k] or a list of H LongTensors [B, k_h] (ragged per head): prompt indices to keep,
-        -1 for an unused slot.
-    extras : name -> float32 [B, H, n] per-token method state, gathered along with the kept entries.
-    keys, values : optional [B, H, n, d] replacing the prompt's keys/values before the kept ones are gathered
-        (methods that merge evicted entries into kept ones, e.g. LOOK-M).
-    """
-
-    indices: Any
-    extras: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
-    keys: Any = None
-    values: Any = None
-
-    def head(self, h: int) -> torch.Tensor:
-        return self.indices[h] if isinstance(self.indices, (list, tuple)) else self.indices[:, h]
-
-
 class CompressedLayer(DynamicLayer):
     """A full-attention layer whose entries live in per-KV-head :class:`HeadStore` objects.
 
@@ -399,8 +350,7 @@ class CompressedLayer(DynamicLayer):
             self.lazy_initialization(key_states, value_states)
         if key_states.shape[-1] != value_states.shape[-1] and self.heads is None and key_states.dim() != 4:
             raise ValueError("modalkv supports key/value states shaped [batch, kv_heads, tokens, head_dim]")
-        stale = getattr(_ACTIVE, "layer", None)
-        _ACTIVE.layer = None
+        stale = attention.take_unread()
         if stale is not None and stale._cache() is self._cache():
             # this cache's previous managed layer was updated but never read by modalkv's attention (a stale layer of
             # another cache is harmless: the attention function only takes the key tensor its update returned)
@@ -429,8 +379,7 @@ class CompressedLayer(DynamicLayer):
                 for h, store in enumerate(self.heads):
                     store.append(key_states[:, h], value_states[:, h], pos, mod, True)
         self.seen += q
-        _ACTIVE.layer = self
-        self.returned_key = key_states
+        attention.hand_over(self, key_states)
         return key_states, value_states
 
     def _append_packed(self, keys, values) -> None:
@@ -625,8 +574,6 @@ class CompressedLayer(DynamicLayer):
     # -- compression --------------------------------------------------------------------------------------
     def compress_prefill(self, query, keys, values, real, scaling) -> None:
         """Ask the method which prompt entries to keep and store only those."""
-        from .methods.base import PrefillContext
-
         cache = self.cache
         B, H, n, _ = keys.shape
         pruned = pruning.active(cache, n)
@@ -703,8 +650,6 @@ class CompressedLayer(DynamicLayer):
         through the one eviction routine (:mod:`modalkv.decoding`); the method's ``on_core_evict`` sees the victims
         first (LOOK-M merges them into kept entries). ``step``: a
         :class:`~modalkv.decoding.DecodeStep`, or the step's attention rows per KV head ([B, G, q, n] each)."""
-        from .decoding import INF, DecodeStep
-
         if not isinstance(step, DecodeStep):
             step = DecodeStep(self, step)
         cap = self.cache.budget.decode
@@ -767,8 +712,6 @@ class KVCache(Cache):
     def __init__(self, model, method="full", budget: float | int = 1.0, *, modality_caps: dict | str | None = None,
                  quantize=None, decode_budget: int | None = None, decode_policy: str = "attention",
                  reserve: int = 64, **params):
-        from .methods import make_method, make_quantizer
-
         self.method = make_method(method, **params)
         if isinstance(modality_caps, str):
             modality_caps = parse_caps(modality_caps)
@@ -786,7 +729,7 @@ class KVCache(Cache):
         self.budget = Budget(budget, dict(modality_caps or {}), decode_budget)
         self.decode_policy = decode_policy
         self.reserve = reserve
-        self.quantizer = make_quantizer(quantize)
+        self.quantizer = make_storage(quantize)
         self.method.check_budget(self.budget)
         # decode_budget for a method that does not evict while decoding: the cache evicts by decode_policy
         self.core_decode_eviction = (
@@ -937,8 +880,6 @@ class KVCache(Cache):
     def set_modality(self, mm_token_type_ids) -> None:
         """Give the cache the per-token modality ids of the prompt (``mm_token_type_ids``: [B, n]), or a
         :class:`~modalkv.modality.ModalityLayout` (ids plus visual grid coordinates, used by spatial methods)."""
-        from .modality import ModalityLayout
-
         self.layout = mm_token_type_ids if isinstance(mm_token_type_ids, ModalityLayout) else None
         ids = self.layout.ids if self.layout is not None else torch.as_tensor(mm_token_type_ids)
         if ids.dim() == 1:
@@ -1023,8 +964,6 @@ def _modality_pre_hook(module, args, kwargs):
         return None
     ids = kwargs.get("input_ids", args[0] if args else None)
     if isinstance(ids, torch.Tensor) and ids.dim() == 2:
-        from .modality import detect_modality
-
         cache.set_modality(detect_modality(module.config, ids, kwargs.get("mm_token_type_ids"),
                                            kwargs.get("image_grid_thw"), kwargs.get("video_grid_thw")))
     return None
@@ -1032,8 +971,6 @@ def _modality_pre_hook(module, args, kwargs):
 
 def _install_modality_hook(model) -> None:
     """Once per vision-language model: detect modality ids at the prompt forward (see :func:`_modality_pre_hook`)."""
-    from .modality import special_token_modalities
-
     if getattr(model, "_modalkv_modality_hook", False) or not special_token_modalities(model.config):
         return
     model.register_forward_pre_hook(_modality_pre_hook, with_kwargs=True)
@@ -1046,7 +983,5 @@ def cache_kwargs(model, cache) -> dict[str, Any]:
     transformers 5.2x renamed ``past_key_values`` to ``cache`` (the old name warns); 5.5 only knows the old one.
     Works for both ``model(...)`` and ``model.generate(...)``.
     """
-    import inspect
-
     params = inspect.signature(type(model).forward).parameters
     return {"cache": cache} if "cache" in params else {"past_key_values": cache}

@@ -14,9 +14,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .cache import CompressedLayer, KVCache, Selection, cache_kwargs
+from .cache import CompressedLayer, KVCache, cache_kwargs
 from .methods.full import Full
 from .modality import detect_modality, special_token_modalities
+from .protocol import Selection
 
 
 class _Capture(Full):

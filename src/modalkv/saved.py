@@ -59,8 +59,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import DynamicCache
 
 from .cache import CompressedLayer, HeadStore, KVCache
+from .methods import REGISTRY, Method, make_method
+from .modality import ModalityLayout
+from .pruning import decoder_layers
+from .storage import format_from_saved
 
 FORMAT = "modalkv-cache"
 VERSION = 2  # 2: method extras renamed (accumulated_attention, in_recycle_bin, ...), storage payloads
@@ -80,10 +85,6 @@ def _hash_tensor(h, t: torch.Tensor) -> None:
 
 def model_fingerprint(model) -> dict[str, Any]:
     """Shapes and a weight hash that identify a model: a saved cache only fits the model it was made with."""
-    from transformers import DynamicCache
-
-    from .pruning import decoder_layers
-
     config = model.config.get_text_config(decoder=True)
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
@@ -339,8 +340,6 @@ def _read(path, device) -> tuple[dict, dict[str, torch.Tensor]]:
 
 
 def _check_method(wanted, spec: dict, path) -> None:
-    from .methods import Method, REGISTRY
-
     if wanted is None:
         return
     if isinstance(wanted, str):
@@ -367,10 +366,6 @@ def load_cache(path, model, *, method=None) -> KVCache:
     modalkv) and continues exactly as the saved cache would have: the next forward or ``generate`` takes the tokens
     after those it has seen.
     """
-    from .methods import REGISTRY, make_method
-    from .storage import format_from_saved
-    from .modality import ModalityLayout
-
     device = next(model.parameters()).device
     header, tensors = _read(path, device)
     _check_model(header["model"], model, path)

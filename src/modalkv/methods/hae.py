@@ -8,9 +8,9 @@ from typing import Literal
 import torch
 
 from .. import pruning
-from ..cache import Selection
 from ..decoding import DecodeStep, Extra
 from ..modality import TEXT
+from ..protocol import Selection
 from ..scoring import accumulated_scores, attention_probs, check_finite, mask_to_sorted
 from .base import Method, PrefillContext, check_range, first_real, last_real
 

@@ -9,7 +9,9 @@ from typing import Literal
 import torch
 
 from .base import Method, PrefillContext, check_range
-from ..cache import CompressedLayer, Selection
+from ..cache import CompressedLayer, cache_kwargs
+from ..modality import special_token_modalities
+from ..protocol import Selection
 from ..scoring import apply_caps, check_finite
 
 
@@ -89,8 +91,6 @@ class KVzip(Method):
 
     def _chunks(self, model, ids: torch.Tensor, prompt: torch.Tensor, model_kwargs: dict):
         """(repeat prompt + context chunk, its model inputs) for every chunk of the context."""
-        from ..modality import special_token_modalities
-
         visual = special_token_modalities(model.config)
         is_visual = torch.zeros_like(ids[0], dtype=torch.bool)
         for token in visual:
@@ -128,8 +128,6 @@ class KVzip(Method):
         With ``select=False`` the scores are left in the cache's entries and nothing is evicted: call
         :meth:`select` later (e.g. on several ``cache.fork()`` copies with different budgets — the scores do not
         depend on the budget)."""
-        from ..cache import cache_kwargs
-
         if tokenizer is None:
             raise ValueError("kvzip builds its reconstruction prompt with the tokenizer: call "
                              "modalkv.prefill(model, cache, input_ids, tokenizer=tokenizer)")

@@ -9,8 +9,8 @@ from typing import Literal
 import torch
 
 from .base import Method, PrefillContext, check_range, first_real, last_real
-from ..cache import Selection
 from ..modality import TEXT
+from ..protocol import Selection
 from ..scoring import group_reduce, largest_remainder, pool1d, window_scores
 
 

@@ -10,9 +10,9 @@ import torch.nn.functional as F
 
 from . import retentive_memory as mem
 from .base import Method, PrefillContext, check_range, first_real, last_real
-from ..cache import Selection
 from ..decoding import DecodeStep, Extra
 from ..modality import IMAGE, TEXT, VIDEO, ModalityLayout, _place_square, _runs
+from ..protocol import Selection
 from ..scoring import group_reduce, pool1d, window_scores
 
 _TINY = 1e-30

@@ -16,7 +16,7 @@ from typing import ClassVar, Literal
 
 import torch
 
-from ...cache import Selection
+from ...protocol import Selection
 from ...scoring import attention_probs, check_finite, mask_to_sorted, pool1d
 from ...storage.spherical import BIG, SphericalStorage
 from ..base import Method, PrefillContext, check_range, first_real, last_real
