@@ -13,8 +13,9 @@ SRC = Path(modalkv.__file__).parent
 LAYERS = [
     {"rope", "modality", "data", "pruning", "scoring", "weights", "tasks.base", "decoding", "protocol", "registry"},
     {"budget", "vlm", "storage"},  # budgets, the VLM's loading, storage formats (payloads, fused kernels)
-    {"attention"},  # modalkv's attention function (decode attention over the stores)
-    {"cache"},  # the cache
+    {"store", "attention"},  # one (layer, KV head)'s entries; modalkv's attention function
+    {"layer"},  # a managed cache layer (prefill compression, appends, decode_budget eviction)
+    {"cache"},  # KVCache, the public cache
     {"methods"},  # eviction methods -> core
     {"context", "replay", "saved", "measure", "models", "continual", "tasks", "vlm_train"},  # uses of caches and models
     {"bench", "serving", ""},  # the benchmark harness, and the package's public API (modalkv/__init__.py)
@@ -106,4 +107,4 @@ def test_the_layer_check_sees_function_local_imports():
     assert "weights" in imports(SRC / "vlm.py") and "models" not in imports(SRC / "vlm.py")
     source = "from ..protocol import Selection\n\ndef f():\n    from .base import Method\n    from ..import cache\n"
     assert imports_in(source, "methods.h2o") == {"protocol", "methods.base", "cache"}
-    assert layer_of("methods.h2o") > layer_of("cache") > layer_of("attention") > layer_of("protocol")
+    assert layer_of("methods.h2o") > layer_of("cache") > layer_of("layer") > layer_of("attention") > layer_of("protocol")

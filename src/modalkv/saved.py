@@ -18,7 +18,7 @@ Tensors (only what is kept, never the reserve slots):
 * per managed layer and KV head, the store's slots ``[0, n)`` as they are stored: dense keys/values, or KIVI's
   packed codes, scales and full-precision residual, or Spherical KV's direction codes, radius codes, page scales
   and dense tail, with positions, modality ids, validity flags and per-entry method extras
-  (:meth:`~modalkv.cache.HeadStore.state`); nothing is dequantised;
+  (:meth:`~modalkv.store.HeadStore.state`); nothing is dequantised;
 * per managed layer, the prompt length, each row's real prompt length and each head's prefill count;
 * the method's per-sequence state outside the stores (:meth:`~modalkv.methods.base.Method.state_dict`:
   RetentiveKV's memories, HAE's recycle-bin bookkeeping, Spherical KV's window query norms);
@@ -61,11 +61,13 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
-from .cache import CompressedLayer, HeadStore, KVCache
+from .cache import KVCache
+from .layer import CompressedLayer
 from .methods import REGISTRY, Method, make_method
 from .modality import ModalityLayout
 from .pruning import decoder_layers
 from .storage import format_from_saved
+from .store import HeadStore
 
 FORMAT = "modalkv-cache"
 VERSION = 2  # 2: method extras renamed (accumulated_attention, in_recycle_bin, ...), storage payloads

@@ -9,7 +9,8 @@ from typing import Literal
 import torch
 
 from .base import Method, PrefillContext, check_range
-from ..cache import CompressedLayer, cache_kwargs
+from ..cache import cache_kwargs
+from ..layer import CompressedLayer
 from ..modality import special_token_modalities
 from ..protocol import Selection
 from ..scoring import apply_caps, check_finite
