@@ -78,13 +78,13 @@ def test_config_file_and_errors(tmp_path):
     f.write_text('[bench]\nmetods = ["snapkv"]\n')
     with pytest.raises(ValueError, match="unknown setting"):
         BenchConfig.from_file(f)
-    from modalkv.cli import _check_bench
+    from modalkv.cli.bench import check_bench
 
-    _check_bench(BenchConfig(methods=["hae(mode=kv_only,tau_g=0.01)", "snapkv@image=0.1"]))
+    check_bench(BenchConfig(methods=["hae(mode=kv_only,tau_g=0.01)", "snapkv@image=0.1"]))
     with pytest.raises(TypeError, match="no parameter"):
-        _check_bench(BenchConfig(methods=["hae(tau=0.01)"]))
+        check_bench(BenchConfig(methods=["hae(tau=0.01)"]))
     with pytest.raises(ValueError, match="tau_g"):
-        _check_bench(BenchConfig(methods=["hae(tau_g=-2.0)"]))
+        check_bench(BenchConfig(methods=["hae(tau_g=-2.0)"]))
 
 
 def test_pareto_front():
