@@ -14,7 +14,7 @@ from transformers import DynamicCache
 from helpers import prompt, run_steps, tiny_llama
 from modalkv import KVCache, cache_kwargs
 from modalkv.methods import retentive_memory as mem
-from modalkv.methods.retentivekv import RetentiveKV, normalised_entropy_score
+from modalkv.methods.retentivekv import RetentiveKV
 
 STEPS = 8
 SMALL = {"window": 4, "n_sink": 2}
@@ -185,16 +185,16 @@ def test_retention_score_rewards_dominant_and_uncertain_tokens():
     p = alpha[0, :4]
     ent = -p * torch.log(p)
     for lam in (0.0, 0.2, 0.7, 1.0):
-        R = normalised_entropy_score(alpha, group, lam)
+        R = mem.retention_score(alpha, group, lam)
         want = lam * p / p.max() + (1 - lam) * ent / ent.max()
         assert torch.allclose(R[0, :4], want, atol=1e-6)
         assert float(R[0, 4]) == 0.0  # outside the group
-    mixed = normalised_entropy_score(alpha, group, 0.2)[0]
+    mixed = mem.retention_score(alpha, group, 0.2)[0]
     assert float(mixed[1]) > float(mixed[0]) > float(mixed[2]) > float(mixed[3])  # B (p = 0.37) outranks A (0.55)
-    attention_only = normalised_entropy_score(alpha, group, 1.0)[0]
+    attention_only = mem.retention_score(alpha, group, 1.0)[0]
     assert float(attention_only[0]) > float(attention_only[1])
     # one dominant token (p = 0.9) and two middling ones: by entropy alone the middling ones rank first
-    dominant = normalised_entropy_score(torch.tensor([[0.9, 0.05, 0.05]]), torch.ones(1, 3, dtype=torch.bool), 0.0)[0]
+    dominant = mem.retention_score(torch.tensor([[0.9, 0.05, 0.05]]), torch.ones(1, 3, dtype=torch.bool), 0.0)[0]
     assert float(dominant[1]) == float(dominant[2]) == 1.0 and 0.5 < float(dominant[0]) < 0.7
 
 

@@ -6,12 +6,11 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 
 from . import retentive_memory as mem
 from .base import Method, PrefillContext, check_range, first_real, last_real
 from ..decoding import DecodeStep, Extra
-from ..modality import IMAGE, TEXT, VIDEO, ModalityLayout, _place_square, _runs
+from ..modality import TEXT
 from ..protocol import Selection
 from ..scoring import group_reduce, pool1d, window_scores
 
@@ -19,18 +18,6 @@ _TINY = 1e-30
 ACC = Extra("accumulated_attention", "window attention at prefill, plus the attention of every decode step")
 SPATIAL = Extra("spatial_weight", "a visual entry's absorption weight into the (horizontal) visual state")
 SPATIAL_V = Extra("spatial_weight_vertical", "a visual entry's absorption weight into the vertical visual sub-state")
-
-
-def normalised_entropy_score(alpha: torch.Tensor, group: torch.Tensor, lam: float) -> torch.Tensor:
-    """Retention score ``R = lam * alpha_hat + (1 - lam) * H_hat`` per entry.
-
-    alpha [..., n] attention received (>= 0, 0 for absent entries); group [..., n] bool: the entries of one
-    modality (visual or text). Within the group ``p = alpha / sum(alpha)``, ``H = -p log p``, and both ``alpha``
-    and ``H`` are divided by their maximum over the group. Entries outside the group get 0.
-    """
-    a = alpha.float() * group
-    a_hat = a / a.amax(-1, keepdim=True).clamp(min=_TINY)
-    return (lam * a_hat + (1 - lam) * mem.token_entropy(alpha, group)) * group
 
 
 @dataclass
@@ -167,40 +154,12 @@ class RetentiveKV(Method):
         return mem.moment_state_floats(d, dv, self.second_order)
 
     def _empty_states(self, B: int, H: int, d: int, dv: int, device) -> dict[str, torch.Tensor]:
-        S = self.num_states
-        z = lambda *shape: torch.zeros(B, H, S, *shape, dtype=torch.float32, device=device)  # noqa: E731
-        if self.state_readout == "linear":
-            st = {"S": z(d, dv), "z": z(d)}
-        else:
-            st = {"m": z(), "s": z(d), "u": z(dv), "M": z(d, dv)}
-            if self.second_order:
-                st["C"] = z(d, d)
-        st["scale"] = torch.ones(B, H, S, dtype=torch.float32, device=device)
-        return st
+        return mem.empty_states(B, H, self.num_states, d, dv, device, self.state_readout == "linear", self.second_order)
 
     def _absorb(self, st: dict, g: int, w: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                 heads: slice = slice(None), decay: torch.Tensor | None = None) -> None:
-        """Add tokens to state ``g``: w [B, H', m] weights, keys [B, H', m, d], values [B, H', m, dv]
-        (H' = the KV heads ``heads``); ``decay`` [B, H'] multiplies the state first."""
-        st["_version"] = st.get("_version", 0) + 1
-        sl = (slice(None), heads, g)
-        if decay is not None:
-            st["scale"][sl] *= decay
-            if bool((st["scale"][sl] < 1e-20).any()):
-                self._fold_scale(st)
-        w = w.float() / st["scale"][sl][..., None]  # sums are stored divided by the lazy decay scale
-        k, v = keys.float(), values.float()
-        if self.state_readout == "linear":
-            phi = F.elu(k) + 1
-            st["S"][sl] += torch.einsum("bhm,bhmd,bhme->bhde", w, phi, v)
-            st["z"][sl] += torch.einsum("bhm,bhmd->bhd", w, phi)
-            return
-        st["m"][sl] += w.sum(-1)
-        st["s"][sl] += torch.einsum("bhm,bhmd->bhd", w, k)
-        st["u"][sl] += torch.einsum("bhm,bhme->bhe", w, v)
-        st["M"][sl] += torch.einsum("bhm,bhmd,bhme->bhde", w, k, v)
-        if "C" in st:
-            st["C"][sl] += torch.einsum("bhm,bhmd,bhme->bhde", w, k, k)
+        """Add tokens to state ``g`` (:func:`~.retentive_memory.absorb`)."""
+        mem.absorb(st, g, w, keys, values, self.state_readout == "linear", heads, decay)
 
     def state_bytes(self, layer) -> int:
         st = self._states.get(layer.rank, {})
@@ -247,7 +206,7 @@ class RetentiveKV(Method):
     # -- prefill ----------------------------------------------------------------------------------------------
     def _grid(self, ctx: PrefillContext):
         """(item, row, col) [B, n] of the context's tokens: the cache's ModalityLayout when given, else each run
-        of visual tokens is one image laid out as a square (a 1-D strip when its length is not a square)."""
+        of visual tokens is one image laid out as a square (:func:`~.retentive_memory.square_grid`)."""
         B, n = ctx.modality.shape
         dev = ctx.modality.device
         pos = ctx.positions.expand(B, n) if ctx.positions.dim() == 1 else ctx.positions
@@ -255,49 +214,15 @@ class RetentiveKV(Method):
         if layout is not None and layout.ids.shape[0] == B and int(pos.max()) < layout.ids.shape[1]:
             p = pos.long().cpu()
             return tuple(getattr(layout, f).gather(1, p).to(dev) for f in ("item", "row", "col"))
-        ids = ctx.modality.cpu()
-        layout = ModalityLayout(ids, *(torch.full((B, n), -1, dtype=torch.int32) for _ in range(4)))
-        for b in range(B):
-            for mid in (IMAGE, VIDEO):  # each run of visual tokens is one item, a square when its length is one
-                runs = _runs(ids[b] == mid)
-                if runs:
-                    _place_square(layout, b, runs, None, mid)
-        item = layout.item.long() + n * (ids == VIDEO)  # videos numbered apart from images
-        return item.to(dev), layout.row.long().clamp(min=0).to(dev), layout.col.long().clamp(min=0).to(dev)
+        return tuple(t.to(dev) for t in mem.square_grid(ctx.modality.cpu()))
 
     def _spatial_weights(self, ctx: PrefillContext, R: torch.Tensor) -> torch.Tensor:
-        """[B, H, n] spatial weight of every visual token (0 for text): gamma_s ** Manhattan distance to its image's
-        root patch (the token with the largest R of that image, per head)."""
-        item, row, col = self._grid(ctx)
-        B, H, n = R.shape
-        out = torch.zeros(B, H, n, device=R.device)
-        n_items = int(item.max()) + 1 if item.numel() else 0
-        for i in range(n_items):
-            in_i = (item == i)[:, None, :]  # [B, 1, n]
-            if not bool(in_i.any()):
-                continue
-            root = R.masked_fill(~in_i, float("-inf")).argmax(-1)  # [B, H]
-            r_row = row[:, None, :].expand(B, H, n).gather(2, root[..., None])
-            r_col = col[:, None, :].expand(B, H, n).gather(2, root[..., None])
-            dist = (row[:, None, :] - r_row).abs() + (col[:, None, :] - r_col).abs()
-            out = torch.where(in_i, self.gamma_s ** dist.float(), out)
-        return out
+        """[B, H, n] spatial weight of every visual token (:func:`~.retentive_memory.manhattan_weights`)."""
+        return mem.manhattan_weights(*self._grid(ctx), R, self.gamma_s)
 
     def _spatial_scan(self, ctx: PrefillContext, R: torch.Tensor, gate: torch.Tensor):
-        """[B, H, n] each visual token's weights in the horizontal and vertical sub-states (0 for text): the 2-D scan
-        of its image toward the root patch (argmax R of that image and head), gated per token by ``gate``."""
-        item, row, col = self._grid(ctx)
-        B, H, n = R.shape
-        w_h = torch.zeros(B, H, n, device=R.device)
-        w_v = torch.zeros(B, H, n, device=R.device)
-        for b in range(B):
-            for i in item[b][item[b] >= 0].unique().tolist():
-                idx = (item[b] == i).nonzero().squeeze(-1)
-                root = R[b][:, idx].argmax(-1)  # [H]
-                wh, wv = mem.scan2d_weights(row[b, idx], col[b, idx], root, gate[b][:, idx], self.gamma_h, self.gamma_v)
-                w_h[b][:, idx] = wh
-                w_v[b][:, idx] = wv
-        return w_h, w_v
+        """[B, H, n] weights in the horizontal and vertical sub-states (:func:`~.retentive_memory.scan_weights`)."""
+        return mem.scan_weights(*self._grid(ctx), R, gate, self.gamma_h, self.gamma_v)
 
     def _account(self, ctx: PrefillContext, extras: int) -> torch.Tensor:
         """Entries each (row, head) keeps when the states count inside the budget (``states_in_budget``), decided at the
@@ -367,7 +292,7 @@ class RetentiveKV(Method):
             alpha = pool1d(alpha, self.kernel, "max")
         visual = ((ctx.modality != TEXT) & ctx.real)[:, None, :]
         text = ((ctx.modality == TEXT) & ctx.real)[:, None, :]
-        R = normalised_entropy_score(alpha, visual, self.lam) + normalised_entropy_score(alpha, text, self.lam)
+        R = mem.retention_score(alpha, visual, self.lam) + mem.retention_score(alpha, text, self.lam)
         if ctx.layer_rank == 0 or self._groups is None:
             self._groups = self._choose_groups(bool(visual.any()))
         k = self._account(ctx, 3 if self._scan else 2)
@@ -415,14 +340,6 @@ class RetentiveKV(Method):
         return Selection(keep, extras=extras)
 
     # -- decode -----------------------------------------------------------------------------------------------
-    def _row_entropy(self, p: torch.Tensor, among: torch.Tensor) -> torch.Tensor:
-        """Normalised entropy (in [0, 1]) of attention rows p [..., n] restricted to ``among`` [..., n]."""
-        x = p.float() * among
-        x = x / x.sum(-1, keepdim=True).clamp(min=_TINY)
-        ent = -(x * torch.log(x.clamp(min=_TINY))).sum(-1)
-        count = among.sum(-1).float()
-        return torch.where(count > 1, ent / torch.log(count.clamp(min=2)), torch.zeros_like(ent))
-
     def decode(self, step: DecodeStep) -> None:
         st = self._states.get(step.layer.rank)
         for g in step.groups():
@@ -434,7 +351,7 @@ class RetentiveKV(Method):
             visual = (g.mod != TEXT) & valid
             if st is not None and self.decay:  # the decay of this step, from the attention before any eviction
                 among = torch.where(visual.sum(-1, keepdim=True) > 1, visual, valid)
-                h_t = self.h_min + (1 - self.h_min) * torch.sigmoid(self.beta * (self._row_entropy(last, among) - 0.5))
+                h_t = self.h_min + (1 - self.h_min) * torch.sigmoid(self.beta * (mem.row_entropy(last, among) - 0.5))
             over = self._group_over(g)
             if not (isinstance(over, int) and over <= 0):
                 # the window and the sinks shrink to fit a target smaller than them (as at prefill)
@@ -455,16 +372,7 @@ class RetentiveKV(Method):
                 scale = st["scale"][:, g.index]  # [B, H', S]
                 scale *= h_t[..., None]
                 if bool((scale < 1e-20).any()):  # fold the lazy scale back into the sums before it underflows
-                    self._fold_scale(st)
-
-    def _fold_scale(self, st) -> None:
-        """Multiply the lazy decay scale into the sums (before it underflows) and reset it to 1."""
-        scale = st["scale"]
-        for name, t in st.items():
-            if name != "scale" and not name.startswith("_"):
-                t *= scale.view(*scale.shape, *([1] * (t.dim() - 3)))
-        scale.fill_(1.0)
-        st["_version"] = st.get("_version", 0) + 1
+                    mem.fold_scale(st)
 
     def _victim_weights(self, att, visual, text, spatial, victims, use, count) -> list[tuple]:
         """(weights [..., m], decay [...] or None) of the victims per state, from the current attention rows att [..., n]:
@@ -472,7 +380,7 @@ class RetentiveKV(Method):
         text victims when their R >= tau; ``count`` entries the attention is spread over (``absorb_by_attention``).
         With the scan memory each victim enters through its input gate and, one after the other, decays the state it
         enters by its decay gate (both from its entropy in the current attention)."""
-        R = normalised_entropy_score(att, visual, self.lam) + normalised_entropy_score(att, text, self.lam)
+        R = mem.retention_score(att, visual, self.lam) + mem.retention_score(att, text, self.lam)
         r_v, is_vis = R.gather(-1, victims), visual.gather(-1, victims)
         vis = is_vis & use
         if self.gate_visual:
@@ -512,66 +420,19 @@ class RetentiveKV(Method):
     def readout(self, layer, h, query, logits, values):
         st = self._states[layer.rank]
         q = query.float()
-        scale = st["scale"][:, h]  # [B, S]
         if self.state_readout == "linear":
-            probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
-            local = torch.matmul(probs.to(values.dtype), values).float()
-            phi = F.elu(q) + 1
-            num = torch.einsum("brd,bsde,bs->bre", phi, st["S"][:, h], scale)
-            den = torch.einsum("brd,bsd,bs->br", phi, st["z"][:, h], scale)
-            o_s = num / (den[..., None] + 1e-6)
-            gamma = torch.sigmoid(self.gate_w * self._row_entropy(probs, torch.isfinite(logits)) + self.gate_b)
-            gamma = gamma * (den > 0)  # an empty state contributes nothing
-            out = (1 - gamma[..., None]) * local + gamma[..., None] * o_s if self.mix == "convex" else local + gamma[..., None] * o_s
-            return out.to(values.dtype), probs.to(values.dtype)
+            return mem.linear_readout(st, h, q, logits, values, self.gate_w, self.gate_b, self.mix == "convex")
         gated = self._scan if self.gated is None else self.gated  # the scan memory's gate is query-conditioned
         if not gated and "C" not in st:
             return self._readout_first_order(layer, h, q, logits, values, st)
-        m = st["m"][:, h]  # [B, S]
-        kbar = st["s"][:, h] / m.clamp(min=_TINY)[..., None]
-        z = torch.einsum("brd,bsd->brs", q, kbar)
-        u = st["u"][:, h]
-        num = u[:, None] + torch.einsum("brd,bsde->brse", q, st["M"][:, h]) - z[..., None] * u[:, None]
-        den = m[:, None].expand_as(z)
-        if "C" in st:
-            qcq = torch.einsum("brd,bsde,bre->brs", q, st["C"][:, h], q)
-            den = den + 0.5 * (qcq - m[:, None] * z * z).clamp(min=0)
-        weight = den * scale[:, None]
-        if gated:
-            local_probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
-            gamma = torch.sigmoid(self.gate_w * self._row_entropy(local_probs, torch.isfinite(logits)) + self.gate_b)
-            weight = weight * gamma[..., None]
-        state_logits = torch.where(weight > 0, z + torch.log(weight.clamp(min=_TINY)), torch.full_like(z, float("-inf")))
-        value = num / den.clamp(min=_TINY)[..., None]  # [B, r, S, dv]
-        all_logits = torch.cat([logits.float(), state_logits], -1)
-        p = torch.softmax(all_logits, dim=-1)
-        n = logits.shape[-1]
-        out = torch.matmul(p[..., :n].to(values.dtype), values).float()
-        out = out + (p[..., n:, None] * torch.nan_to_num(value)).sum(-2)
-        local = p[..., :n]
-        local = local / local.sum(-1, keepdim=True).clamp(min=_TINY)  # attention over the cached entries, for scoring
-        return out.to(values.dtype), local.to(values.dtype)
+        return mem.moment_readout(st, h, q, logits, values, gated, self.gate_w, self.gate_b)
 
     def _readout_first_order(self, layer, h, q, logits, values, st):
-        """The first-order softmax readout as one pseudo-entry per state with a query-affine value: logit
-        ``q.k_bar + log(m scale)``, value ``u/m + q^T (M - k_bar u^T) / m``. The per-state terms are derived once per
-        layer and step for all heads (working memory, dropped after the layer's last head)."""
+        """The first-order softmax readout (:func:`~.retentive_memory.first_order_readout`); its per-state terms are
+        derived once per layer and step for all heads (working memory, dropped after the layer's last head)."""
         if h == 0 or self._derived.get("rank") != layer.rank:
-            m = st["m"]  # [B, H, S]
-            safe = m.clamp(min=_TINY)[..., None]
-            kbar = st["s"] / safe
-            b = st["u"] / safe
-            A = (st["M"] - kbar[..., :, None] * st["u"][..., None, :]) / safe[..., None]
-            logm = torch.where(m > 0, torch.log(safe[..., 0] * st["scale"]), torch.full_like(m, float("-inf")))
-            self._derived = {"rank": layer.rank, "kbar": kbar, "b": b, "A": A, "logm": logm}
-        d = self._derived
-        z = torch.matmul(q, d["kbar"][:, h].transpose(1, 2)) + d["logm"][:, h, None, :]  # [B, r, S]
-        value = d["b"][:, h, None] + torch.einsum("brd,bsde->brse", q, d["A"][:, h])  # [B, r, S, dv]
-        n = logits.shape[-1]
-        p = torch.softmax(torch.cat([logits.float(), z], -1), dim=-1)
-        out = torch.matmul(p[..., :n].to(values.dtype), values).float() + (p[..., n:, None] * value).sum(-2)
+            self._derived = {"rank": layer.rank, **mem.first_order_terms(st)}
+        out = mem.first_order_readout(self._derived, h, q, logits, values)
         if h == len(layer.heads) - 1:
             self._derived = {}
-        local = p[..., :n]
-        local = local / local.sum(-1, keepdim=True).clamp(min=_TINY)
-        return out.to(values.dtype), local.to(values.dtype)
+        return out
