@@ -108,3 +108,34 @@ def test_the_layer_check_sees_function_local_imports():
     source = "from ..protocol import Selection\n\ndef f():\n    from .base import Method\n    from ..import cache\n"
     assert imports_in(source, "methods.h2o") == {"protocol", "methods.base", "cache"}
     assert layer_of("methods.h2o") > layer_of("cache") > layer_of("layer") > layer_of("attention") > layer_of("protocol")
+
+
+def private_names_used(source: str, name: str, is_package: bool = False) -> set[str]:
+    """Private names (``_x``, not dunder) a module takes from another modalkv module: ``from .m import _x`` or
+    ``m._x`` on a modalkv module it imported."""
+    tree = ast.parse(source)
+    found, modules = set(), set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").startswith("modalkv")):
+            for alias in node.names:
+                if alias.name.startswith("_") and not alias.name.startswith("__"):
+                    found.add(alias.name)
+                modules.add(alias.asname or alias.name)  # may be a module ("from . import scoring")
+        elif isinstance(node, ast.Import):
+            modules |= {a.asname or a.name for a in node.names if a.name.startswith("modalkv")}
+    for node in ast.walk(tree):
+        if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in modules
+                and node.attr.startswith("_") and not node.attr.startswith("__")):
+            found.add(f"{node.value.id}.{node.attr}")
+    return found
+
+
+def test_no_private_names_across_modules():
+    used = {module_name(p): private_names_used(p.read_text(), module_name(p)) for p in SRC.rglob("*.py")}
+    used = {m: names for m, names in used.items() if names}
+    assert not used, f"modules importing another module's private names (give them public names): {used}"
+
+
+def test_the_private_name_check_sees_both_forms():
+    source = "from ..modality import TEXT, _runs\nfrom .. import scoring\n\ndef f():\n    return scoring._probs\n"
+    assert private_names_used(source, "methods.x") == {"_runs", "scoring._probs"}

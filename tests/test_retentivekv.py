@@ -14,7 +14,7 @@ from transformers import DynamicCache
 from helpers import prompt, run_steps, tiny_llama
 from modalkv import KVCache, cache_kwargs
 from modalkv.methods import retentive_memory as mem
-from modalkv.methods.retentivekv import RetentiveKV
+from modalkv.methods.retentivekv import SPATIAL, SPATIAL_V, RetentiveKV
 
 STEPS = 8
 SMALL = {"window": 4, "n_sink": 2}
@@ -223,7 +223,7 @@ def test_decay_gate_rises_with_entropy_and_acts_in_the_scan():
     for second in (0.3, 0.1):  # attention of the second victim among four text entries; 0.3 is nearer 1/e
         att = torch.tensor([[0.2, second, 0.7 - second, 0.1]])
         text = torch.ones(1, 4, dtype=torch.bool)
-        flat = {"sw": torch.zeros(1, 4), "sv": torch.zeros(1, 4)}
+        flat = {SPATIAL.name: torch.zeros(1, 4), SPATIAL_V.name: torch.zeros(1, 4)}
         (w, dec), = m._victim_weights(att, ~text, text, flat, torch.tensor([[0, 1]]), torch.ones(1, 2, dtype=torch.bool), 4)
         h_hat = mem.token_entropy(att, text)
         assert torch.allclose(w[0, 0], mem.input_gate(h_hat[0, 0], m.beta, m.gate_centre) * mem.decay_gate(h_hat[0, 1], 0.5, m.beta, m.gate_centre))

@@ -234,7 +234,7 @@ def _coded_batchable(layer, q: int) -> bool:
     if not isinstance(first, KIVIPayload) or not first.fused or kernels.library() is None:
         return False
     return all(type(st.payload) is type(first) and st.n == heads[0].n and st.payload.nq == first.nq
-               and "hidden" not in st.extras for st in heads)
+               and hidden_entries(layer.cache.method, st) is None for st in heads)
 
 
 def attend_coded(layer, query: torch.Tensor, mask, scaling: float) -> torch.Tensor:

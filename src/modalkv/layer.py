@@ -106,15 +106,15 @@ class CompressedLayer(DynamicLayer):
         heads, (B, _, q, _) = self.heads, keys.shape
         n = heads[0].n
         cap = self.buffers["pos"].shape[2]
-        need = max(st.n for st in heads) + q
+        need = max(store.n for store in heads) + q
         if need > cap:
             self._rebuffer(max(need, cap + max(HeadStore.growth, cap // 8)))
         b = self.buffers
-        if any(st.n != n for st in heads):
+        if any(store.n != n for store in heads):
             pos = torch.arange(self.seen, self.seen + q, device=keys.device, dtype=torch.int32).expand(B, q)
             mod = self.cache.modality_slice(self.seen, q, B, keys.device)
-            for h, st in enumerate(heads):
-                st.append(keys[:, h], values[:, h], pos, mod, True)
+            for h, store in enumerate(heads):
+                store.append(keys[:, h], values[:, h], pos, mod, True)
             return
         b["keys"][:, :, n : n + q] = keys
         b["values"][:, :, n : n + q] = values
@@ -127,11 +127,11 @@ class CompressedLayer(DynamicLayer):
         adopted = adopted_extras(self)  # extras held as one layer buffer: one write for every head
         for buf in adopted.values():
             buf[:, :, n : n + q] = 0.0
-        for st in heads:
-            for name, t in st.extras.items():
+        for store in heads:
+            for name, t in store.extras.items():
                 if name not in adopted:
                     t[:, n : n + q] = 0.0
-            st.n = n + q
+            store.n = n + q
 
     def get_seq_length(self) -> int:
         return self.seen
@@ -208,12 +208,12 @@ class CompressedLayer(DynamicLayer):
         gives up stays released, and attends head by head.
         """
         heads = self.heads
-        if not heads or not all(st.payload.packable for st in heads):
+        if not heads or not all(store.payload.packable for store in heads):
             return
-        sizes = [st.n for st in heads]
+        sizes = [store.n for store in heads]
         if (max(sizes) * len(sizes) - sum(sizes)) * 16 > max(sum(sizes), 1):
             return
-        self._rebuffer(max(st.pos.shape[1] for st in heads))
+        self._rebuffer(max(store.pos.shape[1] for store in heads))
 
     def _rebuffer(self, cap: int) -> None:
         """(Re)allocate the layer buffers with ``cap`` slots per head and point every head store at its slice."""
@@ -222,28 +222,28 @@ class CompressedLayer(DynamicLayer):
         for name in HeadStore.slot_arrays:
             first = getattr(heads[0], name)
             buf = first.new_zeros(first.shape[0], len(heads), cap, *first.shape[2:])
-            for h, st in enumerate(heads):
-                buf[:, h, : st.n] = getattr(st, name)[:, : st.n].detach()
+            for h, store in enumerate(heads):
+                buf[:, h, : store.n] = getattr(store, name)[:, : store.n].detach()
                 # views made with grad mode on (the buffers never require grad), so that later in-place writes are
                 # allowed whether or not they run under no_grad
                 with torch.enable_grad():
-                    setattr(st, name, buf[:, h])
+                    setattr(store, name, buf[:, h])
             self.buffers[name] = buf
-        self._view_ptrs = [(st.keys.data_ptr(), st.values.data_ptr(), st.valid.data_ptr()) for st in heads]
-        for st in heads:  # method extras stay per head, at the same capacity
-            for name, t in list(st.extras.items()):
+        self._view_ptrs = [(store.keys.data_ptr(), store.values.data_ptr(), store.valid.data_ptr()) for store in heads]
+        for store in heads:  # method extras stay per head, at the same capacity
+            for name, t in list(store.extras.items()):
                 if t.shape[1] != cap:
                     grown = t.new_zeros(t.shape[0], cap)
-                    grown[:, : st.n] = t[:, : st.n]
-                    st.extras[name] = grown
+                    grown[:, : store.n] = t[:, : store.n]
+                    store.extras[name] = grown
         self.packed = True
 
     def packed_intact(self) -> bool:
         """Are the head stores still views of the layer buffers (no store re-allocated its own tensors)?"""
         if not self.packed:
             return False
-        for st, ptrs in zip(self.heads, self._view_ptrs):
-            if (st.keys.data_ptr(), st.values.data_ptr(), st.valid.data_ptr()) != ptrs:
+        for store, ptrs in zip(self.heads, self._view_ptrs):
+            if (store.keys.data_ptr(), store.values.data_ptr(), store.valid.data_ptr()) != ptrs:
                 self.packed = False
                 return False
         return True

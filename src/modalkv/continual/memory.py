@@ -107,7 +107,7 @@ def extract_candidates(model, examples: list[Example], task: int, ell: int, kern
         lk, lv, lp = [], [], []
         for layer in range(L):
             query, k, v, _, scaling = cap.layers[layer]
-            score = scoring.group_reduce(scoring._probs(query, k, scaling, rows, real).sum(2), H)
+            score = scoring.group_reduce(scoring.attention_probs(query, k, scaling, rows, real).sum(2), H)
             score = scoring.pool1d(score, kernel)
             scoring.check_finite(score, "InduceKV")
             idx = scoring.select_topk(score, torch.tensor([ell]), real, force=force)[0]  # [H, ell] ascending

@@ -131,7 +131,7 @@ class RetentiveKV(Method):
         self._derived: dict = {}  # per-step working terms of the first-order readout (one layer at a time)
         self._groups: list[str] | None = None  # the states kept, in order: "h", "v" (visual scan), "v", "t", "all"
         self._memory = True  # False when the states do not fit in the byte budget (plain eviction)
-        self._acct: dict | None = None  # byte accounting of the entries and states (states_in_budget)
+        self._byte_accounting: dict | None = None  # byte accounting of the entries and states (states_in_budget)
 
     # -- state storage ----------------------------------------------------------------------------------------
     @property
@@ -156,14 +156,14 @@ class RetentiveKV(Method):
     def _empty_states(self, B: int, H: int, d: int, dv: int, device) -> dict[str, torch.Tensor]:
         return mem.empty_states(B, H, self.num_states, d, dv, device, self.state_readout == "linear", self.second_order)
 
-    def _absorb(self, st: dict, g: int, w: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+    def _absorb(self, states: dict, g: int, w: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                 heads: slice = slice(None), decay: torch.Tensor | None = None) -> None:
         """Add tokens to state ``g`` (:func:`~.retentive_memory.absorb`)."""
-        mem.absorb(st, g, w, keys, values, self.state_readout == "linear", heads, decay)
+        mem.absorb(states, g, w, keys, values, self.state_readout == "linear", heads, decay)
 
     def state_bytes(self, layer) -> int:
-        st = self._states.get(layer.rank, {})
-        return sum(t.numel() * t.element_size() for name, t in st.items() if not name.startswith("_"))
+        states = self._states.get(layer.rank, {})
+        return sum(t.numel() * t.element_size() for name, t in states.items() if not name.startswith("_"))
 
     def state_dict(self, layer=None) -> dict[str, torch.Tensor]:
         """The layer's state memories (the sums and their lazy decay scale); for ``layer=None`` the sinks' end."""
@@ -172,22 +172,23 @@ class RetentiveKV(Method):
             if self._groups is not None:
                 out["groups"] = torch.tensor([ord(g[0]) for g in self._groups], dtype=torch.int32)
                 out["memory"] = torch.tensor(self._memory)
-            if self._acct is not None:
-                out["acct"] = torch.tensor([self._acct["payload"], self._acct["entry"], self._acct["state"]],
+            accounting = self._byte_accounting
+            if accounting is not None:
+                out["acct"] = torch.tensor([accounting["payload"], accounting["entry"], accounting["state"]],
                                            dtype=torch.float64)
             return out
-        st = self._states.get(layer.rank, {})
-        return {name: t for name, t in st.items() if not name.startswith("_")}
+        states = self._states.get(layer.rank, {})
+        return {name: t for name, t in states.items() if not name.startswith("_")}
 
     def select_batch(self, index: torch.Tensor) -> None:
         """The sinks' end and every layer's state memories are per row."""
         if self._sink_end is not None:
             self._sink_end = self._sink_end.index_select(0, index.to(self._sink_end.device))
-        for st in self._states.values():
-            for name, t in list(st.items()):
+        for states in self._states.values():
+            for name, t in list(states.items()):
                 if torch.is_tensor(t):
-                    st[name] = t.index_select(0, index.to(t.device))
-            st["_version"] = st.get("_version", 0) + 1
+                    states[name] = t.index_select(0, index.to(t.device))
+            states["_version"] = states.get("_version", 0) + 1
         self._derived = {}
 
     def load_state_dict(self, layer, state: dict[str, torch.Tensor]) -> None:
@@ -198,8 +199,8 @@ class RetentiveKV(Method):
                 self._groups = [names[chr(int(c))] for c in state["groups"]]
                 self._memory = bool(state["memory"])
             if "acct" in state:
-                payload, entry, st = (float(x) for x in state["acct"])
-                self._acct = {"payload": payload, "entry": entry, "state": st}
+                payload, entry, state_bytes = (float(x) for x in state["acct"])
+                self._byte_accounting = {"payload": payload, "entry": entry, "state": state_bytes}
         elif state:
             self._states[layer.rank] = dict(state)
 
@@ -233,21 +234,22 @@ class RetentiveKV(Method):
         cache = self.cache
         budget = getattr(cache, "budget", None)
         if not self.states_in_budget or budget is None or budget.is_full:
-            self._acct = None
+            self._byte_accounting = None
             return k
-        if ctx.layer_rank == 0 or self._acct is None:
+        if ctx.layer_rank == 0 or self._byte_accounting is None:
             d, dv = ctx.keys.shape[-1], ctx.values.shape[-1]
             payload = d * ctx.keys.element_size() + dv * ctx.values.element_size()
             entry = payload + 4 + 1 + 1 + 4 * extras  # as HeadStore counts: pos, modality, validity, float32 extras
             self._memory = self.state_readout != "none"
             state = 4 * self.num_states * self._state_floats(d, dv) if self._memory else 0
-            self._acct = {"payload": payload, "entry": entry, "state": state}
+            self._byte_accounting = {"payload": payload, "entry": entry, "state": state}
             fits = mem.entries_within(self._bytes_budget(budget, ctx.n_real, k), state, entry)
             if self._memory and bool((fits < torch.clamp(k, max=self.n_sink + self.window)).any()):
                 self._memory = False
-                self._acct["state"] = 0
-        a = self._acct
-        return torch.minimum(k, mem.entries_within(self._bytes_budget(budget, ctx.n_real, k), a["state"], a["entry"]))
+                self._byte_accounting["state"] = 0
+        accounting = self._byte_accounting
+        return torch.minimum(k, mem.entries_within(self._bytes_budget(budget, ctx.n_real, k), accounting["state"],
+                                                   accounting["entry"]))
 
     def _bytes_budget(self, budget, seen: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """Bytes one (row, head) may hold after ``seen`` tokens: the ratio (or the absolute budget ``tokens``, capped by
@@ -255,28 +257,29 @@ class RetentiveKV(Method):
         t = seen.double() * budget.value if budget.is_ratio else tokens.double()
         if budget.decode is not None:
             t = t.clamp(max=budget.decode)
-        return t * self._acct["payload"]
+        return t * self._byte_accounting["payload"]
 
-    def _over(self, layer, h: int):
+    def _over_byte_budget(self, layer, h: int):
         """:meth:`CompressedLayer.over_budget` with the states inside the budget: entries head ``h`` holds beyond what
         fits beside the states in this step's byte budget (an int for one sequence without holes, else [B])."""
-        if self._acct is None:
+        if self._byte_accounting is None:
             return layer.over_budget(h)
         store = layer.heads[h]
         budget = layer.cache.budget
         seen = layer.prompt_real + (layer.seen - layer.prompt_len)
         tokens = seen.clamp(max=budget.value) if not budget.is_ratio else seen
-        target = mem.entries_within(self._bytes_budget(budget, seen, tokens), self._acct["state"], self._acct["entry"])
+        accounting = self._byte_accounting
+        target = mem.entries_within(self._bytes_budget(budget, seen, tokens), accounting["state"], accounting["entry"])
         target = torch.maximum(target, layer.prefill_kept[h].to(target.device))
         if store.batch == 1 and store.all_valid:
             return store.n - int(target[0])
         return (store.valid[:, : store.n].sum(-1) - target.to(store.valid.device)).clamp(min=0)
 
     def _group_over(self, g):
-        """:meth:`~modalkv.decoding.Group.over` with the states inside the budget (:meth:`_over` per head)."""
-        if self._acct is None:
+        """:meth:`~modalkv.decoding.Group.over` with the states inside the budget (:meth:`_over_byte_budget` per head)."""
+        if self._byte_accounting is None:
             return g.over()
-        over = [self._over(g.layer, h) for h in g.heads]
+        over = [self._over_byte_budget(g.layer, h) for h in g.heads]
         if all(isinstance(o, int) for o in over):
             if all(o == over[0] for o in over):
                 return max(0, over[0])
@@ -314,7 +317,7 @@ class RetentiveKV(Method):
             sinks = first_real(ctx.real, self.n_sink)
             self._sink_end = torch.where(sinks, pos.long() + 1, torch.zeros_like(pos, dtype=torch.long)).amax(-1)
         if self.has_readout:
-            st = self._empty_states(B, H, ctx.keys.shape[-1], ctx.values.shape[-1], ctx.keys.device)
+            states = self._empty_states(B, H, ctx.keys.shape[-1], ctx.values.shape[-1], ctx.keys.device)
             vis_ev = evicted & visual
             if self.gate_visual:
                 vis_ev = vis_ev & (R >= self.tau)
@@ -335,13 +338,13 @@ class RetentiveKV(Method):
             for g, name in enumerate(self._groups):
                 w = by_group[name]
                 if bool((w > 0).any()):
-                    self._absorb(st, g, w, ctx.keys, ctx.values)
-            self._states[ctx.layer_rank] = st
+                    self._absorb(states, g, w, ctx.keys, ctx.values)
+            self._states[ctx.layer_rank] = states
         return Selection(keep, extras=extras)
 
     # -- decode -----------------------------------------------------------------------------------------------
     def decode(self, step: DecodeStep) -> None:
-        st = self._states.get(step.layer.rank)
+        states = self._states.get(step.layer.rank)
         for g in step.groups():
             p = g.probs().mean(2)  # [B, H', q, n] over the group's query heads
             acc = g.extra(ACC.name)
@@ -349,7 +352,7 @@ class RetentiveKV(Method):
             last = p[:, :, -1].float()  # the current query's attention
             valid = g.valid
             visual = (g.mod != TEXT) & valid
-            if st is not None and self.decay:  # the decay of this step, from the attention before any eviction
+            if states is not None and self.decay:  # the decay of this step, from the attention before any eviction
                 among = torch.where(visual.sum(-1, keepdim=True) > 1, visual, valid)
                 h_t = self.h_min + (1 - self.h_min) * torch.sigmoid(self.beta * (mem.row_entropy(last, among) - 0.5))
             over = self._group_over(g)
@@ -364,19 +367,20 @@ class RetentiveKV(Method):
                 if self._sink_end is not None:
                     protected |= (g.pos < self._sink_end.to(g.pos.device).view(-1, 1, 1)) & with_sinks
                 absorb = None
-                if st is not None:
-                    def absorb(g, victims, use, st=st, last=last, valid=valid, visual=visual):
-                        self._absorb_victims(st, g, last, valid, visual, victims, use)
+                if states is not None:
+                    def absorb(g, victims, use, states=states, last=last, valid=valid, visual=visual):
+                        self._absorb_victims(states, g, last, valid, visual, victims, use)
                 g.evict(acc.masked_fill(protected, float("inf")), over, keep_protected=True, on_evict=absorb)
-            if st is not None and self.decay:
-                scale = st["scale"][:, g.index]  # [B, H', S]
+            if states is not None and self.decay:
+                scale = states["scale"][:, g.index]  # [B, H', S]
                 scale *= h_t[..., None]
                 if bool((scale < 1e-20).any()):  # fold the lazy scale back into the sums before it underflows
-                    mem.fold_scale(st)
+                    mem.fold_scale(states)
 
     def _victim_weights(self, att, visual, text, spatial, victims, use, count) -> list[tuple]:
         """(weights [..., m], decay [...] or None) of the victims per state, from the current attention rows att [..., n]:
-        visual victims by their spatial weights ``spatial["sw"]`` (and ``"sv"``; gated by tau with ``gate_visual``),
+        visual victims by their spatial weights ``spatial`` (extra name -> [..., n]: SPATIAL, and SPATIAL_V with the
+        scan memory; gated by tau with ``gate_visual``),
         text victims when their R >= tau; ``count`` entries the attention is spread over (``absorb_by_attention``).
         With the scan memory each victim enters through its input gate and, one after the other, decays the state it
         enters by its decay gate (both from its entropy in the current attention)."""
@@ -389,11 +393,11 @@ class RetentiveKV(Method):
         if self._scan:
             h_hat = (mem.token_entropy(att, visual) + mem.token_entropy(att, text)).gather(-1, victims)
             a, dec = mem.input_gate(h_hat, self.beta, self.gate_centre), mem.decay_gate(h_hat, self.h_min, self.beta, self.gate_centre)
-            sw, sv = spatial["sw"].gather(-1, victims), spatial["sv"].gather(-1, victims)
+            sw, sv = spatial[SPATIAL.name].gather(-1, victims), spatial[SPATIAL_V.name].gather(-1, victims)
             inputs = {"h": (a * sw, vis), "v": (a * sv, vis), "t": (a, txt),
                       "all": (torch.where(vis, a * sw, a), vis | txt)}
             return [mem.scan1d(inputs[g][0], dec, inputs[g][1]) for g in self._groups]
-        w_vis = spatial["sw"].gather(-1, victims) * vis
+        w_vis = spatial[SPATIAL.name].gather(-1, victims) * vis
         w_txt = txt.float()
         if self.absorb_by_attention:
             rel = att.gather(-1, victims) * count
@@ -402,36 +406,36 @@ class RetentiveKV(Method):
         groups = self._groups or (["v", "t"] if self.num_states == 2 else ["all"])
         return [(by_group[g], None) for g in groups]
 
-    def _absorb_victims(self, st, g, last, valid, visual, victims, use) -> None:
+    def _absorb_victims(self, states, g, last, valid, visual, victims, use) -> None:
         """The eviction routine's hook: fold the victims [B, H', m] (``use`` marks real ones, None = all) of the
         group ``g`` into the states before they are removed."""
         use = torch.ones_like(victims, dtype=torch.bool) if use is None else use
         text = (g.mod == TEXT) & valid
-        spatial = {"sw": g.extra(SPATIAL.name)}
+        spatial = {SPATIAL.name: g.extra(SPATIAL.name)}
         if self._scan:  # (reading an extra adds it: only the scan memory has the vertical weights)
-            spatial["sv"] = g.extra(SPATIAL_V.name)
+            spatial[SPATIAL_V.name] = g.extra(SPATIAL_V.name)
         weights = self._victim_weights(last, visual, text, spatial, victims, use, valid.sum(-1, keepdim=True))
         k, v = g.keys_values(victims)
         for i, (w, dec) in enumerate(weights):
             if bool((w > 0).any()):
-                self._absorb(st, i, w, k, v, heads=g.index, decay=dec)
+                self._absorb(states, i, w, k, v, heads=g.index, decay=dec)
 
     # -- attention readout ------------------------------------------------------------------------------------
     def readout(self, layer, h, query, logits, values):
-        st = self._states[layer.rank]
+        states = self._states[layer.rank]
         q = query.float()
         if self.state_readout == "linear":
-            return mem.linear_readout(st, h, q, logits, values, self.gate_w, self.gate_b, self.mix == "convex")
+            return mem.linear_readout(states, h, q, logits, values, self.gate_w, self.gate_b, self.mix == "convex")
         gated = self._scan if self.gated is None else self.gated  # the scan memory's gate is query-conditioned
-        if not gated and "C" not in st:
-            return self._readout_first_order(layer, h, q, logits, values, st)
-        return mem.moment_readout(st, h, q, logits, values, gated, self.gate_w, self.gate_b)
+        if not gated and "C" not in states:
+            return self._readout_first_order(layer, h, q, logits, values, states)
+        return mem.moment_readout(states, h, q, logits, values, gated, self.gate_w, self.gate_b)
 
-    def _readout_first_order(self, layer, h, q, logits, values, st):
+    def _readout_first_order(self, layer, h, q, logits, values, states):
         """The first-order softmax readout (:func:`~.retentive_memory.first_order_readout`); its per-state terms are
         derived once per layer and step for all heads (working memory, dropped after the layer's last head)."""
         if h == 0 or self._derived.get("rank") != layer.rank:
-            self._derived = {"rank": layer.rank, **mem.first_order_terms(st)}
+            self._derived = {"rank": layer.rank, **mem.first_order_terms(states)}
         out = mem.first_order_readout(self._derived, h, q, logits, values)
         if h == len(layer.heads) - 1:
             self._derived = {}
