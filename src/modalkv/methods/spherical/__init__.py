@@ -17,7 +17,7 @@ from .rdr import (ETA, LAMBDA_R, LAMBDA_THETA, RADIUS_BITS, allocate_jointly, gr
                   paper_decode_distortion, paper_prefill_distortion)
 
 __all__ = [
-    "BIG", "Codebooks", "DEFAULTS", "ETA", "LAMBDA_R", "LAMBDA_THETA", "PAPER_PRESET", "PRESETS", "RADIUS_BITS",
+    "BIG", "CALIBRATED", "Codebooks", "DEFAULTS", "ETA", "LAMBDA_R", "LAMBDA_THETA", "PAPER_PRESET", "PRESETS", "RADIUS_BITS",
     "SphericalKV", "SphericalStorage", "allocate_jointly", "calibrate", "calibration_ids", "code_bytes", "directions",
     "encode_directions", "encode_store", "fit_codebooks", "greedy_allocate", "head_proxies", "pack_codes",
     "paper_decode_distortion", "paper_prefill_distortion", "parse_tiers", "rope_pairs", "spherical_kmeans",
