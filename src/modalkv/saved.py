@@ -52,6 +52,7 @@ it is bound to ``model`` and the model's attention is routed through modalkv, as
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -59,6 +60,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from transformers import DynamicCache
 
 from .cache import KVCache
@@ -293,8 +296,6 @@ def save_cache(cache: KVCache, path) -> None:
         raise ValueError(f"cannot save this cache: a parameter of {method.name} or of its budget is not a plain "
                          f"value ({e})") from None
     text = json.dumps(header, separators=(",", ":"))
-    from safetensors.torch import save_file
-
     path = Path(path)
     tmp = path.with_name(path.name + ".partial")
     save_file(tensors, str(tmp), metadata={"format": FORMAT, _META_KEY: text})
@@ -302,8 +303,6 @@ def save_cache(cache: KVCache, path) -> None:
 
 
 def _init_fields(obj) -> list:
-    import dataclasses
-
     return [f for f in dataclasses.fields(obj) if f.init]
 
 
@@ -313,8 +312,6 @@ def _init_fields(obj) -> list:
 
 
 def _read(path, device) -> tuple[dict, dict[str, torch.Tensor]]:
-    from safetensors import SafetensorError, safe_open
-
     if not Path(path).is_file():
         raise FileNotFoundError(f"no cache file at {path}")
     try:
