@@ -37,3 +37,25 @@ def test_every_extra_a_method_keeps_is_declared(method):
     cache = KVCache(model, method, 0.5, decode_budget=12, **SMALL[method])
     run_steps(model, prompt(24), None, cache, 4)
     assert not undeclared_extras(cache)
+
+
+def test_the_cache_resolves_names_in_the_registry_the_methods_fill():
+    """modalkv.methods registers its classes in modalkv.registry, where KVCache looks names up (the cache does not
+    import the methods); a method registered later is usable by name at once."""
+    from dataclasses import dataclass
+
+    from modalkv import registry
+    from modalkv.methods import SnapKV, register
+
+    assert REGISTRY is registry.METHODS and REGISTRY["snapkv"] is SnapKV
+
+    @dataclass
+    class Wider(SnapKV):
+        name = "snapkv_wider_test"
+
+    register(Wider)
+    try:
+        cache = KVCache(tiny_llama(layers=1), "snapkv_wider_test", 0.5, window=4)
+        assert type(cache.method) is Wider and cache.method.window == 4
+    finally:
+        del REGISTRY["snapkv_wider_test"]
