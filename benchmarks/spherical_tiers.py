@@ -24,7 +24,7 @@ def main() -> None:
     ap.add_argument("--length", type=int, default=2048)
     args = ap.parse_args()
     torch.set_num_threads(2)
-    from modalkv.methods.spherical import _directions, calibrate, encode_directions, parse_tiers
+    from modalkv.methods.spherical import calibrate, directions, encode_directions, parse_tiers
     from modalkv.models import load_model
     from modalkv.replay import capture_prefill
     from modalkv.tasks import make_needle
@@ -43,7 +43,7 @@ def main() -> None:
         for idx, (query, keys, _, _, scaling) in cap.layers.items():
             k = keys[0].float()  # [H, n, d]
             H, n, d = k.shape
-            r, u = _directions(k, g)
+            r, u = directions(k, g)
             G = d // g
             q = query[0, :, -8:].float()  # [Hq, 8, d]
             Gq = q.shape[0] // H

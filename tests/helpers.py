@@ -23,6 +23,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 import modalkv.attention as mattn
 from modalkv import cache_kwargs
 from modalkv.decoding import hidden_entries
+from modalkv.layer import DECODE_ATTENTION
 from modalkv.methods import REGISTRY
 
 VOCAB = 128
@@ -270,3 +271,11 @@ METHOD_TESTS: dict[str, Shared | Exempt] = {
 EVICTING = [name for name in REGISTRY if isinstance(METHOD_TESTS.get(name), Shared)]
 #: Method name -> its test parameters.
 SMALL = {name: dict(entry.params) for name, entry in METHOD_TESTS.items()}
+
+
+def undeclared_extras(cache) -> set[str]:
+    """Names of per-entry extras the cache's stores hold that the method does not declare in ``extras`` (the cache's
+    own decode_budget score excepted): a method must declare every extra it keeps."""
+    declared = {extra.name for extra in cache.method.extras} | {DECODE_ATTENTION.name}
+    held = {name for layer in cache.managed_layers for store in layer.heads or [] for name in store.extras}
+    return held - declared

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import modalkv.attention as attn
-from helpers import prompt, tiny_llama
+from helpers import prompt, run_steps, tiny_llama
 from modalkv import KVCache, cache_kwargs
 
 
@@ -95,3 +95,17 @@ def test_install_refuses_other_attention_implementations():
     model.config._attn_implementation = "flash_attention_2"
     with pytest.raises(ValueError, match="attention implementation 'flash_attention_2' is not supported"):
         KVCache(model, "full")
+
+
+def test_the_fused_kivi_path_is_not_taken_when_a_method_hides_entries():
+    """HAE with bin_attend=False hides its recycle bin from attention (a declared hiding extra); the fused KIVI step
+    does not read that extra, so the layer must attend head by head, where hidden entries are masked."""
+    model = tiny_llama()
+    taken = {}
+    for attend in (True, False):
+        cache = KVCache(model, "hae", 0.5, quantize="kivi-4", recent=4, n_sink=2, bin_size=2, bin_attend=attend)
+        run_steps(model, prompt(64), None, cache, 6)
+        taken[attend] = [attn._coded_batchable(layer, 1) for layer in cache.managed_layers]
+    if not any(taken[True]):
+        pytest.skip("the fused KIVI kernels are not available here")
+    assert not any(taken[False])

@@ -78,13 +78,13 @@ def test_config_file_and_errors(tmp_path):
     f.write_text('[bench]\nmetods = ["snapkv"]\n')
     with pytest.raises(ValueError, match="unknown setting"):
         BenchConfig.from_file(f)
-    from modalkv.cli import _check_bench
+    from modalkv.cli.bench import check_bench
 
-    _check_bench(BenchConfig(methods=["hae(mode=kv_only,tau_g=0.01)", "snapkv@image=0.1"]))
+    check_bench(BenchConfig(methods=["hae(mode=kv_only,tau_g=0.01)", "snapkv@image=0.1"]))
     with pytest.raises(TypeError, match="no parameter"):
-        _check_bench(BenchConfig(methods=["hae(tau=0.01)"]))
+        check_bench(BenchConfig(methods=["hae(tau=0.01)"]))
     with pytest.raises(ValueError, match="tau_g"):
-        _check_bench(BenchConfig(methods=["hae(tau_g=-2.0)"]))
+        check_bench(BenchConfig(methods=["hae(tau_g=-2.0)"]))
 
 
 def test_pareto_front():
@@ -110,7 +110,7 @@ def test_kivi_cell_peak_rss_and_schema_guard(tiny_folder, tmp_path):
 def test_report_summary_and_failed_cells(tmp_path):
     """The summary row of a method is computed from the results file (score, Δ, KV share, speed-up), and a cell
     that crashed (kvpress rows) is listed, not hidden."""
-    from modalkv.bench.runner import COLUMNS
+    from modalkv.bench.sweep import COLUMNS
 
     rows = []
     for seed, (fs, ms) in enumerate([(1.0, 0.0), (1.0, 1.0)]):
@@ -147,7 +147,7 @@ def test_library_comparisons_use_only_shared_prompts():
     """kvpress ran one of modalkv's three prompts (the easy one): wherever the two libraries are compared, each is
     averaged over that prompt only, while modalkv alone is shown over all of its prompts."""
     from modalkv.bench.report import method_points, panels, pareto_panels, shared_prompts
-    from modalkv.bench.runner import add_ratios
+    from modalkv.bench.sweep import add_ratios
 
     keys = [("niah_single", 1000, 0), ("niah_single", 1000, 1), ("vt", 2000, 0)]
     df = add_ratios(pd.DataFrame(_rows("modalkv", keys, [(1, 1), (1, 0), (1, 0)]) +

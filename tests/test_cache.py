@@ -6,7 +6,7 @@ import torch
 
 from helpers import prompt, run_steps, tiny_llama
 from modalkv import KVCache, cache_kwargs
-from modalkv import cache as cache_module
+from modalkv import attention
 from modalkv.cache import CompressedLayer
 
 REPORT_KEYS = {"full_bytes", "kept_bytes", "payload_bytes", "meta_bytes", "state_bytes", "shared_bytes",
@@ -53,7 +53,7 @@ def test_update_returns_the_new_states_and_appends_them_to_every_head():
         keys, values = store.kv()
         assert store.n == 11 and torch.equal(keys[:, -1], k[:, h, 0]) and torch.equal(values[:, -1], v[:, h, 0])
         assert store.pos[:, 10].tolist() == [10, 10]
-    cache_module._ACTIVE.layer = None  # no attention read this layer: leave no stale handshake for the next test
+    attention.take_unread()  # no attention read this layer: leave no stale handshake for the next test
 
 
 def test_positions_continue_after_a_compressed_prefill():

@@ -159,7 +159,7 @@ def test_report_rejects_files_that_are_not_results(tmp_path):
 def test_run_specs_defaults_budgets_and_kivi():
     """No method: the measured default comparison; --method X alone keeps the old default budget 0.25; several
     budgets run every method at each; kivi-N is the full cache in KIVI storage, once."""
-    from modalkv.cli import _run_specs
+    from modalkv.cli.generate import _run_specs
 
     assert _run_specs([], None, None) == [
         ("snapkv @ 0.25", "snapkv", 0.25, None), ("pyramidkv @ 0.75", "pyramidkv", 0.75, None),
@@ -190,7 +190,7 @@ def test_interleaved_decoding_gives_each_cache_its_own_greedy_tokens():
 
     from helpers import prompt, tiny_llama
     from modalkv import KVCache
-    from modalkv.cli import _decode_interleaved, _Run
+    from modalkv.cli.generate import _decode_interleaved, _Run
     from modalkv.measure import greedy_generate
 
     model = tiny_llama()
@@ -219,7 +219,8 @@ def test_interleaved_decoding_gives_each_cache_its_own_greedy_tokens():
 
 
 def test_agreement_and_the_verdict_line():
-    from modalkv.cli import _agreement, _Run, _verdict
+    from modalkv.cli.comparison import agreement, verdict
+    from modalkv.cli.generate import _Run
 
     class Tok:
         def decode(self, ids, skip_special_tokens=True):
@@ -228,13 +229,13 @@ def test_agreement_and_the_verdict_line():
     full = _Run("full", "full", None, tokens=[1, 2, 3, 4])
     same = _Run("a", "snapkv", None, tokens=[1, 2, 3, 4])
     early = _Run("b", "h2o", None, tokens=[1, 2, 9])
-    agree = _agreement([full, same, early], full, None, Tok())
+    agree = agreement([full, same, early], full, None, Tok())
     assert agree == {"full": (4, 4, True), "a": (4, 4, True), "b": (2, 4, False)}
-    assert _verdict([full, same, early], full, None, agree) == (
+    assert verdict([full, same, early], full, None, agree) == (
         "[bold]Compression does not keep the full cache's answer with:[/bold] b. It does with: a.")
-    agree = _agreement([full, same, early], full, "2 9", Tok())
+    agree = agreement([full, same, early], full, "2 9", Tok())
     assert agree["b"] == (2, 4, True) and agree["a"] == (4, 4, False)
-    assert "Every compressed cache keeps the answer ('2 9')" in _verdict([full, early], full, "2 9", agree)
+    assert "Every compressed cache keeps the answer ('2 9')" in verdict([full, early], full, "2 9", agree)
 
 
 def test_save_and_load_cache_from_the_command_line(tmp_path, tiny_folder):
@@ -243,7 +244,7 @@ def test_save_and_load_cache_from_the_command_line(tmp_path, tiny_folder):
     import torch
 
     from modalkv import KVCache, load_model, prefill
-    from modalkv.cli import _decode_interleaved, _prefill, _Run
+    from modalkv.cli.generate import _decode_interleaved, _prefill, _Run
 
     folder = tiny_folder
     first = "The museum opened in 1887 and its first curator catalogued 4,310 objects from the old collection."

@@ -111,3 +111,13 @@ def test_mismatched_modality_ids(model):
 def test_make_method_rejects_mixed_forms():
     with pytest.raises(TypeError, match="either in the method instance or as keywords"):
         make_method(SnapKV(), window=4)
+
+
+def test_a_method_class_or_other_object_is_not_a_method():
+    model = tiny_llama(layers=1)
+    with pytest.raises(TypeError, match="method must be a name or a Method instance, got type"):
+        KVCache(model, SnapKV, 0.5)
+    with pytest.raises(TypeError, match="got int"):
+        KVCache(model, 3, 0.5)
+    with pytest.raises(ValueError, match="unknown method 'snap'"):
+        KVCache(model, "snap", 0.5)

@@ -104,13 +104,13 @@ def test_caps_labels_and_errors():
 
 
 def test_bench_checks_models_and_tasks():
-    from modalkv.cli import _check_bench
+    from modalkv.cli.bench import check_bench
 
     with pytest.raises(ValueError, match="need a vision-language model"):
-        _check_bench(BenchConfig(models=["smollm2-135m"], tasks=["niah_single", "mm_retrieval"]))
+        check_bench(BenchConfig(models=["smollm2-135m"], tasks=["niah_single", "mm_retrieval"]))
     with pytest.raises(ValueError, match="modality one of"):
-        _check_bench(BenchConfig(models=["modalkv-vlm"], methods=["snapkv@pixels=0.1"], tasks=["mm_retrieval"]))
-    _check_bench(BenchConfig(models=["modalkv-vlm@256"], methods=["snapkv@image=0.1", "lookm"],
+        check_bench(BenchConfig(models=["modalkv-vlm"], methods=["snapkv@pixels=0.1"], tasks=["mm_retrieval"]))
+    check_bench(BenchConfig(models=["modalkv-vlm@256"], methods=["snapkv@image=0.1", "lookm"],
                              tasks=["mm_retrieval", "fidelity"]))
 
 

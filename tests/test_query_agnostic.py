@@ -6,9 +6,11 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from helpers import Recorder, clone_model, masked_reference, prompt, run_steps, tiny_gemma3, tiny_llama
+from helpers import (Recorder, clone_model, masked_reference, prompt, run_steps, tiny_gemma3, tiny_llama,
+                     undeclared_extras)
 import modalkv
 from modalkv import KVCache, cache_kwargs
+from modalkv.methods.kvzip import SCORE as KVZIP_SCORE
 from modalkv.methods.kvzip import KVzip
 from modalkv.rope import cos_sin, unrotate
 
@@ -117,13 +119,14 @@ def kvzip_scores(model, ctx, **params):
 
     def capture(cache):
         for layer in cache.managed_layers:
-            captured[layer.rank] = torch.stack([s.extras["kvzip"][0, : s.n].clone() for s in layer.heads])
+            captured[layer.rank] = torch.stack([s.extras[KVZIP_SCORE.name][0, : s.n].clone() for s in layer.heads])
             for s in layer.heads:
                 assert torch.equal(s.pos[0, : s.n], torch.arange(ctx.shape[1], dtype=torch.int32))
 
     cache = KVCache(model, method, 0.25)
     modalkv.prefill(model, cache, ctx, tokenizer=TOK, select=False)
     capture(cache)
+    assert not undeclared_extras(cache)
     return captured
 
 

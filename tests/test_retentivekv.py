@@ -14,7 +14,7 @@ from transformers import DynamicCache
 from helpers import prompt, run_steps, tiny_llama
 from modalkv import KVCache, cache_kwargs
 from modalkv.methods import retentive_memory as mem
-from modalkv.methods.retentivekv import RetentiveKV, normalised_entropy_score
+from modalkv.methods.retentivekv import SPATIAL, SPATIAL_V, RetentiveKV
 
 STEPS = 8
 SMALL = {"window": 4, "n_sink": 2}
@@ -185,16 +185,16 @@ def test_retention_score_rewards_dominant_and_uncertain_tokens():
     p = alpha[0, :4]
     ent = -p * torch.log(p)
     for lam in (0.0, 0.2, 0.7, 1.0):
-        R = normalised_entropy_score(alpha, group, lam)
+        R = mem.retention_score(alpha, group, lam)
         want = lam * p / p.max() + (1 - lam) * ent / ent.max()
         assert torch.allclose(R[0, :4], want, atol=1e-6)
         assert float(R[0, 4]) == 0.0  # outside the group
-    mixed = normalised_entropy_score(alpha, group, 0.2)[0]
+    mixed = mem.retention_score(alpha, group, 0.2)[0]
     assert float(mixed[1]) > float(mixed[0]) > float(mixed[2]) > float(mixed[3])  # B (p = 0.37) outranks A (0.55)
-    attention_only = normalised_entropy_score(alpha, group, 1.0)[0]
+    attention_only = mem.retention_score(alpha, group, 1.0)[0]
     assert float(attention_only[0]) > float(attention_only[1])
     # one dominant token (p = 0.9) and two middling ones: by entropy alone the middling ones rank first
-    dominant = normalised_entropy_score(torch.tensor([[0.9, 0.05, 0.05]]), torch.ones(1, 3, dtype=torch.bool), 0.0)[0]
+    dominant = mem.retention_score(torch.tensor([[0.9, 0.05, 0.05]]), torch.ones(1, 3, dtype=torch.bool), 0.0)[0]
     assert float(dominant[1]) == float(dominant[2]) == 1.0 and 0.5 < float(dominant[0]) < 0.7
 
 
@@ -223,7 +223,7 @@ def test_decay_gate_rises_with_entropy_and_acts_in_the_scan():
     for second in (0.3, 0.1):  # attention of the second victim among four text entries; 0.3 is nearer 1/e
         att = torch.tensor([[0.2, second, 0.7 - second, 0.1]])
         text = torch.ones(1, 4, dtype=torch.bool)
-        flat = {"sw": torch.zeros(1, 4), "sv": torch.zeros(1, 4)}
+        flat = {SPATIAL.name: torch.zeros(1, 4), SPATIAL_V.name: torch.zeros(1, 4)}
         (w, dec), = m._victim_weights(att, ~text, text, flat, torch.tensor([[0, 1]]), torch.ones(1, 2, dtype=torch.bool), 4)
         h_hat = mem.token_entropy(att, text)
         assert torch.allclose(w[0, 0], mem.input_gate(h_hat[0, 0], m.beta, m.gate_centre) * mem.decay_gate(h_hat[0, 1], 0.5, m.beta, m.gate_centre))

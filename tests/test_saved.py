@@ -363,7 +363,7 @@ def test_refuses_codebooks_that_differ(tmp_path):
             load_cache(tmp_path / "c.safetensors", model)
     finally:
         books.copy_(kept)
-    assert spherical._CALIBRATED[model]  # the remembered codebooks were used, not fitted again
+    assert spherical.CALIBRATED[model]  # the remembered codebooks were used, not fitted again
     load_cache(tmp_path / "c.safetensors", model)
 
 

@@ -37,7 +37,6 @@ def test_attention_probs_on_two_keys():
     real[0, 0] = False
     p = scoring.attention_probs(q, k, 1.0, torch.arange(2), real)
     torch.testing.assert_close(p[0, 0], torch.tensor([[0.0, 0.0], [0.0, 1.0]]))  # a padding query row is zero
-    assert scoring._probs is scoring.attention_probs  # the former name, kept for other branches
 
 
 def test_window_and_accumulated_scores_equal_dense_sums():

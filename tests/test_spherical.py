@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import DynamicCache
 
-from helpers import prompt, run_steps, tiny_llama
+from helpers import prompt, run_steps, tiny_llama, undeclared_extras
 from modalkv import KVCache, cache_kwargs
 from modalkv.storage.spherical import SphericalPayload
 from modalkv.methods.spherical import (
@@ -128,6 +128,13 @@ def test_pages_are_tier_homogeneous_and_sorted():
 
 
 @torch.no_grad()
+def test_the_extras_spherical_kv_keeps_are_declared():
+    model = tiny_llama()
+    cache = KVCache(model, "sphericalkv", 0.3, **SMALL)
+    run_steps(model, prompt(120), None, cache, 6)
+    assert not undeclared_extras(cache) and {e.name for e in cache.method.extras} == {"tier", "omega"}
+
+
 def test_periodic_refresh_encodes_the_dense_tail():
     model, cache = _prefilled(0.3)
     layer = cache.managed_layers[0]
@@ -277,7 +284,7 @@ def _ordering_problem(proxy: str, seed: int = 0):
     from modalkv.methods.spherical import SphericalKV
 
     m = SphericalKV(tiers="2:6,2:4,4:6", proxy=proxy)
-    m._perm = None  # contiguous groups (set by setup() on a cache)
+    m._pair_order = None  # contiguous groups (set by setup() on a cache)
     g = torch.Generator().manual_seed(seed)
     n, d = 40, 16
     p = torch.linspace(0.9, 0.12, n)[torch.randperm(n, generator=g)]  # above the paper proxy's 0.1 floor

@@ -7,7 +7,7 @@ import torch
 
 from helpers import prompt, run_steps, tiny_llama
 from modalkv import KVCache, cache_kwargs
-from modalkv.cache import HeadStore
+from modalkv.store import HeadStore
 from modalkv.storage import DENSE, KIVI, kernels, make_storage, register_storage, storage_names
 from modalkv.storage.kivi import KIVIPayload, kivi_logits
 

@@ -17,6 +17,7 @@ masks and truncate keys in its SDPA path when a cache holds other than the last 
 from __future__ import annotations
 
 import sys
+import threading
 import weakref
 
 import torch
@@ -29,6 +30,44 @@ from .decoding import DecodeStep, hidden_entries
 
 BASES = ("sdpa", "eager")
 NAMES = {f"modalkv_{b}": b for b in BASES}
+
+_HANDED_OVER = threading.local()  # the managed layer whose update() ran last: the attention function reads it
+
+
+def hand_over(layer, key: torch.Tensor) -> None:
+    """Called by a managed layer's ``update`` with the key tensor it returns: the attention call that receives that
+    very tensor attends over ``layer``'s stores (see :func:`active_layer`)."""
+    layer.returned_key = key
+    _HANDED_OVER.layer = layer
+
+
+def take_unread():
+    """The layer handed over whose attention has not run yet (None if there is none); it is handed over no more."""
+    layer = getattr(_HANDED_OVER, "layer", None)
+    _HANDED_OVER.layer = None
+    return layer
+
+
+def active_layer(layer_idx: int, key: torch.Tensor | None = None, module=None):
+    """The managed layer whose ``update`` just returned ``key`` for ``layer_idx`` (consumed once), else None.
+
+    The key tensor is the handshake: a layer is handed to the attention function only for the very tensor its
+    ``update`` returned, so a layer left behind by a forward that did not consume it can never be picked up by a
+    later, unrelated forward (another cache, another model). A layer whose cache was built for another model than
+    ``module``'s raises.
+    """
+    layer = getattr(_HANDED_OVER, "layer", None)
+    if layer is None or layer.layer_idx != layer_idx or (key is not None and layer.returned_key is not key):
+        return None
+    _HANDED_OVER.layer = None
+    layer.returned_key = None
+    cache = layer.cache
+    if module is not None and id(module) not in cache.module_ids:
+        raise RuntimeError(
+            f"this KVCache was built for another model ({cache.model_name}); a cache holds one model's keys and "
+            "values and can only be used with the model it was built for"
+        )
+    return layer
 
 
 def _sdpa_mask_no_skip(*args, **kwargs):
@@ -47,8 +86,6 @@ def base_attention(module, query, key, value, attention_mask, **kwargs):
 
 
 def modalkv_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    from .cache import active_layer
-
     layer = active_layer(getattr(module, "layer_idx", None), key, module)
     if layer is None:
         return base_attention(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
@@ -197,7 +234,7 @@ def _coded_batchable(layer, q: int) -> bool:
     if not isinstance(first, KIVIPayload) or not first.fused or kernels.library() is None:
         return False
     return all(type(st.payload) is type(first) and st.n == heads[0].n and st.payload.nq == first.nq
-               and "hidden" not in st.extras for st in heads)
+               and hidden_entries(layer.cache.method, st) is None for st in heads)
 
 
 def attend_coded(layer, query: torch.Tensor, mask, scaling: float) -> torch.Tensor:

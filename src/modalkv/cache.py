@@ -1,730 +1,40 @@
 """The compressed KV cache: a transformers ``Cache`` whose full-attention layers keep only what a method selects.
 
-Layout
-------
-Each managed layer (a layer transformers would give a plain ``DynamicLayer``) holds one :class:`HeadStore` per
-KV head, so every (layer, KV head) keeps its own number of entries and evicted entries' bytes are released,
-not masked. A store holds, for all batch rows, slots ``[0, n)`` of:
-
-* ``keys`` / ``values`` [B, cap, d]   post-RoPE keys and values (original positions baked in),
-* ``pos`` [B, cap] int32               original token index of each entry (the cache never renumbers),
-* ``mod`` [B, cap] int8                modality id (0 text, 1 image, 2 video, 3 audio),
-* ``valid`` [B, cap] bool              False for padding slots (a row that keeps fewer entries than another),
-* ``extras`` name -> [B, cap] float32  per-entry method state (e.g. H2O's accumulated attention).
-
-Slots are unordered: a decode-time eviction moves the last slot into the freed one (O(1)), which is exact
-because attention over post-RoPE keys does not depend on slot order. ``cap - n`` slots are reserve for
-appended tokens; ``memory_report`` gives both the logical bytes (valid entries) and the allocated bytes.
+Each managed layer (a layer transformers would give a plain ``DynamicLayer``) is a
+:class:`~modalkv.layer.CompressedLayer` holding one :class:`~modalkv.store.HeadStore` per KV head, so every
+(layer, KV head) keeps its own number of entries and evicted entries' bytes are released, not masked;
+``memory_report`` gives both the logical bytes (valid entries) and the allocated bytes.
 
 Sliding-window layers (Gemma-3) and any other layer kind are left exactly as transformers built them.
 
 The cache reports the true number of tokens seen (``get_seq_length``), so positions continue correctly in
 ``generate`` and in hand-written loops, and a second ``generate`` on the same cache works.
+
+This module holds :class:`KVCache`, :func:`cache_kwargs` and the hook that gives a vision-language model's cache
+its prompt's modality ids. The layer and the head store are in :mod:`modalkv.layer` and :mod:`modalkv.store`;
+their names (and ``Selection``, :mod:`modalkv.protocol`) can still be imported from here.
 """
 
 from __future__ import annotations
 
 import copy
-import dataclasses
-import threading
+import inspect
 import weakref
 from typing import Any
 
 import torch
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
-from . import attention, pruning
+from . import attention
 from .budget import Budget, parse_caps
-from .decoding import Extra, adopted_extras
-from .modality import TEXT, as_modality_ids
-
-# the core's own per-entry score for decode_budget with decode_policy="attention"
-DECODE_ATTENTION = Extra("decode_attention", "attention received over the decode steps (decode_budget's score)")
-
-_ACTIVE = threading.local()  # the managed layer whose update() ran last: the attention function reads it
-
-
-def active_layer(layer_idx: int, key: torch.Tensor | None = None, module=None) -> "CompressedLayer | None":
-    """The managed layer whose ``update`` just returned ``key`` for ``layer_idx`` (consumed once), else None.
-
-    The key tensor is the handshake: a layer is handed to the attention function only for the very tensor its
-    ``update`` returned, so a layer left behind by a forward that did not consume it can never be picked up by a
-    later, unrelated forward (another cache, another model). A layer whose cache was built for another model than
-    ``module``'s raises.
-    """
-    layer = getattr(_ACTIVE, "layer", None)
-    if layer is None or layer.layer_idx != layer_idx or (key is not None and layer.returned_key is not key):
-        return None
-    _ACTIVE.layer = None
-    layer.returned_key = None
-    cache = layer.cache
-    if module is not None and id(module) not in cache.module_ids:
-        raise RuntimeError(
-            f"this KVCache was built for another model ({cache.model_name}); a cache holds one model's keys and "
-            "values and can only be used with the model it was built for"
-        )
-    return layer
-
-
-class HeadStore:
-    """The kept entries of one (layer, KV head) for all batch rows (see the module docstring).
-
-    The store owns the per-entry metadata of slots ``[0, n)`` (``pos``, ``mod``, ``valid``, ``extras``) and one
-    payload (:mod:`modalkv.storage`) holding the same slots' keys and values in the store's format (dense, KIVI
-    codes, Spherical KV codes). Eviction, compaction and batch selection are written once here, for every format.
-    """
-
-    growth = 64  # minimum number of slots added when the store is full
-    slot_arrays = ("keys", "values", "pos", "mod", "valid")  # dense per-slot tensors a layer may pack (see pack())
-
-    def __init__(self, keys, values, pos, mod, valid, extras: dict[str, torch.Tensor], reserve: int, storage=None):
-        from .storage import DENSE
-
-        B, k, _ = keys.shape
-        cap = k + max(0, reserve)
-        dev = keys.device
-        self.payload = (storage or DENSE).new(keys, values, reserve)
-        self.pos = torch.empty(B, cap, dtype=torch.int32, device=dev)
-        self.mod = torch.empty(B, cap, dtype=torch.int8, device=dev)
-        self.valid = torch.zeros(B, cap, dtype=torch.bool, device=dev)
-        self.extras = {name: torch.zeros(B, cap, dtype=torch.float32, device=dev) for name in extras}
-        self.pos[:, :k], self.mod[:, :k], self.valid[:, :k] = pos, mod, valid
-        for name, t in extras.items():
-            self.extras[name][:, :k] = t
-        self.n = k
-        self.all_valid = bool(valid.all())
-
-    # -- dense payload views (packing, tests) ---------------------------------------------------------------
-    @property
-    def keys(self) -> torch.Tensor:
-        return self.payload.keys
-
-    @keys.setter
-    def keys(self, value) -> None:
-        self.payload.keys = value
-
-    @property
-    def values(self) -> torch.Tensor:
-        return self.payload.values
-
-    @values.setter
-    def values(self, value) -> None:
-        self.payload.values = value
-
-    @property
-    def d(self) -> int:
-        return self.payload.d
-
-    @property
-    def dv(self) -> int:
-        return self.payload.dv
-
-    # -- storage ------------------------------------------------------------------------------------------
-    def _meta(self) -> list[torch.Tensor]:
-        return [self.pos, self.mod, self.valid, *self.extras.values()]
-
-    def _grow(self, needed: int) -> None:
-        """Reallocate every per-slot tensor with room for at least ``needed`` slots (keeping slots [0, n))."""
-        from .storage.base import grown
-
-        cap = self.pos.shape[1]
-        new_cap = max(needed, cap + max(self.growth, cap // 8))
-        self.pos, self.mod, self.valid = (grown(t, new_cap, self.n) for t in (self.pos, self.mod, self.valid))
-        self.extras = {name: grown(t, new_cap, self.n) for name, t in self.extras.items()}
-        self.payload.grow(new_cap)
-
-    def append(self, keys, values, pos, mod, valid) -> None:
-        """Append q entries per row: keys/values [B, q, d], pos [B, q], mod [B, q], valid [B, q] bool (or True:
-        every new entry is real, known without looking at a tensor)."""
-        q, at = keys.shape[1], self.n
-        if at + q > self.pos.shape[1]:
-            self._grow(at + q)
-        self.payload.append(keys, values, at)
-        self.pos[:, at : at + q] = pos
-        self.mod[:, at : at + q] = mod
-        self.valid[:, at : at + q] = valid
-        for t in self.extras.values():
-            t[:, at : at + q] = 0.0
-        if valid is not True and not bool(valid.all()):
-            self.all_valid = False
-        self.n += q
-
-    def _move_last(self, slot: torch.Tensor) -> None:
-        """Move the last slot of every row into ``slot`` [B] (all >= the payload's first movable slot); n -= 1."""
-        last = self.n - 1
-        self.payload.move(slot, last)
-        if slot.shape[0] == 1 and slot.device.type == "cpu":  # one row on the CPU: plain views, no index tensors
-            s = int(slot)
-            if s != last:
-                for t in self._meta():
-                    t[0, s] = t[0, last]
-        else:
-            rows = torch.arange(slot.shape[0], device=slot.device)
-            for t in self._meta():
-                t[rows, slot] = t[:, last].clone()
-        self.n -= 1
-
-    def remove(self, slot: torch.Tensor) -> None:
-        """Evict one entry per row (slot: LongTensor [B]). The last slot moves into the hole when the payload can
-        take it there (always for dense entries); otherwise the entry is marked invalid and :meth:`compact` closes
-        the holes (KIVI: once every row holds a group's worth; Spherical KV: at once, by laying the entries out
-        again)."""
-        lo = self.payload.first_movable()
-        if lo == 0 or bool((slot >= lo).all()):
-            self._move_last(slot)
-            return
-        rows = torch.arange(slot.shape[0], device=slot.device)
-        self.valid[rows, slot] = False
-        self.all_valid = False
-        self.compact()
-
-    def evict_lowest(self, score: torch.Tensor, count: torch.Tensor) -> None:
-        """Evict, per row b, the ``count[b]`` valid entries with the lowest ``score`` [B, n] (inf = protected).
-
-        Evicted slots are first marked invalid (rows may evict different numbers), then removed swap-with-last
-        while every row has a hole, so the store shrinks as far as the batch allows (for batch 1, fully).
-        """
-        m = int(count.max()) if count.numel() else 0
-        if m == 1 and self.all_valid and bool((count == 1).all()):  # the common decode step: one per row, no holes
-            self.remove(score.argmin(-1))
-            return
-        if m > 0:
-            valid = self.valid[:, : self.n]
-            s = score.float().masked_fill(~valid, float("inf"))
-            victims = s.topk(m, dim=-1, largest=False, sorted=True).indices  # [B, m]
-            use = torch.arange(m, device=s.device)[None, :] < count[:, None]
-            rows = torch.arange(self.batch, device=s.device)[:, None].expand_as(victims)
-            self.valid[rows[use], victims[use]] = False
-            self.all_valid = False
-        self.compact()
-
-    def compact(self) -> None:
-        """Remove invalid slots: swap-with-last while every row has a hole where the payload can move entries; then,
-        once every row has at least ``payload.repack_holes`` holes, keep only the valid entries (:meth:`keep_slots`)."""
-        lo = self.payload.first_movable()
-        while self.n > lo:
-            invalid = ~self.valid[:, lo : self.n]
-            if not bool(invalid.any(-1).all()):
-                break
-            self._move_last(invalid.float().argmax(-1) + lo)  # the first movable hole of each row
-        if self.n == 0:
-            return
-        invalid = ~self.valid[:, : self.n]
-        holes = int(invalid.sum(-1).min())
-        if holes and holes >= self.payload.repack_holes:
-            # per row: all valid slots plus its surplus holes beyond the common count, in slot order
-            rank = invalid.long().cumsum(-1)
-            drop = invalid & (rank <= holes)
-            key = torch.arange(self.n, device=invalid.device)[None, :].expand_as(invalid).masked_fill(drop, self.n)
-            self.keep_slots(key.sort(-1).values[:, : self.n - holes])
-        if self.n and bool(self.valid[:, : self.n].all()):
-            self.all_valid = True
-
-    def keep_slots(self, slots: torch.Tensor) -> None:
-        """Keep only ``slots`` (LongTensor [B, m], -1 = none) in every row, compacting in place (a payload that lays
-        its entries out in its own order, Spherical KV's, returns that order and the metadata follows it)."""
-        safe = slots.clamp(min=0)
-        layout = self.payload.keep(safe, self.n)
-        ok = slots >= 0
-        if layout is not None:
-            order, fits = layout
-            safe, ok = safe.gather(1, order), ok.gather(1, order) & fits
-        self.reorder(safe, ok)
-
-    def reorder(self, slots: torch.Tensor, ok: torch.Tensor) -> None:
-        """Metadata of slots [B, m] into slots [0, m) (``ok`` False: an unused slot)."""
-        m = slots.shape[1]
-        if m > self.pos.shape[1]:
-            self._grow(m)
-        for t in self._meta():
-            t[:, :m] = t.gather(1, slots)
-        self.valid[:, :m] &= ok
-        self.n = m
-        self.all_valid = bool(self.valid[:, :m].all())
-
-    def shrink(self, reserve: int) -> None:
-        """Release the slots beyond ``n + reserve`` (after a method kept fewer entries than the store holds)."""
-        cap = self.n + max(0, reserve)
-        if cap >= self.pos.shape[1]:
-            return
-        self.pos, self.mod, self.valid = (t[:, :cap].clone() for t in (self.pos, self.mod, self.valid))
-        self.extras = {name: t[:, :cap].clone() for name, t in self.extras.items()}
-        self.payload.shrink(cap)
-
-    def add_extra(self, name: str, init: torch.Tensor | float = 0.0) -> torch.Tensor:
-        """Attach a per-entry float32 array (method state) that moves with the entries."""
-        t = torch.zeros(self.pos.shape, dtype=torch.float32, device=self.pos.device)
-        t[:, : self.n] = init
-        self.extras[name] = t
-        return t
-
-    def select_batch(self, index: torch.Tensor) -> None:
-        self.pos, self.mod, self.valid = (t.index_select(0, index) for t in (self.pos, self.mod, self.valid))
-        self.extras = {k: v.index_select(0, index) for k, v in self.extras.items()}
-        self.payload.select_batch(index)
-
-    # -- saving (modalkv.saved) -----------------------------------------------------------------------------
-    def state(self) -> tuple[dict[str, torch.Tensor], dict]:
-        """The store as :func:`modalkv.save_cache` writes it: tensors of slots [0, n) only (no reserve) and plain
-        scalars: the metadata, and the payload's tensors as stored (nothing is dequantized)."""
-        tensors, scalars = self.payload.state(self.n)
-        tensors.update({name: getattr(self, name)[:, : self.n] for name in ("pos", "mod", "valid")})
-        tensors.update({"extra." + name: t[:, : self.n] for name, t in self.extras.items()})
-        return tensors, {**scalars, "n": self.n, "all_valid": self.all_valid}
-
-    @classmethod
-    def from_state(cls, tensors: dict[str, torch.Tensor], scalars: dict, reserve: int, storage=None) -> "HeadStore":
-        """A store rebuilt from :meth:`state`, with ``reserve`` free slots."""
-        from .storage import DENSE
-        from .storage.base import grown
-
-        store = cls.__new__(cls)
-        n = int(scalars["n"])
-        for name, t in tensors.items():
-            if (name in ("pos", "mod", "valid") or name.startswith("extra.")) and t.shape[1] != n:
-                raise ValueError(f"a saved store holds {t.shape[1]} slots where its header says {n}")
-        store.pos, store.mod, store.valid = (grown(tensors[name], n + reserve, n) for name in ("pos", "mod", "valid"))
-        store.extras = {name[6:]: grown(t, n + reserve, n) for name, t in tensors.items() if name.startswith("extra.")}
-        store.n = n
-        store.all_valid = bool(scalars["all_valid"])
-        store.payload = (storage or DENSE).restore(tensors, scalars, n, reserve)
-        return store
-
-    # -- reading ------------------------------------------------------------------------------------------
-    def kv(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values of slots [0, n) as dense tensors ([B, n, d] each; a reconstruction for coded formats)."""
-        return self.payload.kv(self.n)
-
-    def logits(self, query: torch.Tensor) -> torch.Tensor:
-        """Attention logits of ``query`` [B, r, d] (already scaled) against slots [0, n): [B, r, n]."""
-        return self.payload.logits(query, self.n)
-
-    def mix(self, probs: torch.Tensor) -> torch.Tensor:
-        """Attention output of probabilities [B, r, n] over slots [0, n): [B, r, dv]."""
-        return self.payload.mix(probs, self.n)
-
-    def logits_values(self, query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """:meth:`logits` and the dense values [B, n, dv] (for readouts that combine them with other terms)."""
-        return self.logits(query), self.kv()[1]
-
-    def count(self) -> int:
-        """Valid entries over all rows."""
-        return int(self.valid[:, : self.n].sum())
-
-    @property
-    def batch(self) -> int:
-        return self.pos.shape[0]
-
-    def dense_bytes_per_entry(self) -> int:
-        """K+V bytes of one entry in a plain (unquantised) cache."""
-        return self.payload.dense_bytes_per_entry()
-
-    def meta_bytes_per_entry(self) -> int:
-        return 4 + 1 + 1 + 4 * len(self.extras)  # pos int32, mod int8, valid bool, float32 extras
-
-    def bytes(self) -> dict[str, int]:
-        """payload: the payload's bytes of slots [0, n) as held (dense: valid entries only); meta: per valid
-        entry; allocated: every tensor, reserve included."""
-        n_valid = self.count()
-        payload = self.payload.nbytes(self.n)
-        if self.payload.packable:  # dense: padding slots of shorter rows hold nothing
-            payload = n_valid * self.payload.dense_bytes_per_entry()
-        return {
-            "payload": payload,
-            "meta": n_valid * self.meta_bytes_per_entry(),
-            "allocated": self.payload.allocated() + sum(t.numel() * t.element_size() for t in self._meta()),
-        }
-
-
-@dataclasses.dataclass
-class Selection:
-    """What a method keeps at prefill.
-
-    indices : LongTensor [B, H, k] or a list of H LongTensors [B, k_h] (ragged per head): prompt indices to keep,
-        -1 for an unused slot.
-    extras : name -> float32 [B, H, n] per-token method state, gathered along with the kept entries.
-    keys, values : optional [B, H, n, d] replacing the prompt's keys/values before the kept ones are gathered
-        (methods that merge evicted entries into kept ones, e.g. LOOK-M).
-    """
-
-    indices: Any
-    extras: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
-    keys: Any = None
-    values: Any = None
-
-    def head(self, h: int) -> torch.Tensor:
-        return self.indices[h] if isinstance(self.indices, (list, tuple)) else self.indices[:, h]
-
-
-class CompressedLayer(DynamicLayer):
-    """A full-attention layer whose entries live in per-KV-head :class:`HeadStore` objects.
-
-    When the heads are dense stores of (nearly) the same size, their per-slot arrays are views into one layer buffer
-    per array (``[B, H, cap, ...]``, :meth:`pack`), so decode attention runs over every head of the layer in one
-    batched step (:func:`modalkv.attention.attend_packed`); otherwise each head keeps its own tensors.
-    """
-
-    storage = None  # the layer's StorageFormat (modalkv.storage); None: dense entries
-    packed = False  # the heads' slot arrays are views into self.buffers (see pack())
-
-    def __init__(self, cache: "KVCache", layer_idx: int, rank: int):
-        super().__init__()
-        self._cache = weakref.ref(cache)  # no reference cycle: a dropped cache is freed at once, not by the GC
-        self.layer_idx = layer_idx
-        self.rank = rank  # index among the managed layers
-        self.heads: list[HeadStore] | None = None
-        self.pending: tuple[torch.Tensor, torch.Tensor] | None = None
-        self.seen = 0
-        self._row_targets = None  # (prefill kept per head, real prompt length) as ints, for batch 1
-        self.returned_key = None  # the key tensor update() last returned (the handshake with the attention function)
-
-    @property
-    def cache(self) -> "KVCache":
-        cache = self._cache()
-        if cache is None:
-            raise RuntimeError("this cache layer's KVCache no longer exists")
-        return cache
-
-    @property
-    def is_croppable(self) -> bool:  # type: ignore[override]
-        return self.cache.croppable
-
-    # -- transformers layer contract ---------------------------------------------------------------------
-    def lazy_initialization(self, key_states, value_states) -> None:
-        self.dtype, self.device = key_states.dtype, key_states.device
-        self.is_initialized = True
-
-    def update(self, key_states, value_states, *args, **kwargs):
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        if key_states.shape[-1] != value_states.shape[-1] and self.heads is None and key_states.dim() != 4:
-            raise ValueError("modalkv supports key/value states shaped [batch, kv_heads, tokens, head_dim]")
-        stale = getattr(_ACTIVE, "layer", None)
-        _ACTIVE.layer = None
-        if stale is not None and stale._cache() is self._cache():
-            # this cache's previous managed layer was updated but never read by modalkv's attention (a stale layer of
-            # another cache is harmless: the attention function only takes the key tensor its update returned)
-            raise RuntimeError(
-                f"layer {stale.layer_idx} of a modalkv KVCache was updated but its attention did not go through "
-                "modalkv's attention function, so it attended only to the new tokens: the cache was passed to a "
-                "model it was not built for, or the model's attention implementation was changed after the cache "
-                "was built (build the KVCache after set_attn_implementation, with the model that uses it)"
-            )
-        if self.rank == 0:
-            self.cache.check_model()
-        q = key_states.shape[-2]
-        if self.heads is None:
-            self.pending = (key_states, value_states)  # compressed by the attention function after attending
-            if self.rank == 0:
-                pruning.finish(self.cache)  # a new prompt forward: no pruning state left from an earlier one
-            if pruning.active(self.cache, q):  # a pruned prompt forward: the layer still saw the whole prompt
-                q = self.cache.prune_len
-        else:
-            if self.packed and self.packed_intact():
-                self._append_packed(key_states, value_states)
-            else:
-                B = key_states.shape[0]
-                pos = torch.arange(self.seen, self.seen + q, device=key_states.device, dtype=torch.int32).expand(B, q)
-                mod = self.cache.modality_slice(self.seen, q, B, key_states.device)
-                for h, store in enumerate(self.heads):
-                    store.append(key_states[:, h], value_states[:, h], pos, mod, True)
-        self.seen += q
-        _ACTIVE.layer = self
-        self.returned_key = key_states
-        return key_states, value_states
-
-    def _append_packed(self, keys, values) -> None:
-        """Append q entries to every head of a packed layer: one write per buffer when the heads hold the same
-        number of entries."""
-        heads, (B, _, q, _) = self.heads, keys.shape
-        n = heads[0].n
-        cap = self.buffers["pos"].shape[2]
-        need = max(st.n for st in heads) + q
-        if need > cap:
-            self._rebuffer(max(need, cap + max(HeadStore.growth, cap // 8)))
-        b = self.buffers
-        if any(st.n != n for st in heads):
-            pos = torch.arange(self.seen, self.seen + q, device=keys.device, dtype=torch.int32).expand(B, q)
-            mod = self.cache.modality_slice(self.seen, q, B, keys.device)
-            for h, st in enumerate(heads):
-                st.append(keys[:, h], values[:, h], pos, mod, True)
-            return
-        b["keys"][:, :, n : n + q] = keys
-        b["values"][:, :, n : n + q] = values
-        b["pos"][:, :, n : n + q] = torch.arange(self.seen, self.seen + q, device=keys.device, dtype=torch.int32)
-        if self.cache._modality is None:
-            b["mod"][:, :, n : n + q] = TEXT
-        else:
-            b["mod"][:, :, n : n + q] = self.cache.modality_slice(self.seen, q, B, keys.device)[:, None]
-        b["valid"][:, :, n : n + q] = True
-        adopted = adopted_extras(self)  # extras held as one layer buffer: one write for every head
-        for buf in adopted.values():
-            buf[:, :, n : n + q] = 0.0
-        for st in heads:
-            for name, t in st.extras.items():
-                if name not in adopted:
-                    t[:, n : n + q] = 0.0
-            st.n = n + q
-
-    def get_seq_length(self) -> int:
-        return self.seen
-
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        # The mask transformers builds covers only the new tokens (causality and padding among themselves);
-        # stored entries are masked by the stores' own validity flags (transformers' 2-D padding mask cannot
-        # be indexed correctly once entries are evicted).
-        return query_length, self.seen
-
-    def get_max_length(self) -> int:
-        return -1
-
-    def reset(self) -> None:
-        self.heads = None
-        self.pending = None
-        self.seen = 0
-        self.is_initialized = False
-        self.returned_key = None
-        self._row_targets = None
-        self.packed = False
-        self.buffers = {}
-
-    def crop(self, tokens_to_remove: int) -> None:
-        """Remove the last ``-tokens_to_remove`` tokens (transformers' convention: a negative count), as assisted
-        and prompt-lookup decoding do after rejecting draft tokens.
-
-        Defined only while those tokens' entries are all still stored, in order, at the end of every head store
-        (caches whose method neither evicts nor rescores while decoding: ``KVCache.croppable``); otherwise a
-        ValueError says why. Cropping into the prompt works only if the prefill kept the whole prompt: a compressed
-        prompt was selected with the removed tokens among its queries. (``generate(prompt_lookup_num_tokens=...)``
-        feeds draft tokens with the prompt; with a compressing method, prefill the context first, then generate.)
-        """
-        if tokens_to_remove > 0:
-            raise ValueError(f"crop takes a negative number of tokens to remove (got {tokens_to_remove})")
-        count = -int(tokens_to_remove)
-        if count == 0 or not self.heads:
-            return
-        if not self.cache.croppable:
-            raise ValueError(f"cannot crop a {self.cache.method.name} cache: {self.cache.not_croppable_reason()}")
-        cut = self.seen - count
-        from_prompt = max(0, self.prompt_len - cut)
-        if from_prompt and not all(bool((k == self.prompt_real).all()) for k in self.prefill_kept):
-            raise ValueError(
-                f"cannot crop {count} tokens: that reaches into the compressed prompt ({self.prompt_len} tokens, "
-                "selected with those tokens among its queries); for assisted or prompt-lookup decoding with a "
-                "compressing method, run the context through the model with the cache first, then generate"
-            )
-        expected = torch.arange(cut, self.seen, dtype=torch.int32, device=self.heads[0].pos.device)
-        for store in self.heads:
-            tail = store.pos[:, store.n - count : store.n] if store.n >= count else None
-            if tail is None or not bool((tail == expected).all()):
-                raise ValueError(f"cannot crop {count} tokens: their entries are no longer all stored")
-        for store in self.heads:
-            store.n -= count
-            store.all_valid = bool(store.valid[:, : store.n].all())
-        self.seen = cut
-        if from_prompt:  # the whole prompt was kept: it simply ends earlier
-            self.prompt_len -= from_prompt
-            self.prompt_real = self.prompt_real - from_prompt
-            self.prefill_kept = [k - from_prompt for k in self.prefill_kept]
-            self._row_targets = None
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        self.batch_select_indices(beam_idx)
-
-    # -- the packed layout ---------------------------------------------------------------------------------
-    def pack(self) -> None:
-        """Move the dense head stores' per-slot arrays into one buffer per array, ``[B, H, cap, ...]``, each head a
-        view of its slice, so that decode attention is one batched step for all heads.
-
-        CHOICE: only when the heads keep nearly the same number of entries (the padding to the largest head is at
-        most 1/16 of what they hold): a ragged layer (Ada-KV, MadaKV) keeps per-head tensors, so the memory a head
-        gives up stays released, and attends head by head.
-        """
-        heads = self.heads
-        if not heads or not all(st.payload.packable for st in heads):
-            return
-        sizes = [st.n for st in heads]
-        if (max(sizes) * len(sizes) - sum(sizes)) * 16 > max(sum(sizes), 1):
-            return
-        self._rebuffer(max(st.pos.shape[1] for st in heads))
-
-    def _rebuffer(self, cap: int) -> None:
-        """(Re)allocate the layer buffers with ``cap`` slots per head and point every head store at its slice."""
-        heads = self.heads
-        self.buffers = {}
-        for name in HeadStore.slot_arrays:
-            first = getattr(heads[0], name)
-            buf = first.new_zeros(first.shape[0], len(heads), cap, *first.shape[2:])
-            for h, st in enumerate(heads):
-                buf[:, h, : st.n] = getattr(st, name)[:, : st.n].detach()
-                # views made with grad mode on (the buffers never require grad), so that later in-place writes are
-                # allowed whether or not they run under no_grad
-                with torch.enable_grad():
-                    setattr(st, name, buf[:, h])
-            self.buffers[name] = buf
-        self._view_ptrs = [(st.keys.data_ptr(), st.values.data_ptr(), st.valid.data_ptr()) for st in heads]
-        for st in heads:  # method extras stay per head, at the same capacity
-            for name, t in list(st.extras.items()):
-                if t.shape[1] != cap:
-                    grown = t.new_zeros(t.shape[0], cap)
-                    grown[:, : st.n] = t[:, : st.n]
-                    st.extras[name] = grown
-        self.packed = True
-
-    def packed_intact(self) -> bool:
-        """Are the head stores still views of the layer buffers (no store re-allocated its own tensors)?"""
-        if not self.packed:
-            return False
-        for st, ptrs in zip(self.heads, self._view_ptrs):
-            if (st.keys.data_ptr(), st.values.data_ptr(), st.valid.data_ptr()) != ptrs:
-                self.packed = False
-                return False
-        return True
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        for store in self.heads or []:
-            store.select_batch(indices.to(store.pos.device))
-        if self.packed:  # the stores now hold their own tensors: pack them again
-            self.packed = False
-            self.pack()
-        if self.heads:
-            index = indices.to(self.prompt_real.device)
-            self.prompt_real = self.prompt_real.index_select(0, index)
-            self.prefill_kept = [k.index_select(0, index) for k in self.prefill_kept]
-            self._row_targets = None
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        if self.heads:
-            B = self.heads[0].batch
-            index = torch.arange(B, device=self.heads[0].pos.device).repeat_interleave(repeats)
-            self.batch_select_indices(index)
-
-    @property
-    def keys(self):  # read-only dense view for code that inspects layer.keys (padding slots included)
-        if not self.heads:
-            return None
-        n = max(s.n for s in self.heads)
-        if any(s.n != n for s in self.heads):
-            raise RuntimeError("heads keep different numbers of entries; read layer.heads[h].kv() instead")
-        return torch.stack([s.kv()[0] for s in self.heads], 1)
-
-    @keys.setter
-    def keys(self, value):  # DynamicLayer.__init__ / reset assign it; storage lives in the head stores
-        pass
-
-    @property
-    def values(self):
-        if not self.heads:
-            return None
-        return torch.stack([s.kv()[1] for s in self.heads], 1)
-
-    @values.setter
-    def values(self, value):
-        pass
-
-    # -- compression --------------------------------------------------------------------------------------
-    def compress_prefill(self, query, keys, values, real, scaling) -> None:
-        """Ask the method which prompt entries to keep and store only those."""
-        from .methods.base import PrefillContext
-
-        cache = self.cache
-        B, H, n, _ = keys.shape
-        pruned = pruning.active(cache, n)
-        full_len = cache.prune_len if pruned else n
-        start = self.seen - full_len
-        modality = cache.modality_slice(start, full_len, B, keys.device)
-        if pruned:  # this layer ran on the kept tokens only (pruning.py): original positions, full-prompt budget
-            positions = cache.prune_index + start
-            modality = modality.gather(1, cache.prune_index)
-            n_real = cache.prune_real
-        else:
-            positions = torch.arange(start, self.seen, device=keys.device)
-            n_real = real.sum(-1)
-        ctx = PrefillContext(
-            layer=self, query=query, keys=keys, values=values, scaling=scaling, real=real,
-            modality=modality, positions=positions, n_real=n_real,
-            budget_tokens=cache.budget.tokens(n_real), caps=cache.budget.caps(modality, real),
-        )
-        sel = cache.method.prefill(ctx)
-        pos_rows = positions.expand(B, n) if positions.dim() == 1 else positions
-        if sel.keys is not None:
-            keys, values = sel.keys, sel.values
-        heads = []
-        for h in range(H):
-            idx = sel.head(h).to(keys.device)
-            if idx.shape[-1] > n:
-                raise ValueError(f"{cache.method.name}: selected {idx.shape[-1]} entries from a {n}-token prompt")
-            ok = idx >= 0
-            width = int(ok.sum(-1).max()) if idx.numel() else 0
-            if width < idx.shape[-1]:  # unused trailing columns (this head keeps fewer): free them
-                idx, ok = idx[:, :width], ok[:, :width]
-            safe = idx.clamp(min=0)
-            gidx = safe[..., None]
-            k_h = keys[:, h].gather(1, gidx.expand(-1, -1, keys.shape[-1]))
-            v_h = values[:, h].gather(1, gidx.expand(-1, -1, values.shape[-1]))
-            extras = {name: t[:, h].float().gather(1, safe) for name, t in sel.extras.items()}
-            valid = ok & real.gather(1, safe)
-            heads.append(
-                HeadStore(
-                    k_h, v_h, pos_rows.gather(1, safe).to(torch.int32), modality.gather(1, safe), valid, extras,
-                    reserve=cache.reserve, storage=self.storage,
-                )
-            )
-        self.heads = heads
-        self.prompt_len = full_len
-        self.prompt_real = n_real.to(keys.device)
-        if self.rank == cache.num_managed - 1:
-            pruning.finish(cache)
-        self.prefill_kept = [store.valid[:, : store.n].sum(-1) for store in heads]
-        self._row_targets = None
-        self.packed = False
-        self.pack()
-        cache.method.after_prefill(self)
-
-    def decode_targets(self, h: int) -> torch.Tensor:
-        """Per-row number of valid entries a decode-time evicting method may keep in head ``h`` now ([B])."""
-        generated = self.seen - self.prompt_len
-        return self.cache.budget.decode_targets(self.prefill_kept[h], self.prompt_real + generated, self.prompt_real)
-
-    def over_budget(self, h: int):
-        """Entries head ``h`` holds beyond its decode target: a Python int for one sequence whose store has no holes
-        (the common decode step, decided without a device round trip), else a LongTensor [B] (clamped at 0)."""
-        store = self.heads[h]
-        if store.batch == 1 and store.all_valid:
-            if self._row_targets is None:
-                self._row_targets = ([int(k) for k in self.prefill_kept], int(self.prompt_real[0]))
-            kept, real = self._row_targets
-            return store.n - self.cache.budget.decode_target(kept[h], real + self.seen - self.prompt_len, real)
-        return (store.valid[:, : store.n].sum(-1) - self.decode_targets(h)).clamp(min=0)
-
-    def enforce_decode_budget(self, step) -> None:
-        """Evict down to ``decode_budget`` entries per (row, KV head) for a method that keeps every generated token
-        (``KVCache.decode_policy``: least decode-time attention outside the recent half, or oldest after 4 sinks),
-        through the one eviction routine (:mod:`modalkv.decoding`); the method's ``on_core_evict`` sees the victims
-        first (LOOK-M merges them into kept entries). ``step``: a
-        :class:`~modalkv.decoding.DecodeStep`, or the step's attention rows per KV head ([B, G, q, n] each)."""
-        from .decoding import INF, DecodeStep
-
-        if not isinstance(step, DecodeStep):
-            step = DecodeStep(self, step)
-        cap = self.cache.budget.decode
-        by_attention = self.cache.decode_policy == "attention"
-        on_evict = self.cache.method.on_core_evict
-        for g in step.groups():
-            if by_attention:
-                g.extra(DECODE_ATTENTION.name).add_(g.received("sum"))
-            if g.n <= cap:
-                continue
-            over = g.n - cap if g.batch == 1 and g.all_valid else (g.valid.sum(-1) - cap).clamp(min=0)
-            if by_attention:
-                g.evict(g.extra(DECODE_ATTENTION.name).masked_fill(g.newer_than(cap // 2), INF), over,
-                        on_evict=on_evict)
-            else:
-                g.evict(g.pos.float(), over, skip=min(4, cap - 1), on_evict=on_evict)
-
-    def budget_entries(self) -> int:
-        """Valid entries over all heads and rows."""
-        return sum(s.count() for s in self.heads or [])
+from .layer import DECODE_ATTENTION, CompressedLayer
+from .modality import TEXT, ModalityLayout, as_modality_ids, detect_modality, special_token_modalities
+from .protocol import Selection
+from .registry import make_method
+from .storage import make_storage
+from .store import HeadStore
+
+__all__ = ["KVCache", "cache_kwargs", "CompressedLayer", "HeadStore", "Selection", "DECODE_ATTENTION"]
 
 
 class KVCache(Cache):
@@ -767,8 +77,6 @@ class KVCache(Cache):
     def __init__(self, model, method="full", budget: float | int = 1.0, *, modality_caps: dict | str | None = None,
                  quantize=None, decode_budget: int | None = None, decode_policy: str = "attention",
                  reserve: int = 64, **params):
-        from .methods import make_method, make_quantizer
-
         self.method = make_method(method, **params)
         if isinstance(modality_caps, str):
             modality_caps = parse_caps(modality_caps)
@@ -786,7 +94,7 @@ class KVCache(Cache):
         self.budget = Budget(budget, dict(modality_caps or {}), decode_budget)
         self.decode_policy = decode_policy
         self.reserve = reserve
-        self.quantizer = make_quantizer(quantize)
+        self.quantizer = make_storage(quantize)
         self.method.check_budget(self.budget)
         # decode_budget for a method that does not evict while decoding: the cache evicts by decode_policy
         self.core_decode_eviction = (
@@ -937,8 +245,6 @@ class KVCache(Cache):
     def set_modality(self, mm_token_type_ids) -> None:
         """Give the cache the per-token modality ids of the prompt (``mm_token_type_ids``: [B, n]), or a
         :class:`~modalkv.modality.ModalityLayout` (ids plus visual grid coordinates, used by spatial methods)."""
-        from .modality import ModalityLayout
-
         self.layout = mm_token_type_ids if isinstance(mm_token_type_ids, ModalityLayout) else None
         ids = self.layout.ids if self.layout is not None else torch.as_tensor(mm_token_type_ids)
         if ids.dim() == 1:
@@ -1023,8 +329,6 @@ def _modality_pre_hook(module, args, kwargs):
         return None
     ids = kwargs.get("input_ids", args[0] if args else None)
     if isinstance(ids, torch.Tensor) and ids.dim() == 2:
-        from .modality import detect_modality
-
         cache.set_modality(detect_modality(module.config, ids, kwargs.get("mm_token_type_ids"),
                                            kwargs.get("image_grid_thw"), kwargs.get("video_grid_thw")))
     return None
@@ -1032,8 +336,6 @@ def _modality_pre_hook(module, args, kwargs):
 
 def _install_modality_hook(model) -> None:
     """Once per vision-language model: detect modality ids at the prompt forward (see :func:`_modality_pre_hook`)."""
-    from .modality import special_token_modalities
-
     if getattr(model, "_modalkv_modality_hook", False) or not special_token_modalities(model.config):
         return
     model.register_forward_pre_hook(_modality_pre_hook, with_kwargs=True)
@@ -1046,7 +348,5 @@ def cache_kwargs(model, cache) -> dict[str, Any]:
     transformers 5.2x renamed ``past_key_values`` to ``cache`` (the old name warns); 5.5 only knows the old one.
     Works for both ``model(...)`` and ``model.generate(...)``.
     """
-    import inspect
-
     params = inspect.signature(type(model).forward).parameters
     return {"cache": cache} if "cache" in params else {"past_key_values": cache}

@@ -102,7 +102,7 @@ class DecodeStep:
     def packable(self) -> bool:
         """Can all heads be handled as one group (one set of tensor ops)?"""
         layer, heads = self.layer, self.heads
-        return bool(layer.packed and layer.packed_intact() and all(st.n == heads[0].n for st in heads))
+        return bool(layer.packed and layer.packed_intact() and all(store.n == heads[0].n for store in heads))
 
     def groups(self) -> list["Group"]:
         """The heads in groups a method decides on together: the whole layer when packed, else one per head."""
@@ -126,7 +126,7 @@ class Group:
         self.stores = [self.layer.heads[h] for h in heads]
         self.packed = packed
         self.n = self.stores[0].n
-        if any(st.n != self.n for st in self.stores):
+        if any(store.n != self.n for store in self.stores):
             raise ValueError("a decode group needs head stores with the same number of slots")
         # the method state of these heads (e.g. RetentiveKV's per-head states): [:, index]
         self.index = slice(None) if packed else slice(heads[0], heads[-1] + 1)
@@ -138,14 +138,14 @@ class Group:
 
     @property
     def all_valid(self) -> bool:
-        return all(st.all_valid for st in self.stores)
+        return all(store.all_valid for store in self.stores)
 
     def _slots(self, name: str) -> torch.Tensor:
         if self.packed:
             return self.layer.buffers[name][:, :, : self.n]
         if len(self.stores) == 1:
             return getattr(self.stores[0], name)[:, None, : self.n]
-        return torch.stack([getattr(st, name)[:, : self.n] for st in self.stores], 1)
+        return torch.stack([getattr(store, name)[:, : self.n] for store in self.stores], 1)
 
     @property
     def pos(self) -> torch.Tensor:
@@ -161,9 +161,9 @@ class Group:
 
     def extra(self, name: str) -> torch.Tensor:
         """[B, H', n] writable view of a method extra (added, at 0, to heads that lack it)."""
-        for st in self.stores:
-            if name not in st.extras:
-                st.add_extra(name)
+        for store in self.stores:
+            if name not in store.extras:
+                store.add_extra(name)
         if self.packed:
             return _layer_extra(self.layer, name)[:, :, : self.n]
         if len(self.stores) > 1:
@@ -197,7 +197,7 @@ class Group:
         if self.packed:
             K, V = self.layer.buffers["keys"][:, :, : self.n], self.layer.buffers["values"][:, :, : self.n]
         else:
-            kv = [st.kv() for st in self.stores]
+            kv = [store.kv() for store in self.stores]
             K = torch.stack([k for k, _ in kv], 1) if len(kv) > 1 else kv[0][0][:, None]
             V = torch.stack([v for _, v in kv], 1) if len(kv) > 1 else kv[0][1][:, None]
         if slots is None:
@@ -304,18 +304,18 @@ class Group:
         """Keep, per (row, head), the slots where ``keep`` [B, H' or 1, n] is true (in their slot order); the rest go."""
         n = self.n
         arange = torch.arange(n, device=keep.device)
-        for i, st in enumerate(self.stores):
+        for i, store in enumerate(self.stores):
             k = keep[:, i if keep.shape[1] > 1 else 0]
             width = int(k.sum(-1).max())
             idx = torch.where(k, arange, n).sort(-1).values[:, :width]
-            st.keep_slots(idx.masked_fill(idx == n, -1))
+            store.keep_slots(idx.masked_fill(idx == n, -1))
 
     def _remove_one(self, victims: torch.Tensor) -> None:
         """Remove the entry ``victims`` [B, H', 1] from every row and head: the last slot moves into its place."""
         last = self.n - 1
         if not self.packed:
-            for i, st in enumerate(self.stores):
-                st.remove(victims[:, i if victims.shape[1] > 1 else 0, 0])
+            for i, store in enumerate(self.stores):
+                store.remove(victims[:, i if victims.shape[1] > 1 else 0, 0])
             return
         adopted = adopted_extras(self.layer)
         index = {}  # the scatter index for each trailing shape (keys and values share one, per-slot arrays another)
@@ -325,12 +325,12 @@ class Group:
                 idx = index[buf.shape[3:]] = victims.view(*victims.shape, *([1] * (buf.dim() - 3))).expand(
                     *victims.shape, *buf.shape[3:])
             buf.scatter_(2, idx, buf[:, :, last : last + 1].clone())
-        for i, st in enumerate(self.stores):
-            for name, t in st.extras.items():  # extras that are not views of a layer buffer
+        for i, store in enumerate(self.stores):
+            for name, t in store.extras.items():  # extras that are not views of a layer buffer
                 if name not in adopted:
                     rows = torch.arange(t.shape[0], device=t.device)
                     t[rows, victims[:, i, 0]] = t[:, last].clone()
-            st.n = last
+            store.n = last
 
 
 # -- method extras as layer buffers (packed layers) ---------------------------------------------------------------
@@ -346,7 +346,8 @@ def _still_views(layer, name, buf) -> bool:
         return False
     # head h's slice starts stride(1) elements after head h-1's (pointer arithmetic: no tensor op per head)
     base, step = buf.data_ptr(), buf.stride(1) * buf.element_size()
-    return all(name in st.extras and st.extras[name].data_ptr() == base + h * step for h, st in enumerate(heads))
+    return all(name in store.extras and store.extras[name].data_ptr() == base + h * step
+               for h, store in enumerate(heads))
 
 
 def _layer_extra(layer, name: str) -> torch.Tensor:
@@ -360,9 +361,9 @@ def _layer_extra(layer, name: str) -> torch.Tensor:
     first = heads[0].extras[name]
     cap = layer.buffers["pos"].shape[2]
     buf = first.new_zeros(first.shape[0], len(heads), cap)
-    for h, st in enumerate(heads):
-        buf[:, h, : st.n] = st.extras[name][:, : st.n]
+    for h, store in enumerate(heads):
+        buf[:, h, : store.n] = store.extras[name][:, : store.n]
         with torch.enable_grad():  # as the layer's own buffers: in-place writes allowed with or without no_grad
-            st.extras[name] = buf[:, h]
+            store.extras[name] = buf[:, h]
     bufs[name] = buf
     return buf

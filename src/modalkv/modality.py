@@ -188,9 +188,3 @@ def place_square(layout: ModalityLayout, b: int, runs, per_image: int | None, mo
             layout.row[b, pos] = (k // side).to(torch.int32) if side * side == size else 0
             layout.col[b, pos] = (k % side).to(torch.int32) if side * side == size else k.to(torch.int32)
             item += 1
-
-
-# The former private names: only methods/retentivekv.py still imports them (it is being edited on another branch);
-# delete these two lines once it imports mask_runs and place_square.
-_runs = mask_runs
-_place_square = place_square

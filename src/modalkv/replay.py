@@ -14,9 +14,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .cache import CompressedLayer, KVCache, Selection, cache_kwargs
+from .cache import KVCache, cache_kwargs
+from .layer import CompressedLayer
 from .methods.full import Full
 from .modality import detect_modality, special_token_modalities
+from .protocol import Selection
 
 
 class _Capture(Full):

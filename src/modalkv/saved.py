@@ -18,7 +18,7 @@ Tensors (only what is kept, never the reserve slots):
 * per managed layer and KV head, the store's slots ``[0, n)`` as they are stored: dense keys/values, or KIVI's
   packed codes, scales and full-precision residual, or Spherical KV's direction codes, radius codes, page scales
   and dense tail, with positions, modality ids, validity flags and per-entry method extras
-  (:meth:`~modalkv.cache.HeadStore.state`); nothing is dequantised;
+  (:meth:`~modalkv.store.HeadStore.state`); nothing is dequantised;
 * per managed layer, the prompt length, each row's real prompt length and each head's prefill count;
 * the method's per-sequence state outside the stores (:meth:`~modalkv.methods.base.Method.state_dict`:
   RetentiveKV's memories, HAE's recycle-bin bookkeeping, Spherical KV's window query norms);
@@ -52,6 +52,7 @@ it is bound to ``model`` and the model's attention is routed through modalkv, as
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -59,8 +60,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from transformers import DynamicCache
 
-from .cache import CompressedLayer, HeadStore, KVCache
+from .cache import KVCache
+from .layer import CompressedLayer
+from .methods import REGISTRY, Method, make_method
+from .modality import ModalityLayout
+from .pruning import decoder_layers
+from .storage import format_from_saved
+from .store import HeadStore
 
 FORMAT = "modalkv-cache"
 VERSION = 2  # 2: method extras renamed (accumulated_attention, in_recycle_bin, ...), storage payloads
@@ -80,10 +90,6 @@ def _hash_tensor(h, t: torch.Tensor) -> None:
 
 def model_fingerprint(model) -> dict[str, Any]:
     """Shapes and a weight hash that identify a model: a saved cache only fits the model it was made with."""
-    from transformers import DynamicCache
-
-    from .pruning import decoder_layers
-
     config = model.config.get_text_config(decoder=True)
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
@@ -290,8 +296,6 @@ def save_cache(cache: KVCache, path) -> None:
         raise ValueError(f"cannot save this cache: a parameter of {method.name} or of its budget is not a plain "
                          f"value ({e})") from None
     text = json.dumps(header, separators=(",", ":"))
-    from safetensors.torch import save_file
-
     path = Path(path)
     tmp = path.with_name(path.name + ".partial")
     save_file(tensors, str(tmp), metadata={"format": FORMAT, _META_KEY: text})
@@ -299,8 +303,6 @@ def save_cache(cache: KVCache, path) -> None:
 
 
 def _init_fields(obj) -> list:
-    import dataclasses
-
     return [f for f in dataclasses.fields(obj) if f.init]
 
 
@@ -310,8 +312,6 @@ def _init_fields(obj) -> list:
 
 
 def _read(path, device) -> tuple[dict, dict[str, torch.Tensor]]:
-    from safetensors import SafetensorError, safe_open
-
     if not Path(path).is_file():
         raise FileNotFoundError(f"no cache file at {path}")
     try:
@@ -339,8 +339,6 @@ def _read(path, device) -> tuple[dict, dict[str, torch.Tensor]]:
 
 
 def _check_method(wanted, spec: dict, path) -> None:
-    from .methods import Method, REGISTRY
-
     if wanted is None:
         return
     if isinstance(wanted, str):
@@ -367,10 +365,6 @@ def load_cache(path, model, *, method=None) -> KVCache:
     modalkv) and continues exactly as the saved cache would have: the next forward or ``generate`` takes the tokens
     after those it has seen.
     """
-    from .methods import REGISTRY, make_method
-    from .storage import format_from_saved
-    from .modality import ModalityLayout
-
     device = next(model.parameters()).device
     header, tensors = _read(path, device)
     _check_model(header["model"], model, path)

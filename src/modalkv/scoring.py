@@ -79,11 +79,6 @@ def key_norm_scores(keys: torch.Tensor) -> torch.Tensor:
     return -keys.float().norm(dim=-1)
 
 
-# The former private name: no module here imports it any more; kept until the branches editing
-# methods/retentivekv.py are merged (delete it then, with its check in tests/test_scoring.py).
-_probs = attention_probs
-
-
 def group_reduce(scores: torch.Tensor, num_kv_heads: int, how: str = "mean") -> torch.Tensor:
     """Reduce per-query-head scores [B, Hq, n] to per-KV-head scores [B, H, n] (GQA groups are contiguous)."""
     B, Hq, n = scores.shape

@@ -15,9 +15,13 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import pandas as pd
 import torch
 
 from ..continual import InduceKV, continual_metrics
+from ..measure import pin_threads
+from ..models import load_model
+from ..tasks import continual as ct
 
 LEARNERS = ("frozen", "growing", "inducekv", "inducekv-bilevel", "inducekv-random", "lora")
 
@@ -99,12 +103,6 @@ class _Lora:
 
 def run(cfg: ContinualConfig, out: Path | None = None, log=print) -> dict:
     """Run the benchmark; returns {"rows": [...], "summary": {...}} and writes CSV + JSON when ``out`` is given."""
-    import pandas as pd
-
-    from ..measure import pin_threads
-    from ..models import load_model
-    from ..tasks import continual as ct
-
     unknown = [x for x in cfg.learners if x not in LEARNERS]
     if unknown:
         raise ValueError(f"unknown continual learner(s) {unknown}; choose from {', '.join(LEARNERS)}")

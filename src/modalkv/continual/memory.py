@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
 from transformers import DynamicCache
 
 from .. import rope, scoring
@@ -107,7 +109,7 @@ def extract_candidates(model, examples: list[Example], task: int, ell: int, kern
         lk, lv, lp = [], [], []
         for layer in range(L):
             query, k, v, _, scaling = cap.layers[layer]
-            score = scoring.group_reduce(scoring._probs(query, k, scaling, rows, real).sum(2), H)
+            score = scoring.group_reduce(scoring.attention_probs(query, k, scaling, rows, real).sum(2), H)
             score = scoring.pool1d(score, kernel)
             scoring.check_finite(score, "InduceKV")
             idx = scoring.select_topk(score, torch.tensor([ell]), real, force=force)[0]  # [H, ell] ascending
@@ -244,8 +246,6 @@ class MemoryBank:
 
     def save(self, path, config: dict | None = None) -> Path:
         """Write the bank as safetensors with its shape, budget and a SHA-256 of every tensor in the header."""
-        from safetensors.torch import save_file
-
         tensors = self.tensors()
         meta = {"format": FORMAT, "shape": list(self.shape), "dim": self.dim, "dtype": str(self.dtype).split(".")[-1],
                 "budget_bytes": self.budget_bytes, "tau": self.tau, "config": config or {},
@@ -257,8 +257,6 @@ class MemoryBank:
     @classmethod
     def load(cls, path) -> tuple["MemoryBank", dict]:
         """Read a bank written by :meth:`save`; any corruption or inconsistency raises a ValueError naming it."""
-        from safetensors import safe_open
-
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"InduceKV bank file {path} does not exist")

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-import copy
-import dataclasses
+import ast
 
+from ..budget import parse_caps
+from ..registry import METHODS, available_methods, make_method, register_method
+from ..storage import make_storage
 from .adakv import AdaKV
 from .base import Method, PrefillContext
 from .full import Full
@@ -21,43 +23,12 @@ from .spherical import SphericalKV
 from .snapkv import SnapKV
 from .streaming import StreamingLLM
 
-REGISTRY: dict[str, type[Method]] = {
-    cls.name: cls for cls in (Full, StreamingLLM, H2O, SnapKV, PyramidKV, AdaKV, LookM, MadaKV, HAE, RetentiveKV, SphericalKV,
-                               KVzip, ExpectedAttention, KNorm)
-}
-
-
-def register(cls: type[Method]) -> type[Method]:
-    """Add a method class to the registry (usable as a decorator)."""
-    if not cls.name:
-        raise ValueError(f"{cls.__name__} needs a non-empty class attribute 'name'")
-    REGISTRY[cls.name] = cls
-    return cls
-
-
-def available_methods() -> dict[str, str]:
-    """Method name -> one-line summary."""
-    return {name: cls.summary for name, cls in REGISTRY.items()}
-
-
-def make_method(method, **params) -> Method:
-    """A method instance from a registry name (with parameters) or a copy of an instance."""
-    if isinstance(method, Method):
-        if params:
-            raise TypeError("pass method parameters either in the method instance or as keywords, not both")
-        return copy.deepcopy(method)
-    if not isinstance(method, str):
-        raise TypeError(f"method must be a name or a Method instance, got {type(method).__name__}")
-    cls = REGISTRY.get(method.lower())
-    if cls is None:
-        raise ValueError(f"unknown method {method!r}; available: {', '.join(REGISTRY)}")
-    fields = {f.name for f in dataclasses.fields(cls) if f.init}
-    unknown = sorted(set(params) - fields)
-    if unknown:
-        raise TypeError(
-            f"{cls.__name__} has no parameter(s) {', '.join(unknown)}; its parameters: {', '.join(sorted(fields)) or 'none'}"
-        )
-    return cls(**params)
+#: name -> method class: the registry the cache resolves method names in (:mod:`modalkv.registry`)
+REGISTRY: dict[str, type[Method]] = METHODS
+for _cls in (Full, StreamingLLM, H2O, SnapKV, PyramidKV, AdaKV, LookM, MadaKV, HAE, RetentiveKV, SphericalKV, KVzip,
+             ExpectedAttention, KNorm):
+    register_method(_cls)
+register = register_method  # the name this package has always exported
 
 
 def parse_label(label: str) -> tuple[str, dict, dict[str, float]]:
@@ -67,10 +38,6 @@ def parse_label(label: str) -> tuple[str, dict, dict[str, float]]:
     of the text tokens; ``"hae(mode=kv_only,tau_g=0.01)"`` is HAE with those parameters (values are Python
     literals; a bare word is a string). Both parts may be combined: ``"hae(tau_g=0.01)@image=0.2"``.
     """
-    import ast
-
-    from ..budget import parse_caps
-
     head, _, caps = label.partition("@")
     name, paren, rest = head.partition("(")
     params: dict = {}
@@ -91,8 +58,6 @@ def parse_label(label: str) -> tuple[str, dict, dict[str, float]]:
 def make_quantizer(spec):
     """None, a storage name registered in :mod:`modalkv.storage` (``"kivi-2"``, ``"kivi-4"``, ``"kivi-8"``) or a
     :class:`~modalkv.storage.StorageFormat` instance such as ``KIVI(bits=4)`` (see :func:`modalkv.storage.make_storage`)."""
-    from ..storage import make_storage
-
     return make_storage(spec)
 
 

@@ -8,7 +8,7 @@ import torch
 
 from .base import PrefillContext, check_range
 from .snapkv import SnapKV
-from ..cache import Selection
+from ..protocol import Selection
 from ..scoring import apply_caps, largest_remainder
 
 

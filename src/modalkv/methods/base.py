@@ -31,42 +31,9 @@ from typing import Any, ClassVar, Literal
 
 import torch
 
-from ..cache import Selection
 from ..decoding import DecodeStep, Extra
+from ..protocol import PrefillContext, Selection
 from ..scoring import check_finite, select_topk
-
-
-@dataclass
-class PrefillContext:
-    """Everything a method sees at prefill for one layer (shapes: B batch, Hq query heads, H KV heads, n tokens)."""
-
-    layer: Any  # CompressedLayer
-    query: torch.Tensor  # [B, Hq, n, d] post-RoPE
-    keys: torch.Tensor  # [B, H, n, d] post-RoPE
-    values: torch.Tensor  # [B, H, n, d]
-    scaling: float
-    real: torch.Tensor  # [B, n] bool, False = padding
-    modality: torch.Tensor  # [B, n] int8
-    positions: torch.Tensor  # [n] original token indices ([B, n] when earlier layers pruned tokens)
-    n_real: torch.Tensor  # [B] real prompt length
-    budget_tokens: torch.Tensor  # [B] entries each (layer, head) may keep (the layer's average for pyramids)
-    caps: dict  # modality id -> LongTensor [B] caps
-
-    @property
-    def num_kv_heads(self) -> int:
-        return self.keys.shape[1]
-
-    @property
-    def n(self) -> int:
-        return self.keys.shape[2]
-
-    @property
-    def layer_rank(self) -> int:
-        return self.layer.rank
-
-    @property
-    def num_layers(self) -> int:
-        return self.layer.cache.num_managed
 
 
 def last_real(real: torch.Tensor, count: torch.Tensor | int) -> torch.Tensor:

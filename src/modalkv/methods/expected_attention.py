@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from .base import Method, PrefillContext, check_range, first_real
-from ..cache import Selection
+from ..protocol import Selection
 from ..rope import cos_sin, mean_rotation, unrotate
 
 

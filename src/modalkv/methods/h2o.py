@@ -9,8 +9,8 @@ from typing import Literal
 import torch
 
 from .base import Method, PrefillContext, check_range, last_real
-from ..cache import Selection
 from ..decoding import INF, DecodeStep, Extra
+from ..protocol import Selection
 from ..scoring import accumulated_scores, group_reduce
 
 

@@ -8,9 +8,9 @@ from typing import Literal
 import torch
 
 from .. import pruning
-from ..cache import Selection
 from ..decoding import DecodeStep, Extra
 from ..modality import TEXT
+from ..protocol import Selection
 from ..scoring import accumulated_scores, attention_probs, check_finite, mask_to_sorted
 from .base import Method, PrefillContext, check_range, first_real, last_real
 
@@ -19,7 +19,8 @@ ACC = Extra("accumulated_attention", "head-averaged attention from the prompt's 
 BIN = Extra("in_recycle_bin", "1 while the entry is in the recycle bin (first head of each layer)")
 HIDDEN = Extra("hidden_from_attention", "1 while the entry is in the bin and bin_attend=False: kept and scored, not "
                "read", hides_entry=True)
-_TIER = 1e6  # priority offset that puts evictable visual tokens below every text token (z-scores are far smaller)
+# priority offset that puts evictable visual tokens below every text token (z-scores are far smaller)
+VISUAL_FIRST_OFFSET = 1e6
 
 
 @dataclass
@@ -111,8 +112,8 @@ class HAE(Method):
         B, n = ctx.real.shape
         if ctx.layer_rank == 0:
             self._full_n = n
-            self._bcast_removed = None
-            self._bcast_bin = None
+            self._first_layer_removed = None
+            self._first_layer_bin = None
             self._sink_limit = _first_position(ctx) + self.n_sink
             evict = self._dap(ctx)
             self.dap_visual = ((ctx.modality != TEXT) & ctx.real).sum(-1)
@@ -168,14 +169,14 @@ class HAE(Method):
         return {}
 
     def select_batch(self, index: torch.Tensor) -> None:
-        for name in ("_sink_limit", "dap_visual", "dap_evicted", "_bcast_removed", "_bcast_bin"):
+        for name in ("_sink_limit", "dap_visual", "dap_evicted", "_first_layer_removed", "_first_layer_bin"):
             t = getattr(self, name, None)
             if t is not None:
                 setattr(self, name, t.index_select(0, index.to(t.device)))
 
     def load_state_dict(self, layer, state: dict[str, torch.Tensor]) -> None:
         if layer is None:
-            self._bcast_removed, self._bcast_bin = None, None
+            self._first_layer_removed, self._first_layer_bin = None, None
             self._sink_limit = state.get("sink_limit")
             self.dap_visual, self.dap_evicted = state.get("dap_visual"), state.get("dap_evicted")
 
@@ -241,23 +242,23 @@ class HAE(Method):
         visual = (modality != TEXT) & active
         excess = visual.sum(-1) - self.v_floor
         if bool((excess > 0).any()):
-            z = z - _TIER * _lowest(z, visual & ~protected, excess.clamp(min=0)).float()
+            z = z - VISUAL_FIRST_OFFSET * _lowest(z, visual & ~protected, excess.clamp(min=0)).float()
         return z
 
     # -- decode -----------------------------------------------------------------------------------------------
     def decode(self, step: DecodeStep) -> None:
         layer = step.layer
         if self.ddes_broadcast and layer.rank > 0:
-            self._follow(step)
+            self._copy_first_layer(step)
             return
         heads = layer.heads
         store = heads[0]  # the layer's decisions are made on its first head and applied to every head
         n = store.n
         acc = store.extras[ACC.name]
         acc[:, :n] += step.group().received("mean").mean(1)  # head-averaged attention of this step
-        binf = store.extras[BIN.name][:, :n] > 0
+        in_bin = store.extras[BIN.name][:, :n] > 0
         valid = store.valid[:, :n]
-        active = valid & ~binf
+        active = valid & ~in_bin
         if self.capacity == "prefill":
             target = layer.prefill_kept[0]
             if self.cache.budget.decode is not None:
@@ -265,9 +266,9 @@ class HAE(Method):
         else:
             target = layer.decode_targets(0)
         over = active.sum(-1) - target
-        has_bin = binf.any(-1)
+        has_bin = in_bin.any(-1)
         if not bool((over > 0).any() or has_bin.any()):
-            self._publish(layer, None, binf)
+            self._apply_bin(layer, None, in_bin)
             return
         pos = store.pos[:, :n]
         sinks, recent = _protected_counts(target, self.n_sink, self.recent)
@@ -278,57 +279,60 @@ class HAE(Method):
         # bin entries: z-scored on the active entries' statistics, visual ones a tier down while visual tokens are
         # still evicted first (comparable with the active entries' priorities)
         excess = ((mod != TEXT) & active).sum(-1, keepdim=True) > self.v_floor
-        bin_prio = z - _TIER * ((mod != TEXT) & binf & excess).float()
-        binf = binf.clone()
+        bin_prio = z - VISUAL_FIRST_OFFSET * ((mod != TEXT) & in_bin & excess).float()
+        in_bin = in_bin.clone()
         for b in range(store.batch):
             cand = active[b] & ~protected[b]
             k = min(int(over[b]), int(cand.sum()))
             if k > 0:
                 victims = prio[b].masked_fill(~cand, float("inf")).topk(k, largest=False).indices
-                binf[b, victims] = True
+                in_bin[b, victims] = True
                 cand[victims] = False
                 bin_prio[b, victims] = prio[b, victims]
             for _ in range(self.bin_size + 1):  # restore: a bin entry scoring above the next victim swaps back
-                in_bin = binf[b] & valid[b]
-                if not bool(in_bin.any()) or not bool(cand.any()):
+                row_in_bin = in_bin[b] & valid[b]
+                if not bool(row_in_bin.any()) or not bool(cand.any()):
                     break
-                j = int(bin_prio[b].masked_fill(~in_bin, float("-inf")).argmax())
+                j = int(bin_prio[b].masked_fill(~row_in_bin, float("-inf")).argmax())
                 v = int(prio[b].masked_fill(~cand, float("inf")).argmin())
                 if not bin_prio[b, j] > prio[b, v]:
                     break
-                binf[b, j], binf[b, v] = False, True
+                in_bin[b, j], in_bin[b, v] = False, True
                 cand[j], cand[v] = True, False
                 prio[b, j], bin_prio[b, v] = bin_prio[b, j], prio[b, v]
-        store.extras[BIN.name][:, :n] = binf.float()
-        full_bin = (binf & valid).sum(-1) > self.bin_size
+        store.extras[BIN.name][:, :n] = in_bin.float()
+        full_bin = (in_bin & valid).sum(-1) > self.bin_size
         removed = None
         if bool(full_bin.any()):  # empty the bin in one go (rows whose bin is not full keep theirs), in every head
-            drop = binf & valid & full_bin[:, None]
+            drop = in_bin & valid & full_bin[:, None]
             removed = torch.where(drop, pos, -1)
             step.group().keep((valid & ~drop)[:, None])
-            binf = store.extras[BIN.name][:, : store.n] > 0
-        self._publish(layer, removed, binf)
+            in_bin = store.extras[BIN.name][:, : store.n] > 0
+        self._apply_bin(layer, removed, in_bin)
 
-    def _publish(self, layer, removed, binf) -> None:
+    def _apply_bin(self, layer, removed, in_bin) -> None:
+        """After this layer's decision (``in_bin`` [B, >= n]: the entries now in the bin; ``removed``: positions of the
+        entries the bin emptied, or None): hide the bin from attention unless ``bin_attend``, and, with
+        ``ddes_broadcast``, record the first layer's decision for the later layers (:meth:`_copy_first_layer`)."""
         if not self.bin_attend:
             for store in layer.heads:
-                store.extras[HIDDEN.name][:, : store.n] = binf[:, : store.n].float()
+                store.extras[HIDDEN.name][:, : store.n] = in_bin[:, : store.n].float()
         if self.ddes_broadcast and layer.rank == 0:
             store = layer.heads[0]
-            self._bcast_removed = removed
-            self._bcast_bin = torch.where(binf, store.pos[:, : store.n], -1)
+            self._first_layer_removed = removed
+            self._first_layer_bin = torch.where(in_bin, store.pos[:, : store.n], -1)
 
-    def _follow(self, step: DecodeStep) -> None:
+    def _copy_first_layer(self, step: DecodeStep) -> None:
         """ddes_broadcast: apply the first layer's decision of this step (by position) to this layer."""
         layer = step.layer
-        removed = self._bcast_removed
+        removed = self._first_layer_removed
         if removed is not None:
             store = layer.heads[0]
             pos = store.pos[:, : store.n]
             step.group().keep((store.valid[:, : store.n] & ~_rows_isin(pos, removed))[:, None])
-        if not self.bin_attend and self._bcast_bin is not None:
+        if not self.bin_attend and self._first_layer_bin is not None:
             for store in layer.heads:
-                store.extras[HIDDEN.name][:, : store.n] = _rows_isin(store.pos[:, : store.n], self._bcast_bin).float()
+                store.extras[HIDDEN.name][:, : store.n] = _rows_isin(store.pos[:, : store.n], self._first_layer_bin).float()
 
 
 # -- helpers ----------------------------------------------------------------------------------------------------

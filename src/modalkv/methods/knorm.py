@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..cache import Selection
 from ..decoding import DecodeStep, Extra
+from ..protocol import Selection
 from ..scoring import key_norm_scores
 from .base import Method, PrefillContext
 

@@ -9,8 +9,14 @@ from typing import Literal
 import torch
 
 from .base import Method, PrefillContext, check_range
-from ..cache import CompressedLayer, Selection
+from ..cache import cache_kwargs
+from ..decoding import Extra
+from ..layer import CompressedLayer
+from ..modality import special_token_modalities
+from ..protocol import Selection
 from ..scoring import apply_caps, check_finite
+
+SCORE = Extra("kvzip", "the largest attention the entry received from a reconstruction query of its KV group")
 
 
 @dataclass
@@ -47,6 +53,7 @@ class KVzip(Method):
     name = "kvzip"
     summary = "Query-agnostic: pairs scored by attention while the model repeats the context (Kim et al., 2025)"
     needs_context_pass = True  # modalkv.prefill runs finish_prefill (the reconstruction) after the forward
+    extras = (SCORE,)
 
     def validate(self) -> None:
         cls = type(self).__name__
@@ -73,7 +80,7 @@ class KVzip(Method):
 
     def after_prefill(self, layer) -> None:
         for store in layer.heads:
-            store.add_extra("kvzip", 0.0)
+            store.add_extra(SCORE.name, 0.0)
 
     # -- scoring by reconstruction ----------------------------------------------------------------------------
     def decode(self, step) -> None:
@@ -84,13 +91,11 @@ class KVzip(Method):
         for h, store in enumerate(layer.heads):
             n_ctx = self.__dict__["_n_ctx"][layer.rank][h]
             best = probs[h][..., :n_ctx].float().amax(dim=(1, 2))  # [B, n_ctx]: over the group and the queries
-            score = store.extras["kvzip"][:, :n_ctx]
+            score = store.extras[SCORE.name][:, :n_ctx]
             torch.maximum(score, best, out=score)
 
     def _chunks(self, model, ids: torch.Tensor, prompt: torch.Tensor, model_kwargs: dict):
         """(repeat prompt + context chunk, its model inputs) for every chunk of the context."""
-        from ..modality import special_token_modalities
-
         visual = special_token_modalities(model.config)
         is_visual = torch.zeros_like(ids[0], dtype=torch.bool)
         for token in visual:
@@ -128,8 +133,6 @@ class KVzip(Method):
         With ``select=False`` the scores are left in the cache's entries and nothing is evicted: call
         :meth:`select` later (e.g. on several ``cache.fork()`` copies with different budgets — the scores do not
         depend on the budget)."""
-        from ..cache import cache_kwargs
-
         if tokenizer is None:
             raise ValueError("kvzip builds its reconstruction prompt with the tokenizer: call "
                              "modalkv.prefill(model, cache, input_ids, tokenizer=tokenizer)")
@@ -142,7 +145,7 @@ class KVzip(Method):
             raise ValueError(f"kvzip: input_ids has {ids.shape[1]} tokens but the cache has seen {layers[0].seen}")
         for layer in layers:
             for store in layer.heads:
-                store.extras["kvzip"][:, : store.n] = 0.0
+                store.extras[SCORE.name][:, : store.n] = 0.0
         self.__dict__["_n_ctx"] = {layer.rank: [s.n for s in layer.heads] for layer in layers}
         start = layers[0].seen
         others = {i: copy.deepcopy(layer) for i, layer in enumerate(cache.layers) if not isinstance(layer, CompressedLayer)}
@@ -180,7 +183,7 @@ class KVzip(Method):
         scores = torch.full((L, H, width), float("-inf"))
         for li, layer in enumerate(layers):
             for h, store in enumerate(layer.heads):
-                s = store.extras["kvzip"][0, : store.n].float()
+                s = store.extras[SCORE.name][0, : store.n].float()
                 check_finite(s, self.name)
                 s = s.masked_fill(~store.valid[0, : store.n], float("-inf"))
                 if self.n_sink:

@@ -8,9 +8,9 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from ..cache import Selection
 from ..decoding import Extra
 from ..modality import TEXT
+from ..protocol import Selection
 from ..scoring import accumulated_scores, group_reduce
 from .base import Method, PrefillContext, check_range, last_real
 

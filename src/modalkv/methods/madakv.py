@@ -9,8 +9,8 @@ from typing import Literal
 import torch
 
 from .base import Method, PrefillContext, check_range, first_real, last_real
-from ..cache import Selection
 from ..modality import TEXT
+from ..protocol import Selection
 from ..scoring import group_reduce, largest_remainder, pool1d, window_scores
 
 
@@ -91,9 +91,9 @@ class MadaKV(Method):
             floor = torch.clamp(torch.ceil(phi1.double() * self.phi_min_ratio).long().clamp(min=self.phi_min),
                                 max=phi1).minimum(counts.sum(-1))
             self._state = {"total": L * H * phi1, "spent": torch.zeros_like(phi1), "floor": floor}
-        st = self._state
-        remaining = st["total"] - st["spent"]
-        phi = torch.maximum(remaining.double() / (H * (L - l)), st["floor"].double())  # this layer's per-head budget
+        budget_state = self._state
+        remaining = budget_state["total"] - budget_state["spent"]
+        phi = torch.maximum(remaining.double() / (H * (L - l)), budget_state["floor"].double())  # this layer's per-head budget
 
         mass = torch.stack([(psi * visual[:, None]).sum(-1), (psi * text[:, None]).sum(-1)], -1)  # [B, H, 2]
         quota = modality_quotas(mass, phi, counts)
@@ -101,18 +101,19 @@ class MadaKV(Method):
             want = largest_remainder(quota.reshape(B, 2 * H), remaining).view(B, H, 2)
         else:
             demand = torch.stack([coverage_demand(psi, visual, self.theta), coverage_demand(psi, text, self.theta)], -1)
-            c_lo, c_hi = {"clip": (self.c_lo, self.c_hi), "quota": (1.0, 1.0), "demand": (0.0, math.inf)}[self.combine]
-            lo = torch.floor(quota * c_lo).long()
-            hi = torch.ceil(quota * c_hi).long() if math.isfinite(c_hi) else demand
+            low_factor, high_factor = {"clip": (self.c_lo, self.c_hi), "quota": (1.0, 1.0),
+                                       "demand": (0.0, math.inf)}[self.combine]
+            lo = torch.floor(quota * low_factor).long()
+            hi = torch.ceil(quota * high_factor).long() if math.isfinite(high_factor) else demand
             want = torch.minimum(torch.maximum(demand, lo), hi)
         room = counts[:, None, :].expand(B, H, 2)
         later = L - l - 1  # layers after this one must stay reachable: between their floors and keeping everything
         low = (remaining - later * H * counts.sum(-1)).clamp(min=0)
-        high = remaining - later * H * st["floor"]
+        high = remaining - later * H * budget_state["floor"]
         target = want.minimum(room).sum((1, 2)).clamp(min=0)
         target = torch.minimum(torch.maximum(target, low), high.clamp(min=0))
         keep_n = fit_total(want.minimum(room).reshape(B, 2 * H), room.reshape(B, 2 * H), target).view(B, H, 2)
-        st["spent"] = st["spent"] + keep_n.sum((1, 2))
+        budget_state["spent"] = budget_state["spent"] + keep_n.sum((1, 2))
 
         keep = fixed[:, None, :].expand(B, H, n).clone()
         for m, mask in enumerate((visual, text)):

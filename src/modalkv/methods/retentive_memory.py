@@ -1,5 +1,6 @@
-"""RetentiveKV's state-space memory: per-token entropy gates, the 2-D scan over an image's token grid, the 1-D scan
-of the recall state, and the byte accounting that puts the states inside the budget.
+"""RetentiveKV's state-space memory: the retention score and per-token entropy gates, the visual tokens' grid and
+spatial weights, the 2-D scan over an image's token grid, the 1-D scan of the recall state, the states themselves
+(creation, absorption, lazy decay) and the byte accounting that puts the states inside the budget.
 
 Everything here is a pure function of tensors, so the decode loop of :mod:`.retentivekv` only calls it. The mechanism
 is described in ``docs/methods/retentivekv.md``.
@@ -10,6 +11,9 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
+
+from ..modality import IMAGE, VIDEO, ModalityLayout, mask_runs, place_square
 
 _TINY = 1e-30
 
@@ -104,3 +108,209 @@ def entries_within(bytes_budget: torch.Tensor, state_bytes: int, entry_bytes: in
     """How many entries of ``entry_bytes`` fit in ``bytes_budget`` [B] beside ``state_bytes`` of states (per head)."""
     room = (bytes_budget.double() - state_bytes) / entry_bytes
     return torch.floor(room + 1e-9).clamp(min=0).long()
+
+
+def retention_score(alpha: torch.Tensor, group: torch.Tensor, lam: float) -> torch.Tensor:
+    """Retention score ``R = lam * alpha_hat + (1 - lam) * H_hat`` per entry.
+
+    alpha [..., n] attention received (>= 0, 0 for absent entries); group [..., n] bool: the entries of one
+    modality (visual or text). Within the group ``p = alpha / sum(alpha)``, ``H = -p log p``, and both ``alpha``
+    and ``H`` are divided by their maximum over the group. Entries outside the group get 0.
+    """
+    a = alpha.float() * group
+    a_hat = a / a.amax(-1, keepdim=True).clamp(min=_TINY)
+    return (lam * a_hat + (1 - lam) * token_entropy(alpha, group)) * group
+
+
+def row_entropy(p: torch.Tensor, among: torch.Tensor) -> torch.Tensor:
+    """Normalised entropy (in [0, 1]) of attention rows p [..., n] restricted to ``among`` [..., n]."""
+    x = p.float() * among
+    x = x / x.sum(-1, keepdim=True).clamp(min=_TINY)
+    ent = -(x * torch.log(x.clamp(min=_TINY))).sum(-1)
+    count = among.sum(-1).float()
+    return torch.where(count > 1, ent / torch.log(count.clamp(min=2)), torch.zeros_like(ent))
+
+
+# -- the visual tokens' grid ---------------------------------------------------------------------------------------
+def square_grid(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(item, row, col) [B, n] of tokens with modality ids ``ids`` [B, n] (CPU): each run of visual tokens is one
+    image laid out as a square (a 1-D strip when its length is not a square); videos are numbered apart from
+    images; text tokens get item -1 (and row, col 0)."""
+    B, n = ids.shape
+    layout = ModalityLayout(ids, *(torch.full((B, n), -1, dtype=torch.int32) for _ in range(4)))
+    for b in range(B):
+        for mid in (IMAGE, VIDEO):  # each run of visual tokens is one item, a square when its length is one
+            runs = mask_runs(ids[b] == mid)
+            if runs:
+                place_square(layout, b, runs, None, mid)
+    item = layout.item.long() + n * (ids == VIDEO)  # videos numbered apart from images
+    return item, layout.row.long().clamp(min=0), layout.col.long().clamp(min=0)
+
+
+def manhattan_weights(item: torch.Tensor, row: torch.Tensor, col: torch.Tensor, R: torch.Tensor,
+                      gamma_s: float) -> torch.Tensor:
+    """[B, H, n] spatial weight of every visual token (0 for text): ``gamma_s ** Manhattan distance`` to its image's
+    root patch (the token with the largest ``R`` [B, H, n] of that image, per head); item, row, col [B, n]."""
+    B, H, n = R.shape
+    out = torch.zeros(B, H, n, device=R.device)
+    n_items = int(item.max()) + 1 if item.numel() else 0
+    for i in range(n_items):
+        in_i = (item == i)[:, None, :]  # [B, 1, n]
+        if not bool(in_i.any()):
+            continue
+        root = R.masked_fill(~in_i, float("-inf")).argmax(-1)  # [B, H]
+        r_row = row[:, None, :].expand(B, H, n).gather(2, root[..., None])
+        r_col = col[:, None, :].expand(B, H, n).gather(2, root[..., None])
+        dist = (row[:, None, :] - r_row).abs() + (col[:, None, :] - r_col).abs()
+        out = torch.where(in_i, gamma_s ** dist.float(), out)
+    return out
+
+
+def scan_weights(item: torch.Tensor, row: torch.Tensor, col: torch.Tensor, R: torch.Tensor, gate: torch.Tensor,
+                 gamma_h: float, gamma_v: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """[B, H, n] each visual token's weights in the horizontal and vertical sub-states (0 for text): the 2-D scan of
+    its image toward the root patch (argmax ``R`` of that image and head, :func:`scan2d_weights`), gated per token by
+    ``gate`` [B, H, n]."""
+    B, H, n = R.shape
+    w_h = torch.zeros(B, H, n, device=R.device)
+    w_v = torch.zeros(B, H, n, device=R.device)
+    for b in range(B):
+        for i in item[b][item[b] >= 0].unique().tolist():
+            idx = (item[b] == i).nonzero().squeeze(-1)
+            root = R[b][:, idx].argmax(-1)  # [H]
+            wh, wv = scan2d_weights(row[b, idx], col[b, idx], root, gate[b][:, idx], gamma_h, gamma_v)
+            w_h[b][:, idx] = wh
+            w_v[b][:, idx] = wv
+    return w_h, w_v
+
+
+# -- the states ----------------------------------------------------------------------------------------------------
+# A layer's states are a dict of float32 tensors [B, H, S, ...] (S states): the moment sums "m", "s", "u", "M" (and
+# "C", second order) or the linear-attention sums "S", "z"; "scale" [B, H, S] is their lazy decay (the sums are stored
+# divided by it); "_version" counts the changes.
+
+def empty_states(B: int, H: int, S: int, d: int, dv: int, device, linear: bool,
+                 second_order: bool) -> dict[str, torch.Tensor]:
+    """``S`` empty states per (row, KV head): linear-attention sums when ``linear``, else moment sums."""
+    z = lambda *shape: torch.zeros(B, H, S, *shape, dtype=torch.float32, device=device)  # noqa: E731
+    if linear:
+        states = {"S": z(d, dv), "z": z(d)}
+    else:
+        states = {"m": z(), "s": z(d), "u": z(dv), "M": z(d, dv)}
+        if second_order:
+            states["C"] = z(d, d)
+    states["scale"] = torch.ones(B, H, S, dtype=torch.float32, device=device)
+    return states
+
+
+def fold_scale(states: dict) -> None:
+    """Multiply the lazy decay scale into the sums (before it underflows) and reset it to 1."""
+    scale = states["scale"]
+    for name, t in states.items():
+        if name != "scale" and not name.startswith("_"):
+            t *= scale.view(*scale.shape, *([1] * (t.dim() - 3)))
+    scale.fill_(1.0)
+    states["_version"] = states.get("_version", 0) + 1
+
+
+def absorb(states: dict, g: int, w: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, linear: bool,
+           heads: slice = slice(None), decay: torch.Tensor | None = None) -> None:
+    """Add tokens to state ``g``: w [B, H', m] weights, keys [B, H', m, d], values [B, H', m, dv]
+    (H' = the KV heads ``heads``); ``decay`` [B, H'] multiplies the state first."""
+    states["_version"] = states.get("_version", 0) + 1
+    sl = (slice(None), heads, g)
+    if decay is not None:
+        states["scale"][sl] *= decay
+        if bool((states["scale"][sl] < 1e-20).any()):
+            fold_scale(states)
+    w = w.float() / states["scale"][sl][..., None]  # sums are stored divided by the lazy decay scale
+    k, v = keys.float(), values.float()
+    if linear:
+        phi = F.elu(k) + 1
+        states["S"][sl] += torch.einsum("bhm,bhmd,bhme->bhde", w, phi, v)
+        states["z"][sl] += torch.einsum("bhm,bhmd->bhd", w, phi)
+        return
+    states["m"][sl] += w.sum(-1)
+    states["s"][sl] += torch.einsum("bhm,bhmd->bhd", w, k)
+    states["u"][sl] += torch.einsum("bhm,bhme->bhe", w, v)
+    states["M"][sl] += torch.einsum("bhm,bhmd,bhme->bhde", w, k, v)
+    if "C" in states:
+        states["C"][sl] += torch.einsum("bhm,bhmd,bhme->bhde", w, k, k)
+
+
+# -- reading the states in decode attention ------------------------------------------------------------------------
+def linear_readout(states: dict, h: int, q: torch.Tensor, logits: torch.Tensor, values: torch.Tensor, gate_w: float,
+                   gate_b: float, convex: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The linear-attention readout of head ``h`` (``phi = elu + 1``) joined to local attention by the gate
+    ``sigmoid(gate_w H_t + gate_b)``: added, or mixed convexly when ``convex``. q [B, r, d] float, logits [B, r, n],
+    values [B, n, dv] -> (output [B, r, dv], probs over the entries [B, r, n])."""
+    scale = states["scale"][:, h]  # [B, S]
+    probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+    local = torch.matmul(probs.to(values.dtype), values).float()
+    phi = F.elu(q) + 1
+    num = torch.einsum("brd,bsde,bs->bre", phi, states["S"][:, h], scale)
+    den = torch.einsum("brd,bsd,bs->br", phi, states["z"][:, h], scale)
+    o_s = num / (den[..., None] + 1e-6)
+    gamma = torch.sigmoid(gate_w * row_entropy(probs, torch.isfinite(logits)) + gate_b)
+    gamma = gamma * (den > 0)  # an empty state contributes nothing
+    out = (1 - gamma[..., None]) * local + gamma[..., None] * o_s if convex else local + gamma[..., None] * o_s
+    return out.to(values.dtype), probs.to(values.dtype)
+
+
+def moment_readout(states: dict, h: int, q: torch.Tensor, logits: torch.Tensor, values: torch.Tensor, gated: bool,
+                   gate_w: float, gate_b: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The softmax readout of head ``h``'s moment states (second order when the states hold ``"C"``): each state one
+    pseudo-entry inside the softmax, weighted by the gate ``sigmoid(gate_w H_t + gate_b)`` when ``gated``.
+    Shapes as :func:`linear_readout`; the probs are renormalised over the cached entries (for scoring)."""
+    scale = states["scale"][:, h]  # [B, S]
+    m = states["m"][:, h]  # [B, S]
+    kbar = states["s"][:, h] / m.clamp(min=_TINY)[..., None]
+    z = torch.einsum("brd,bsd->brs", q, kbar)
+    u = states["u"][:, h]
+    num = u[:, None] + torch.einsum("brd,bsde->brse", q, states["M"][:, h]) - z[..., None] * u[:, None]
+    den = m[:, None].expand_as(z)
+    if "C" in states:
+        qcq = torch.einsum("brd,bsde,bre->brs", q, states["C"][:, h], q)
+        den = den + 0.5 * (qcq - m[:, None] * z * z).clamp(min=0)
+    weight = den * scale[:, None]
+    if gated:
+        local_probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+        gamma = torch.sigmoid(gate_w * row_entropy(local_probs, torch.isfinite(logits)) + gate_b)
+        weight = weight * gamma[..., None]
+    state_logits = torch.where(weight > 0, z + torch.log(weight.clamp(min=_TINY)), torch.full_like(z, float("-inf")))
+    value = num / den.clamp(min=_TINY)[..., None]  # [B, r, S, dv]
+    all_logits = torch.cat([logits.float(), state_logits], -1)
+    p = torch.softmax(all_logits, dim=-1)
+    n = logits.shape[-1]
+    out = torch.matmul(p[..., :n].to(values.dtype), values).float()
+    out = out + (p[..., n:, None] * torch.nan_to_num(value)).sum(-2)
+    local = p[..., :n]
+    local = local / local.sum(-1, keepdim=True).clamp(min=_TINY)  # attention over the cached entries, for scoring
+    return out.to(values.dtype), local.to(values.dtype)
+
+
+def first_order_terms(states: dict) -> dict[str, torch.Tensor]:
+    """The per-state terms of the first-order readout for every head at once: ``k_bar`` and ``u/m`` [B, H, S, d],
+    ``(M - k_bar u^T) / m`` [B, H, S, d, dv] and ``log(m scale)`` [B, H, S] (-inf for an empty state)."""
+    m = states["m"]  # [B, H, S]
+    safe = m.clamp(min=_TINY)[..., None]
+    kbar = states["s"] / safe
+    b = states["u"] / safe
+    A = (states["M"] - kbar[..., :, None] * states["u"][..., None, :]) / safe[..., None]
+    logm = torch.where(m > 0, torch.log(safe[..., 0] * states["scale"]), torch.full_like(m, float("-inf")))
+    return {"kbar": kbar, "b": b, "A": A, "logm": logm}
+
+
+def first_order_readout(terms: dict, h: int, q: torch.Tensor, logits: torch.Tensor,
+                        values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first-order softmax readout of head ``h`` from :func:`first_order_terms`: one pseudo-entry per state with
+    logit ``q.k_bar + log(m scale)`` and the query-affine value ``u/m + q^T (M - k_bar u^T) / m``. Shapes as
+    :func:`linear_readout`."""
+    z = torch.matmul(q, terms["kbar"][:, h].transpose(1, 2)) + terms["logm"][:, h, None, :]  # [B, r, S]
+    value = terms["b"][:, h, None] + torch.einsum("brd,bsde->brse", q, terms["A"][:, h])  # [B, r, S, dv]
+    n = logits.shape[-1]
+    p = torch.softmax(torch.cat([logits.float(), z], -1), dim=-1)
+    out = torch.matmul(p[..., :n].to(values.dtype), values).float() + (p[..., n:, None] * value).sum(-2)
+    local = p[..., :n]
+    local = local / local.sum(-1, keepdim=True).clamp(min=_TINY)
+    return out.to(values.dtype), local.to(values.dtype)

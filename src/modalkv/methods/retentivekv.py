@@ -6,31 +6,18 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 
 from . import retentive_memory as mem
 from .base import Method, PrefillContext, check_range, first_real, last_real
-from ..cache import Selection
 from ..decoding import DecodeStep, Extra
-from ..modality import IMAGE, TEXT, VIDEO, ModalityLayout, _place_square, _runs
+from ..modality import TEXT
+from ..protocol import Selection
 from ..scoring import group_reduce, pool1d, window_scores
 
 _TINY = 1e-30
 ACC = Extra("accumulated_attention", "window attention at prefill, plus the attention of every decode step")
 SPATIAL = Extra("spatial_weight", "a visual entry's absorption weight into the (horizontal) visual state")
 SPATIAL_V = Extra("spatial_weight_vertical", "a visual entry's absorption weight into the vertical visual sub-state")
-
-
-def normalised_entropy_score(alpha: torch.Tensor, group: torch.Tensor, lam: float) -> torch.Tensor:
-    """Retention score ``R = lam * alpha_hat + (1 - lam) * H_hat`` per entry.
-
-    alpha [..., n] attention received (>= 0, 0 for absent entries); group [..., n] bool: the entries of one
-    modality (visual or text). Within the group ``p = alpha / sum(alpha)``, ``H = -p log p``, and both ``alpha``
-    and ``H`` are divided by their maximum over the group. Entries outside the group get 0.
-    """
-    a = alpha.float() * group
-    a_hat = a / a.amax(-1, keepdim=True).clamp(min=_TINY)
-    return (lam * a_hat + (1 - lam) * mem.token_entropy(alpha, group)) * group
 
 
 @dataclass
@@ -144,7 +131,7 @@ class RetentiveKV(Method):
         self._derived: dict = {}  # per-step working terms of the first-order readout (one layer at a time)
         self._groups: list[str] | None = None  # the states kept, in order: "h", "v" (visual scan), "v", "t", "all"
         self._memory = True  # False when the states do not fit in the byte budget (plain eviction)
-        self._acct: dict | None = None  # byte accounting of the entries and states (states_in_budget)
+        self._byte_accounting: dict | None = None  # byte accounting of the entries and states (states_in_budget)
 
     # -- state storage ----------------------------------------------------------------------------------------
     @property
@@ -167,44 +154,16 @@ class RetentiveKV(Method):
         return mem.moment_state_floats(d, dv, self.second_order)
 
     def _empty_states(self, B: int, H: int, d: int, dv: int, device) -> dict[str, torch.Tensor]:
-        S = self.num_states
-        z = lambda *shape: torch.zeros(B, H, S, *shape, dtype=torch.float32, device=device)  # noqa: E731
-        if self.state_readout == "linear":
-            st = {"S": z(d, dv), "z": z(d)}
-        else:
-            st = {"m": z(), "s": z(d), "u": z(dv), "M": z(d, dv)}
-            if self.second_order:
-                st["C"] = z(d, d)
-        st["scale"] = torch.ones(B, H, S, dtype=torch.float32, device=device)
-        return st
+        return mem.empty_states(B, H, self.num_states, d, dv, device, self.state_readout == "linear", self.second_order)
 
-    def _absorb(self, st: dict, g: int, w: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+    def _absorb(self, states: dict, g: int, w: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                 heads: slice = slice(None), decay: torch.Tensor | None = None) -> None:
-        """Add tokens to state ``g``: w [B, H', m] weights, keys [B, H', m, d], values [B, H', m, dv]
-        (H' = the KV heads ``heads``); ``decay`` [B, H'] multiplies the state first."""
-        st["_version"] = st.get("_version", 0) + 1
-        sl = (slice(None), heads, g)
-        if decay is not None:
-            st["scale"][sl] *= decay
-            if bool((st["scale"][sl] < 1e-20).any()):
-                self._fold_scale(st)
-        w = w.float() / st["scale"][sl][..., None]  # sums are stored divided by the lazy decay scale
-        k, v = keys.float(), values.float()
-        if self.state_readout == "linear":
-            phi = F.elu(k) + 1
-            st["S"][sl] += torch.einsum("bhm,bhmd,bhme->bhde", w, phi, v)
-            st["z"][sl] += torch.einsum("bhm,bhmd->bhd", w, phi)
-            return
-        st["m"][sl] += w.sum(-1)
-        st["s"][sl] += torch.einsum("bhm,bhmd->bhd", w, k)
-        st["u"][sl] += torch.einsum("bhm,bhme->bhe", w, v)
-        st["M"][sl] += torch.einsum("bhm,bhmd,bhme->bhde", w, k, v)
-        if "C" in st:
-            st["C"][sl] += torch.einsum("bhm,bhmd,bhme->bhde", w, k, k)
+        """Add tokens to state ``g`` (:func:`~.retentive_memory.absorb`)."""
+        mem.absorb(states, g, w, keys, values, self.state_readout == "linear", heads, decay)
 
     def state_bytes(self, layer) -> int:
-        st = self._states.get(layer.rank, {})
-        return sum(t.numel() * t.element_size() for name, t in st.items() if not name.startswith("_"))
+        states = self._states.get(layer.rank, {})
+        return sum(t.numel() * t.element_size() for name, t in states.items() if not name.startswith("_"))
 
     def state_dict(self, layer=None) -> dict[str, torch.Tensor]:
         """The layer's state memories (the sums and their lazy decay scale); for ``layer=None`` the sinks' end."""
@@ -213,22 +172,23 @@ class RetentiveKV(Method):
             if self._groups is not None:
                 out["groups"] = torch.tensor([ord(g[0]) for g in self._groups], dtype=torch.int32)
                 out["memory"] = torch.tensor(self._memory)
-            if self._acct is not None:
-                out["acct"] = torch.tensor([self._acct["payload"], self._acct["entry"], self._acct["state"]],
+            accounting = self._byte_accounting
+            if accounting is not None:
+                out["acct"] = torch.tensor([accounting["payload"], accounting["entry"], accounting["state"]],
                                            dtype=torch.float64)
             return out
-        st = self._states.get(layer.rank, {})
-        return {name: t for name, t in st.items() if not name.startswith("_")}
+        states = self._states.get(layer.rank, {})
+        return {name: t for name, t in states.items() if not name.startswith("_")}
 
     def select_batch(self, index: torch.Tensor) -> None:
         """The sinks' end and every layer's state memories are per row."""
         if self._sink_end is not None:
             self._sink_end = self._sink_end.index_select(0, index.to(self._sink_end.device))
-        for st in self._states.values():
-            for name, t in list(st.items()):
+        for states in self._states.values():
+            for name, t in list(states.items()):
                 if torch.is_tensor(t):
-                    st[name] = t.index_select(0, index.to(t.device))
-            st["_version"] = st.get("_version", 0) + 1
+                    states[name] = t.index_select(0, index.to(t.device))
+            states["_version"] = states.get("_version", 0) + 1
         self._derived = {}
 
     def load_state_dict(self, layer, state: dict[str, torch.Tensor]) -> None:
@@ -239,15 +199,15 @@ class RetentiveKV(Method):
                 self._groups = [names[chr(int(c))] for c in state["groups"]]
                 self._memory = bool(state["memory"])
             if "acct" in state:
-                payload, entry, st = (float(x) for x in state["acct"])
-                self._acct = {"payload": payload, "entry": entry, "state": st}
+                payload, entry, state_bytes = (float(x) for x in state["acct"])
+                self._byte_accounting = {"payload": payload, "entry": entry, "state": state_bytes}
         elif state:
             self._states[layer.rank] = dict(state)
 
     # -- prefill ----------------------------------------------------------------------------------------------
     def _grid(self, ctx: PrefillContext):
         """(item, row, col) [B, n] of the context's tokens: the cache's ModalityLayout when given, else each run
-        of visual tokens is one image laid out as a square (a 1-D strip when its length is not a square)."""
+        of visual tokens is one image laid out as a square (:func:`~.retentive_memory.square_grid`)."""
         B, n = ctx.modality.shape
         dev = ctx.modality.device
         pos = ctx.positions.expand(B, n) if ctx.positions.dim() == 1 else ctx.positions
@@ -255,49 +215,15 @@ class RetentiveKV(Method):
         if layout is not None and layout.ids.shape[0] == B and int(pos.max()) < layout.ids.shape[1]:
             p = pos.long().cpu()
             return tuple(getattr(layout, f).gather(1, p).to(dev) for f in ("item", "row", "col"))
-        ids = ctx.modality.cpu()
-        layout = ModalityLayout(ids, *(torch.full((B, n), -1, dtype=torch.int32) for _ in range(4)))
-        for b in range(B):
-            for mid in (IMAGE, VIDEO):  # each run of visual tokens is one item, a square when its length is one
-                runs = _runs(ids[b] == mid)
-                if runs:
-                    _place_square(layout, b, runs, None, mid)
-        item = layout.item.long() + n * (ids == VIDEO)  # videos numbered apart from images
-        return item.to(dev), layout.row.long().clamp(min=0).to(dev), layout.col.long().clamp(min=0).to(dev)
+        return tuple(t.to(dev) for t in mem.square_grid(ctx.modality.cpu()))
 
     def _spatial_weights(self, ctx: PrefillContext, R: torch.Tensor) -> torch.Tensor:
-        """[B, H, n] spatial weight of every visual token (0 for text): gamma_s ** Manhattan distance to its image's
-        root patch (the token with the largest R of that image, per head)."""
-        item, row, col = self._grid(ctx)
-        B, H, n = R.shape
-        out = torch.zeros(B, H, n, device=R.device)
-        n_items = int(item.max()) + 1 if item.numel() else 0
-        for i in range(n_items):
-            in_i = (item == i)[:, None, :]  # [B, 1, n]
-            if not bool(in_i.any()):
-                continue
-            root = R.masked_fill(~in_i, float("-inf")).argmax(-1)  # [B, H]
-            r_row = row[:, None, :].expand(B, H, n).gather(2, root[..., None])
-            r_col = col[:, None, :].expand(B, H, n).gather(2, root[..., None])
-            dist = (row[:, None, :] - r_row).abs() + (col[:, None, :] - r_col).abs()
-            out = torch.where(in_i, self.gamma_s ** dist.float(), out)
-        return out
+        """[B, H, n] spatial weight of every visual token (:func:`~.retentive_memory.manhattan_weights`)."""
+        return mem.manhattan_weights(*self._grid(ctx), R, self.gamma_s)
 
     def _spatial_scan(self, ctx: PrefillContext, R: torch.Tensor, gate: torch.Tensor):
-        """[B, H, n] each visual token's weights in the horizontal and vertical sub-states (0 for text): the 2-D scan
-        of its image toward the root patch (argmax R of that image and head), gated per token by ``gate``."""
-        item, row, col = self._grid(ctx)
-        B, H, n = R.shape
-        w_h = torch.zeros(B, H, n, device=R.device)
-        w_v = torch.zeros(B, H, n, device=R.device)
-        for b in range(B):
-            for i in item[b][item[b] >= 0].unique().tolist():
-                idx = (item[b] == i).nonzero().squeeze(-1)
-                root = R[b][:, idx].argmax(-1)  # [H]
-                wh, wv = mem.scan2d_weights(row[b, idx], col[b, idx], root, gate[b][:, idx], self.gamma_h, self.gamma_v)
-                w_h[b][:, idx] = wh
-                w_v[b][:, idx] = wv
-        return w_h, w_v
+        """[B, H, n] weights in the horizontal and vertical sub-states (:func:`~.retentive_memory.scan_weights`)."""
+        return mem.scan_weights(*self._grid(ctx), R, gate, self.gamma_h, self.gamma_v)
 
     def _account(self, ctx: PrefillContext, extras: int) -> torch.Tensor:
         """Entries each (row, head) keeps when the states count inside the budget (``states_in_budget``), decided at the
@@ -308,21 +234,22 @@ class RetentiveKV(Method):
         cache = self.cache
         budget = getattr(cache, "budget", None)
         if not self.states_in_budget or budget is None or budget.is_full:
-            self._acct = None
+            self._byte_accounting = None
             return k
-        if ctx.layer_rank == 0 or self._acct is None:
+        if ctx.layer_rank == 0 or self._byte_accounting is None:
             d, dv = ctx.keys.shape[-1], ctx.values.shape[-1]
             payload = d * ctx.keys.element_size() + dv * ctx.values.element_size()
             entry = payload + 4 + 1 + 1 + 4 * extras  # as HeadStore counts: pos, modality, validity, float32 extras
             self._memory = self.state_readout != "none"
             state = 4 * self.num_states * self._state_floats(d, dv) if self._memory else 0
-            self._acct = {"payload": payload, "entry": entry, "state": state}
+            self._byte_accounting = {"payload": payload, "entry": entry, "state": state}
             fits = mem.entries_within(self._bytes_budget(budget, ctx.n_real, k), state, entry)
             if self._memory and bool((fits < torch.clamp(k, max=self.n_sink + self.window)).any()):
                 self._memory = False
-                self._acct["state"] = 0
-        a = self._acct
-        return torch.minimum(k, mem.entries_within(self._bytes_budget(budget, ctx.n_real, k), a["state"], a["entry"]))
+                self._byte_accounting["state"] = 0
+        accounting = self._byte_accounting
+        return torch.minimum(k, mem.entries_within(self._bytes_budget(budget, ctx.n_real, k), accounting["state"],
+                                                   accounting["entry"]))
 
     def _bytes_budget(self, budget, seen: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """Bytes one (row, head) may hold after ``seen`` tokens: the ratio (or the absolute budget ``tokens``, capped by
@@ -330,28 +257,29 @@ class RetentiveKV(Method):
         t = seen.double() * budget.value if budget.is_ratio else tokens.double()
         if budget.decode is not None:
             t = t.clamp(max=budget.decode)
-        return t * self._acct["payload"]
+        return t * self._byte_accounting["payload"]
 
-    def _over(self, layer, h: int):
+    def _over_byte_budget(self, layer, h: int):
         """:meth:`CompressedLayer.over_budget` with the states inside the budget: entries head ``h`` holds beyond what
         fits beside the states in this step's byte budget (an int for one sequence without holes, else [B])."""
-        if self._acct is None:
+        if self._byte_accounting is None:
             return layer.over_budget(h)
         store = layer.heads[h]
         budget = layer.cache.budget
         seen = layer.prompt_real + (layer.seen - layer.prompt_len)
         tokens = seen.clamp(max=budget.value) if not budget.is_ratio else seen
-        target = mem.entries_within(self._bytes_budget(budget, seen, tokens), self._acct["state"], self._acct["entry"])
+        accounting = self._byte_accounting
+        target = mem.entries_within(self._bytes_budget(budget, seen, tokens), accounting["state"], accounting["entry"])
         target = torch.maximum(target, layer.prefill_kept[h].to(target.device))
         if store.batch == 1 and store.all_valid:
             return store.n - int(target[0])
         return (store.valid[:, : store.n].sum(-1) - target.to(store.valid.device)).clamp(min=0)
 
     def _group_over(self, g):
-        """:meth:`~modalkv.decoding.Group.over` with the states inside the budget (:meth:`_over` per head)."""
-        if self._acct is None:
+        """:meth:`~modalkv.decoding.Group.over` with the states inside the budget (:meth:`_over_byte_budget` per head)."""
+        if self._byte_accounting is None:
             return g.over()
-        over = [self._over(g.layer, h) for h in g.heads]
+        over = [self._over_byte_budget(g.layer, h) for h in g.heads]
         if all(isinstance(o, int) for o in over):
             if all(o == over[0] for o in over):
                 return max(0, over[0])
@@ -367,7 +295,7 @@ class RetentiveKV(Method):
             alpha = pool1d(alpha, self.kernel, "max")
         visual = ((ctx.modality != TEXT) & ctx.real)[:, None, :]
         text = ((ctx.modality == TEXT) & ctx.real)[:, None, :]
-        R = normalised_entropy_score(alpha, visual, self.lam) + normalised_entropy_score(alpha, text, self.lam)
+        R = mem.retention_score(alpha, visual, self.lam) + mem.retention_score(alpha, text, self.lam)
         if ctx.layer_rank == 0 or self._groups is None:
             self._groups = self._choose_groups(bool(visual.any()))
         k = self._account(ctx, 3 if self._scan else 2)
@@ -389,7 +317,7 @@ class RetentiveKV(Method):
             sinks = first_real(ctx.real, self.n_sink)
             self._sink_end = torch.where(sinks, pos.long() + 1, torch.zeros_like(pos, dtype=torch.long)).amax(-1)
         if self.has_readout:
-            st = self._empty_states(B, H, ctx.keys.shape[-1], ctx.values.shape[-1], ctx.keys.device)
+            states = self._empty_states(B, H, ctx.keys.shape[-1], ctx.values.shape[-1], ctx.keys.device)
             vis_ev = evicted & visual
             if self.gate_visual:
                 vis_ev = vis_ev & (R >= self.tau)
@@ -410,21 +338,13 @@ class RetentiveKV(Method):
             for g, name in enumerate(self._groups):
                 w = by_group[name]
                 if bool((w > 0).any()):
-                    self._absorb(st, g, w, ctx.keys, ctx.values)
-            self._states[ctx.layer_rank] = st
+                    self._absorb(states, g, w, ctx.keys, ctx.values)
+            self._states[ctx.layer_rank] = states
         return Selection(keep, extras=extras)
 
     # -- decode -----------------------------------------------------------------------------------------------
-    def _row_entropy(self, p: torch.Tensor, among: torch.Tensor) -> torch.Tensor:
-        """Normalised entropy (in [0, 1]) of attention rows p [..., n] restricted to ``among`` [..., n]."""
-        x = p.float() * among
-        x = x / x.sum(-1, keepdim=True).clamp(min=_TINY)
-        ent = -(x * torch.log(x.clamp(min=_TINY))).sum(-1)
-        count = among.sum(-1).float()
-        return torch.where(count > 1, ent / torch.log(count.clamp(min=2)), torch.zeros_like(ent))
-
     def decode(self, step: DecodeStep) -> None:
-        st = self._states.get(step.layer.rank)
+        states = self._states.get(step.layer.rank)
         for g in step.groups():
             p = g.probs().mean(2)  # [B, H', q, n] over the group's query heads
             acc = g.extra(ACC.name)
@@ -432,9 +352,9 @@ class RetentiveKV(Method):
             last = p[:, :, -1].float()  # the current query's attention
             valid = g.valid
             visual = (g.mod != TEXT) & valid
-            if st is not None and self.decay:  # the decay of this step, from the attention before any eviction
+            if states is not None and self.decay:  # the decay of this step, from the attention before any eviction
                 among = torch.where(visual.sum(-1, keepdim=True) > 1, visual, valid)
-                h_t = self.h_min + (1 - self.h_min) * torch.sigmoid(self.beta * (self._row_entropy(last, among) - 0.5))
+                h_t = self.h_min + (1 - self.h_min) * torch.sigmoid(self.beta * (mem.row_entropy(last, among) - 0.5))
             over = self._group_over(g)
             if not (isinstance(over, int) and over <= 0):
                 # the window and the sinks shrink to fit a target smaller than them (as at prefill)
@@ -447,32 +367,24 @@ class RetentiveKV(Method):
                 if self._sink_end is not None:
                     protected |= (g.pos < self._sink_end.to(g.pos.device).view(-1, 1, 1)) & with_sinks
                 absorb = None
-                if st is not None:
-                    def absorb(g, victims, use, st=st, last=last, valid=valid, visual=visual):
-                        self._absorb_victims(st, g, last, valid, visual, victims, use)
+                if states is not None:
+                    def absorb(g, victims, use, states=states, last=last, valid=valid, visual=visual):
+                        self._absorb_victims(states, g, last, valid, visual, victims, use)
                 g.evict(acc.masked_fill(protected, float("inf")), over, keep_protected=True, on_evict=absorb)
-            if st is not None and self.decay:
-                scale = st["scale"][:, g.index]  # [B, H', S]
+            if states is not None and self.decay:
+                scale = states["scale"][:, g.index]  # [B, H', S]
                 scale *= h_t[..., None]
                 if bool((scale < 1e-20).any()):  # fold the lazy scale back into the sums before it underflows
-                    self._fold_scale(st)
-
-    def _fold_scale(self, st) -> None:
-        """Multiply the lazy decay scale into the sums (before it underflows) and reset it to 1."""
-        scale = st["scale"]
-        for name, t in st.items():
-            if name != "scale" and not name.startswith("_"):
-                t *= scale.view(*scale.shape, *([1] * (t.dim() - 3)))
-        scale.fill_(1.0)
-        st["_version"] = st.get("_version", 0) + 1
+                    mem.fold_scale(states)
 
     def _victim_weights(self, att, visual, text, spatial, victims, use, count) -> list[tuple]:
         """(weights [..., m], decay [...] or None) of the victims per state, from the current attention rows att [..., n]:
-        visual victims by their spatial weights ``spatial["sw"]`` (and ``"sv"``; gated by tau with ``gate_visual``),
+        visual victims by their spatial weights ``spatial`` (extra name -> [..., n]: SPATIAL, and SPATIAL_V with the
+        scan memory; gated by tau with ``gate_visual``),
         text victims when their R >= tau; ``count`` entries the attention is spread over (``absorb_by_attention``).
         With the scan memory each victim enters through its input gate and, one after the other, decays the state it
         enters by its decay gate (both from its entropy in the current attention)."""
-        R = normalised_entropy_score(att, visual, self.lam) + normalised_entropy_score(att, text, self.lam)
+        R = mem.retention_score(att, visual, self.lam) + mem.retention_score(att, text, self.lam)
         r_v, is_vis = R.gather(-1, victims), visual.gather(-1, victims)
         vis = is_vis & use
         if self.gate_visual:
@@ -481,11 +393,11 @@ class RetentiveKV(Method):
         if self._scan:
             h_hat = (mem.token_entropy(att, visual) + mem.token_entropy(att, text)).gather(-1, victims)
             a, dec = mem.input_gate(h_hat, self.beta, self.gate_centre), mem.decay_gate(h_hat, self.h_min, self.beta, self.gate_centre)
-            sw, sv = spatial["sw"].gather(-1, victims), spatial["sv"].gather(-1, victims)
+            sw, sv = spatial[SPATIAL.name].gather(-1, victims), spatial[SPATIAL_V.name].gather(-1, victims)
             inputs = {"h": (a * sw, vis), "v": (a * sv, vis), "t": (a, txt),
                       "all": (torch.where(vis, a * sw, a), vis | txt)}
             return [mem.scan1d(inputs[g][0], dec, inputs[g][1]) for g in self._groups]
-        w_vis = spatial["sw"].gather(-1, victims) * vis
+        w_vis = spatial[SPATIAL.name].gather(-1, victims) * vis
         w_txt = txt.float()
         if self.absorb_by_attention:
             rel = att.gather(-1, victims) * count
@@ -494,84 +406,37 @@ class RetentiveKV(Method):
         groups = self._groups or (["v", "t"] if self.num_states == 2 else ["all"])
         return [(by_group[g], None) for g in groups]
 
-    def _absorb_victims(self, st, g, last, valid, visual, victims, use) -> None:
+    def _absorb_victims(self, states, g, last, valid, visual, victims, use) -> None:
         """The eviction routine's hook: fold the victims [B, H', m] (``use`` marks real ones, None = all) of the
         group ``g`` into the states before they are removed."""
         use = torch.ones_like(victims, dtype=torch.bool) if use is None else use
         text = (g.mod == TEXT) & valid
-        spatial = {"sw": g.extra(SPATIAL.name)}
+        spatial = {SPATIAL.name: g.extra(SPATIAL.name)}
         if self._scan:  # (reading an extra adds it: only the scan memory has the vertical weights)
-            spatial["sv"] = g.extra(SPATIAL_V.name)
+            spatial[SPATIAL_V.name] = g.extra(SPATIAL_V.name)
         weights = self._victim_weights(last, visual, text, spatial, victims, use, valid.sum(-1, keepdim=True))
         k, v = g.keys_values(victims)
         for i, (w, dec) in enumerate(weights):
             if bool((w > 0).any()):
-                self._absorb(st, i, w, k, v, heads=g.index, decay=dec)
+                self._absorb(states, i, w, k, v, heads=g.index, decay=dec)
 
     # -- attention readout ------------------------------------------------------------------------------------
     def readout(self, layer, h, query, logits, values):
-        st = self._states[layer.rank]
+        states = self._states[layer.rank]
         q = query.float()
-        scale = st["scale"][:, h]  # [B, S]
         if self.state_readout == "linear":
-            probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
-            local = torch.matmul(probs.to(values.dtype), values).float()
-            phi = F.elu(q) + 1
-            num = torch.einsum("brd,bsde,bs->bre", phi, st["S"][:, h], scale)
-            den = torch.einsum("brd,bsd,bs->br", phi, st["z"][:, h], scale)
-            o_s = num / (den[..., None] + 1e-6)
-            gamma = torch.sigmoid(self.gate_w * self._row_entropy(probs, torch.isfinite(logits)) + self.gate_b)
-            gamma = gamma * (den > 0)  # an empty state contributes nothing
-            out = (1 - gamma[..., None]) * local + gamma[..., None] * o_s if self.mix == "convex" else local + gamma[..., None] * o_s
-            return out.to(values.dtype), probs.to(values.dtype)
+            return mem.linear_readout(states, h, q, logits, values, self.gate_w, self.gate_b, self.mix == "convex")
         gated = self._scan if self.gated is None else self.gated  # the scan memory's gate is query-conditioned
-        if not gated and "C" not in st:
-            return self._readout_first_order(layer, h, q, logits, values, st)
-        m = st["m"][:, h]  # [B, S]
-        kbar = st["s"][:, h] / m.clamp(min=_TINY)[..., None]
-        z = torch.einsum("brd,bsd->brs", q, kbar)
-        u = st["u"][:, h]
-        num = u[:, None] + torch.einsum("brd,bsde->brse", q, st["M"][:, h]) - z[..., None] * u[:, None]
-        den = m[:, None].expand_as(z)
-        if "C" in st:
-            qcq = torch.einsum("brd,bsde,bre->brs", q, st["C"][:, h], q)
-            den = den + 0.5 * (qcq - m[:, None] * z * z).clamp(min=0)
-        weight = den * scale[:, None]
-        if gated:
-            local_probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
-            gamma = torch.sigmoid(self.gate_w * self._row_entropy(local_probs, torch.isfinite(logits)) + self.gate_b)
-            weight = weight * gamma[..., None]
-        state_logits = torch.where(weight > 0, z + torch.log(weight.clamp(min=_TINY)), torch.full_like(z, float("-inf")))
-        value = num / den.clamp(min=_TINY)[..., None]  # [B, r, S, dv]
-        all_logits = torch.cat([logits.float(), state_logits], -1)
-        p = torch.softmax(all_logits, dim=-1)
-        n = logits.shape[-1]
-        out = torch.matmul(p[..., :n].to(values.dtype), values).float()
-        out = out + (p[..., n:, None] * torch.nan_to_num(value)).sum(-2)
-        local = p[..., :n]
-        local = local / local.sum(-1, keepdim=True).clamp(min=_TINY)  # attention over the cached entries, for scoring
-        return out.to(values.dtype), local.to(values.dtype)
+        if not gated and "C" not in states:
+            return self._readout_first_order(layer, h, q, logits, values, states)
+        return mem.moment_readout(states, h, q, logits, values, gated, self.gate_w, self.gate_b)
 
-    def _readout_first_order(self, layer, h, q, logits, values, st):
-        """The first-order softmax readout as one pseudo-entry per state with a query-affine value: logit
-        ``q.k_bar + log(m scale)``, value ``u/m + q^T (M - k_bar u^T) / m``. The per-state terms are derived once per
-        layer and step for all heads (working memory, dropped after the layer's last head)."""
+    def _readout_first_order(self, layer, h, q, logits, values, states):
+        """The first-order softmax readout (:func:`~.retentive_memory.first_order_readout`); its per-state terms are
+        derived once per layer and step for all heads (working memory, dropped after the layer's last head)."""
         if h == 0 or self._derived.get("rank") != layer.rank:
-            m = st["m"]  # [B, H, S]
-            safe = m.clamp(min=_TINY)[..., None]
-            kbar = st["s"] / safe
-            b = st["u"] / safe
-            A = (st["M"] - kbar[..., :, None] * st["u"][..., None, :]) / safe[..., None]
-            logm = torch.where(m > 0, torch.log(safe[..., 0] * st["scale"]), torch.full_like(m, float("-inf")))
-            self._derived = {"rank": layer.rank, "kbar": kbar, "b": b, "A": A, "logm": logm}
-        d = self._derived
-        z = torch.matmul(q, d["kbar"][:, h].transpose(1, 2)) + d["logm"][:, h, None, :]  # [B, r, S]
-        value = d["b"][:, h, None] + torch.einsum("brd,bsde->brse", q, d["A"][:, h])  # [B, r, S, dv]
-        n = logits.shape[-1]
-        p = torch.softmax(torch.cat([logits.float(), z], -1), dim=-1)
-        out = torch.matmul(p[..., :n].to(values.dtype), values).float() + (p[..., n:, None] * value).sum(-2)
+            self._derived = {"rank": layer.rank, **mem.first_order_terms(states)}
+        out = mem.first_order_readout(self._derived, h, q, logits, values)
         if h == len(layer.heads) - 1:
             self._derived = {}
-        local = p[..., :n]
-        local = local / local.sum(-1, keepdim=True).clamp(min=_TINY)
-        return out.to(values.dtype), local.to(values.dtype)
+        return out

@@ -8,7 +8,7 @@ from typing import Literal
 import torch
 
 from .base import Method, PrefillContext, check_range, last_real
-from ..cache import Selection
+from ..protocol import Selection
 from ..scoring import group_reduce, pool1d, window_scores
 
 

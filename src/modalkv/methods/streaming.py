@@ -7,8 +7,8 @@ from dataclasses import dataclass
 import torch
 
 from .base import Method, PrefillContext, check_range, first_real, last_real
-from ..cache import Selection
 from ..decoding import DecodeStep
+from ..protocol import Selection
 
 
 @dataclass

@@ -11,6 +11,7 @@ import os
 import shlex
 from pathlib import Path
 
+from ..models import MODEL_REGISTRY, ensure_converted
 from .policy import ServingConfig
 
 ENV_PYTHON = "MODALKV_VLLM_PYTHON"  # the Python of a vLLM environment (default: <repo>/.venv-vllm/bin/python)
@@ -31,8 +32,6 @@ def vllm_python() -> Path:
 
 def model_folder(model: str) -> tuple[Path, str]:
     """(folder, served name): a bundled model's converted folder, or a local transformers folder."""
-    from ..models import MODEL_REGISTRY, ensure_converted
-
     if model in MODEL_REGISTRY:
         return ensure_converted(model), model
     folder = Path(model).expanduser()

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..methods import make_method
-from ..methods.base import PrefillContext
+from ..protocol import PrefillContext
 
 # method name -> the parameters the serving path fixes (StreamingLLM does not evict while decoding: the paged cache
 # only appends; its prompt selection is the paper's sinks + recent window)

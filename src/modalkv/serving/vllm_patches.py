@@ -130,21 +130,21 @@ class _RunnerState:
     checked_layout: bool = False
 
 
-_ACTIVE: _RunnerState | None = None  # the runner state of the step being executed (one runner per process)
+_STEP_STATE: _RunnerState | None = None  # the runner state of the step being executed (one runner per process)
 _ORIG: dict = {}
 
 
 def _runner_state(runner) -> _RunnerState:
-    st = runner.__dict__.get("_modalkv")
-    if st is None:
+    runner_state = runner.__dict__.get("_modalkv")
+    if runner_state is None:
         _need(runner, RUNNER_ATTRS, "the model runner")
         _need(runner.input_batch, BATCH_ATTRS, "the input batch")
         _check_engine_config(runner.vllm_config)
         cfg = ServingConfig.from_env()
         method = cfg.make()
-        st = _RunnerState(cfg, method, int(getattr(method, "window", 0)))
-        runner.__dict__["_modalkv"] = st
-    return st
+        runner_state = _RunnerState(cfg, method, int(getattr(method, "window", 0)))
+        runner.__dict__["_modalkv"] = runner_state
+    return runner_state
 
 
 def _check_engine_config(vllm_config) -> None:
@@ -169,67 +169,67 @@ def _request_budget(cfg: ServingConfig, sampling_params) -> float:
 # --- model runner -----------------------------------------------------------------------------------------------
 
 def _execute_model(self, scheduler_output, *args, **kwargs):
-    st = _runner_state(self)
-    _apply_pending(self, st)
+    runner_state = _runner_state(self)
+    _apply_pending(self, runner_state)
     try:
         return _ORIG["execute_model"](self, scheduler_output, *args, **kwargs)
     finally:
-        st.step = []
+        runner_state.step = []
 
 
-def _apply_pending(runner, st: _RunnerState) -> None:
+def _apply_pending(runner, runner_state: _RunnerState) -> None:
     """Requests compressed in the last step: record their offset and cut their block tables to the kept blocks."""
-    for req_id, kept, dropped in st.pending:
+    for req_id, kept, dropped in runner_state.pending:
         state = runner.requests.get(req_id)
         if state is None:  # finished or preempted in the meantime
             continue
-        st.offsets[req_id] = dropped
+        runner_state.offsets[req_id] = dropped
         row = runner.input_batch.req_id_to_index.get(req_id)
         for g, table in enumerate(runner.input_batch.block_table.block_tables):
             nkb = _cdiv(kept, table.block_size)
             del state.block_ids[g][nkb:]
             if row is not None:
                 table.num_blocks_per_row[row] = min(int(table.num_blocks_per_row[row]), nkb)
-        st.compressed += 1
-    st.pending = []
+        runner_state.compressed += 1
+    runner_state.pending = []
 
 
 def _update_states(self, scheduler_output, *args, **kwargs):
-    st = _runner_state(self)
+    runner_state = _runner_state(self)
     restarted = set(scheduler_output.finished_req_ids)
     restarted |= {r.req_id for r in scheduler_output.scheduled_new_reqs}
     restarted |= set(getattr(scheduler_output.scheduled_cached_reqs, "resumed_req_ids", ()) or ())
     for req_id in restarted:
-        st.offsets.pop(req_id, None)
-    if restarted and st.queries:
-        st.queries = {k: v for k, v in st.queries.items() if k[0] not in restarted}
+        runner_state.offsets.pop(req_id, None)
+    if restarted and runner_state.queries:
+        runner_state.queries = {k: v for k, v in runner_state.queries.items() if k[0] not in restarted}
     return _ORIG["_update_states"](self, scheduler_output, *args, **kwargs)
 
 
 def _prepare_inputs(self, scheduler_output, num_scheduled_tokens, *args, **kwargs):
-    global _ACTIVE
-    st = _runner_state(self)
+    global _STEP_STATE
+    runner_state = _runner_state(self)
     out = _ORIG["_prepare_inputs"](self, scheduler_output, num_scheduled_tokens, *args, **kwargs)
     batch = self.input_batch
     num_reqs = batch.num_reqs
     starts = self.query_start_loc.np
     offsets = np.zeros(num_reqs, dtype=np.int64)
-    st.step = []
+    runner_state.step = []
     for i, req_id in enumerate(batch.req_ids[:num_reqs]):
-        offsets[i] = st.offsets.get(req_id, 0)
+        offsets[i] = runner_state.offsets.get(req_id, 0)
         before = int(batch.num_computed_tokens_cpu[i])
         scheduled = int(num_scheduled_tokens[i])
         n_prompt = int(batch.num_prompt_tokens[i])
         if before >= n_prompt or scheduled == 0:
             continue
-        budget = _request_budget(st.config, self.requests[req_id].sampling_params)
+        budget = _request_budget(runner_state.config, self.requests[req_id].sampling_params)
         after = before + scheduled
         last = after >= n_prompt
         kept, dropped = block_plan(after, budget, batch.block_table.block_tables[0].block_size)
         if budget < 1.0 and (not last or dropped > 0):
-            st.step.append(_Prefill(req_id, i, int(starts[i]), int(starts[i]) + scheduled, after, last, kept, dropped))
+            runner_state.step.append(_Prefill(req_id, i, int(starts[i]), int(starts[i]) + scheduled, after, last, kept, dropped))
             if last:
-                st.pending.append((req_id, kept, dropped))
+                runner_state.pending.append((req_id, kept, dropped))
     if offsets.any():
         # KV slot = position - offset; attention reads seq_len - offset keys (positions, i.e. RoPE, unchanged)
         shift = torch.from_numpy(offsets)
@@ -239,7 +239,7 @@ def _prepare_inputs(self, scheduler_output, num_scheduled_tokens, *args, **kwarg
         per_token = torch.from_numpy(np.repeat(offsets, np.asarray(num_scheduled_tokens[:num_reqs])))
         slots = self.positions[:total] - per_token.to(self.positions.dtype)
         batch.block_table.compute_slot_mapping(num_reqs, self.query_start_loc.gpu[: num_reqs + 1], slots)
-    _ACTIVE = st
+    _STEP_STATE = runner_state
     return out
 
 
@@ -247,25 +247,25 @@ def _prepare_inputs(self, scheduler_output, num_scheduled_tokens, *args, **kwarg
 
 def _attention_forward(self, layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs):
     out = _ORIG["forward"](self, layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs)
-    st = _ACTIVE
-    if st is None or not st.step or attn_metadata is None or self.attn_type != AttentionType.DECODER:
+    runner_state = _STEP_STATE
+    if runner_state is None or not runner_state.step or attn_metadata is None or self.attn_type != AttentionType.DECODER:
         return out
     name = getattr(layer, "layer_name", str(id(layer)))
     q = query.view(query.shape[0], self.num_heads, self.head_size)
-    for p in st.step:
+    for p in runner_state.step:
         chunk = q[p.start:p.end]
-        if st.window:
-            prev = st.queries.get((p.req_id, name))
+        if runner_state.window:
+            prev = runner_state.queries.get((p.req_id, name))
             rows = chunk.transpose(0, 1)
             rows = rows if prev is None else torch.cat([prev, rows], 1)
-            st.queries[(p.req_id, name)] = rows[:, -st.window:].clone()
+            runner_state.queries[(p.req_id, name)] = rows[:, -runner_state.window:].clone()
         if p.last:
-            _compress_layer(self, st, p, name, key, kv_cache, attn_metadata)
-            st.queries.pop((p.req_id, name), None)
+            _compress_layer(self, runner_state, p, name, key, kv_cache, attn_metadata)
+            runner_state.queries.pop((p.req_id, name), None)
     return out
 
 
-def _compress_layer(impl, st: _RunnerState, p: _Prefill, name: str, key, kv_cache, meta) -> None:
+def _compress_layer(impl, runner_state: _RunnerState, p: _Prefill, name: str, key, kv_cache, meta) -> None:
     """Select ``p.kept`` entries per KV head of this layer and write them into the request's first blocks."""
     num_blocks, H, bs, _ = kv_cache.shape
     d = impl.head_size
@@ -276,17 +276,17 @@ def _compress_layer(impl, st: _RunnerState, p: _Prefill, name: str, key, kv_cach
     # within a (block, head) keys are stored transposed ([d, bs]) and values plainly ([bs, d])
     keys = key_cache[blocks].reshape(nb, H, d, bs).permute(1, 0, 3, 2).reshape(H, nb * bs, d)[:, :m]
     values = value_cache[blocks].permute(1, 0, 2, 3).reshape(H, nb * bs, d)[:, :m]
-    if not st.checked_layout:  # the keys just written must read back unchanged, else the layout is not this one
+    if not runner_state.checked_layout:  # the keys just written must read back unchanged, else the layout is not this one
         this_chunk = key[p.start:p.end].view(-1, H, d).transpose(0, 1)
         if not torch.equal(keys[:, m - this_chunk.shape[1]:], this_chunk.to(keys.dtype)):
             raise RuntimeError("modalkv vLLM plugin: the CPU KV cache layout is not the one this plugin reads "
                                f"(isa {getattr(impl, 'isa', '?')}); keys did not read back")
-        st.checked_layout = True
-    window = st.queries.get((p.req_id, name))
+        runner_state.checked_layout = True
+    window = runner_state.queries.get((p.req_id, name))
     if window is None:
         window = torch.zeros(impl.num_heads, 0, d)
     rank = _layer_rank(name)
-    idx = select_kept(st.method, window, keys, impl.scale, p.kept, rank)
+    idx = select_kept(runner_state.method, window, keys, impl.scale, p.kept, rank)
     kept_k = keys.gather(1, idx[..., None].expand(-1, -1, d))
     kept_v = values.gather(1, idx[..., None].expand(-1, -1, d))
     nkb = _cdiv(p.kept, bs)

@@ -1,6 +1,6 @@
 """The payload protocol: how one (layer, KV head) store holds its keys and values.
 
-A :class:`~modalkv.cache.HeadStore` owns, for all batch rows, the per-entry metadata of slots ``[0, n)``
+A :class:`~modalkv.store.HeadStore` owns, for all batch rows, the per-entry metadata of slots ``[0, n)``
 (original position, modality id, validity, method extras) and one :class:`Payload` holding the keys and values of
 the same slots in some stored form (dense, KIVI codes, Spherical KV direction codes). The store decides which slots
 exist; the payload only stores, moves and reads them. A new storage format is a :class:`StorageFormat` (its

@@ -19,7 +19,11 @@ import random
 import re
 from dataclasses import dataclass
 
+import torch
+
 from ..continual import Example
+from ..data import wiki_summaries
+from ..vlm import SHAPES, chat_text, easy_vqa_split, load_images, prompt_ids
 
 PERSON = re.compile(r"^(?P<t>[A-Z][^.()]{2,40}?) (?:was|is) an? (?P<a>[A-Z][a-z]+(?:-[A-Z][a-z]+)?) (?P<rest>[^.]{3,120})")
 CITY = re.compile(r"^(?P<t>[A-Z][^.()]{1,40}?) is (?:a|an|the) (?:[a-z-]+ ){0,4}(?:city|town|capital|port|municipality)"
@@ -77,8 +81,6 @@ def _context(summary: str, min_chars: int = 250, max_chars: int = 400) -> str:
 
 def fact_tasks(per_task: int = 32, seed: int = 0, names=("cities", "scientists", "artists", "leaders")) -> list[FactTask]:
     """The Wikipedia fact tasks, ``per_task`` facts each (sampled with ``seed``; no title in two tasks)."""
-    from ..data import wiki_summaries
-
     texts = wiki_summaries()
     countries = set(MAJOR_COUNTRIES) | {m.group("t") for m in map(COUNTRY.match, texts.values()) if m}
     pools: dict[str, list[Fact]] = {name: [] for name in names}
@@ -110,8 +112,6 @@ def fact_tasks(per_task: int = 32, seed: int = 0, names=("cities", "scientists",
 
 def fact_examples(tok, task: FactTask, task_id: int = 0):
     """InduceKV :class:`~modalkv.continual.Example` objects for a fact task (training prefixes + calibration query)."""
-    import torch
-
     out = []
     for f in task.facts:
         head = _ids(tok, CHAT_HEAD)
@@ -128,8 +128,6 @@ def fact_examples(tok, task: FactTask, task_id: int = 0):
 
 def _chat_parts() -> tuple[str, str]:
     """The text before and after the user's content in the VLM's chat turn (SmolLM2 ChatML, one-word system line)."""
-    from ..vlm import chat_text
-
     head, tail = chat_text("\x00").split("\x00")
     return head, tail
 
@@ -158,8 +156,6 @@ def fact_queries(tok, task: FactTask, template: str = "q_train") -> list:
 
 def fact_query(tok, fact: Fact, question: str | None = None):
     """(ids, retrieval span) of a chat prompt asking ``question`` (default: the test template) about ``fact``."""
-    import torch
-
     head, q, tail = _ids(tok, CHAT_HEAD), _ids(tok, question or fact.q_test), _ids(tok, CHAT_TAIL)
     return torch.tensor(head + q + tail), (len(head), len(head) + len(q))
 
@@ -178,8 +174,6 @@ VQA_TASKS = ("colour", "shape", "yes/no shape", "yes/no colour")
 
 
 def _vqa_kind(question: str, answer: str) -> str:
-    from ..vlm import SHAPES
-
     if answer in ("yes", "no"):
         return "yes/no shape" if any(s in question for s in SHAPES) else "yes/no colour"
     return "shape" if answer in SHAPES else "colour"
@@ -199,10 +193,6 @@ def vqa_tasks(processor, tokens_per_image: int, per_task: int = 32, test_per_tas
     """easy-VQA as four continual tasks (colour, shape, yes/no about a shape, yes/no about a colour): per task,
     ``per_task`` training examples (InduceKV :class:`~modalkv.continual.Example` with the image) and
     ``test_per_task`` test-split :class:`Query` objects. Returns (names, examples per task, queries per task)."""
-    import torch
-
-    from ..vlm import easy_vqa_split, load_images, prompt_ids
-
     tok = processor.tokenizer
     rng = random.Random(seed)
     out_examples, out_queries = [], []

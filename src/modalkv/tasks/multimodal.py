@@ -26,6 +26,9 @@ import random
 import re
 from dataclasses import dataclass, field
 
+from .. import vlm
+from ..data import wiki_summaries
+from ..vlm import IMAGE_TOKEN
 from .base import Sample, Task, register_task
 
 DESCRIBE = "Describe each image."
@@ -41,8 +44,6 @@ class MMSample(Sample):
 @functools.lru_cache(maxsize=2)
 def _pool(split: str):
     """(questions, answers, image paths, {path: (shape, colour)}) of an easy-VQA split."""
-    from .. import vlm
-
     q, a, paths = vlm.easy_vqa_split(split)
     labels = {p: (vlm.SHAPES[s], vlm.COLORS[c]) for p, (s, c) in vlm.image_labels(split).items()}
     return q, a, paths, labels
@@ -59,8 +60,6 @@ def _by_image(split: str, open_only: bool) -> dict[str, list[tuple[str, str]]]:
 
 def distractor(tokenizer, n_tokens: int, rng: random.Random) -> str:
     """About ``n_tokens`` tokens of real text (Wikipedia summaries in a seeded order), cut at a sentence end."""
-    from ..data import wiki_summaries
-
     if n_tokens <= 0:
         return ""
     texts = wiki_summaries()
@@ -82,16 +81,12 @@ def first_word(output: str) -> str:
 
 
 def listing(n: int) -> str:
-    from ..vlm import IMAGE_TOKEN
-
     return "".join(f"Image {i + 1}: {IMAGE_TOKEN}\n" for i in range(n))
 
 
 def image_prompt(n_images: int, text: str, labelled: bool | None = None) -> str:
     """The user turn of ``n_images`` images followed by ``text``, in the training formats: unlabelled, one bare
     placeholder line; labelled (the default for several images), "Image 1: ..." lines and a blank line."""
-    from ..vlm import IMAGE_TOKEN
-
     if n_images == 0:
         return text
     if not (n_images > 1 if labelled is None else labelled):
@@ -119,8 +114,6 @@ class _OneImageWithText(_MMTask):
     deferred = False
 
     def make(self, tokenizer, length: int, seed: int, tokens_per_image: int = 64) -> MMSample:
-        from ..vlm import IMAGE_TOKEN
-
         rng = random.Random(f"{self.name}-{seed}")
         q, a, paths, labels = _pool("test")
         i = rng.choice([j for j in range(len(q)) if paths[j] in labels])
@@ -189,8 +182,6 @@ def interleaved_examples(tokenizer, seed: int = 0, max_images: int = 6, max_text
     above, from the *training* split (mix, a CHOICE: 35 % one-image questions, 25 % retrieval among 2 to
     ``max_images`` images, 15 % an image followed by up to ``max_text`` tokens of text, 25 % describing 1 to
     ``max_images`` images)."""
-    from ..vlm import IMAGE_TOKEN
-
     rng = random.Random(f"interleaved-{seed}")
     q, a, paths, labels = _pool(split)
     per_image = _by_image(split, open_only=False)

@@ -104,7 +104,7 @@ class NeedleMultiQuestion(MultiQuestionTask):
     def make(self, tokenizer, length: int, seed: int) -> MultiSample:
         rng = random.Random(f"{self.name}-{seed}")
         keys = rng.sample(ruler.KEYS, self.n_questions)
-        values = [ruler._number(rng) for _ in keys]
+        values = [ruler.random_number(rng) for _ in keys]
         inserts = [f"The special magic number for {k} is: {v}." for k, v in zip(keys, values)]
         context, depths = ruler.haystack(tokenizer, length - 60, rng, inserts)
         order = rng.sample(range(self.n_questions), self.n_questions)
@@ -177,7 +177,7 @@ class ChatRecall(Task):
             raise ValueError(f"{self.name} needs a length of at least 400 tokens, got {length}")
         rng = random.Random(f"{self.name}-{seed}")
         key, other = rng.sample(ruler.KEYS, 2)
-        value, decoy = ruler._number(rng), ruler._number(rng)
+        value, decoy = ruler.random_number(rng), ruler.random_number(rng)
         doc1, depths = ruler.haystack(tokenizer, int(length * self.first_share) - 40, rng,
                                       [f"The special magic number for {key} is: {value}."])
         doc2, _ = ruler.haystack(tokenizer, int(length * (1 - self.first_share)) - 80, rng,

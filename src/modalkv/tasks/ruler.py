@@ -42,7 +42,7 @@ def haystack(tokenizer, budget: int, rng: random.Random, inserts: list[str]) -> 
     return "\n\n".join(parts), [(at + i) / total for i, at in enumerate(spots)]
 
 
-def _number(rng: random.Random) -> str:
+def random_number(rng: random.Random) -> str:
     return str(rng.randrange(1000, 10000))
 
 
@@ -56,7 +56,7 @@ class NeedleSingle(Task):
 
     def make(self, tokenizer, length: int, seed: int) -> Sample:
         rng = random.Random(f"{self.name}-{seed}")
-        key, value = rng.choice(KEYS), _number(rng)
+        key, value = rng.choice(KEYS), random_number(rng)
         context, depths = haystack(tokenizer, length - self.reserve, rng,
                                    [f"The special magic number for {key} is: {value}."])
         q = f"What is the special magic number for {key} mentioned in the provided text? Answer with the number only."
@@ -74,7 +74,7 @@ class NeedleMultiKey(Task):
     def make(self, tokenizer, length: int, seed: int) -> Sample:
         rng = random.Random(f"{self.name}-{seed}")
         keys = rng.sample(KEYS, 4)  # a random order, so the asked key's place in the text is random
-        values = [_number(rng) for _ in keys]
+        values = [random_number(rng) for _ in keys]
         inserts = [f"The special magic number for {k} is: {v}." for k, v in zip(keys, values)]
         context, depths = haystack(tokenizer, length - 60, rng, inserts)
         ask = rng.randrange(4)
@@ -93,7 +93,7 @@ class NeedleMultiValue(Task):
     def make(self, tokenizer, length: int, seed: int) -> Sample:
         rng = random.Random(f"{self.name}-{seed}")
         key = rng.choice(KEYS)
-        values = list(dict.fromkeys(_number(rng) for _ in range(4)))
+        values = list(dict.fromkeys(random_number(rng) for _ in range(4)))
         inserts = [f"One of the special magic numbers for {key} is: {v}." for v in values]
         context, depths = haystack(tokenizer, length - 70, rng, inserts)
         q = f"What are all the special magic numbers for {key} mentioned in the provided text? List the numbers."
@@ -112,7 +112,7 @@ class VariableTracking(Task):
     def make(self, tokenizer, length: int, seed: int) -> Sample:
         rng = random.Random(f"{self.name}-{seed}")
         names = ["".join(rng.choice("ABCDEFGHJKLMNPQRSTUVWXYZ") for _ in range(5)) for _ in range(self.hops + 1)]
-        value = _number(rng)
+        value = random_number(rng)
         inserts = [f"VAR {names[0]} = {value}."] + [f"VAR {names[i + 1]} = VAR {names[i]}." for i in range(self.hops)]
         context, depths = haystack(tokenizer, length - 90, rng, inserts)
         q = (f"Find all variables that are assigned the value {value} in the text above, directly or through "

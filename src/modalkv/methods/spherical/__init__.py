@@ -9,17 +9,15 @@ codes, and rate-distortion retention under a byte budget.
 """
 
 from ...storage.spherical import BIG, SphericalStorage
-from .codebooks import _CALIBRATED, Codebooks, calibrate, calibration_ids, fit_codebooks, spherical_kmeans
+from .codebooks import CALIBRATED, Codebooks, calibrate, calibration_ids, fit_codebooks, spherical_kmeans
 from .codes import (PRESETS, code_bytes, directions, encode_directions, encode_store, pack_codes, parse_tiers,
                     rope_pairs, unpack_codes)
 from .method import DEFAULTS, PAPER_PRESET, SphericalKV
 from .rdr import (ETA, LAMBDA_R, LAMBDA_THETA, RADIUS_BITS, allocate_jointly, greedy_allocate, head_proxies,
                   paper_decode_distortion, paper_prefill_distortion)
 
-_directions = directions  # the name the module used before it became a package (benchmarks/spherical_tiers.py)
-
 __all__ = [
-    "BIG", "Codebooks", "DEFAULTS", "ETA", "LAMBDA_R", "LAMBDA_THETA", "PAPER_PRESET", "PRESETS", "RADIUS_BITS",
+    "BIG", "CALIBRATED", "Codebooks", "DEFAULTS", "ETA", "LAMBDA_R", "LAMBDA_THETA", "PAPER_PRESET", "PRESETS", "RADIUS_BITS",
     "SphericalKV", "SphericalStorage", "allocate_jointly", "calibrate", "calibration_ids", "code_bytes", "directions",
     "encode_directions", "encode_store", "fit_codebooks", "greedy_allocate", "head_proxies", "pack_codes",
     "paper_decode_distortion", "paper_prefill_distortion", "parse_tiers", "rope_pairs", "spherical_kmeans",

@@ -108,7 +108,8 @@ def fit_codebooks(keys: dict, tiers, iters: int = 20, seed: int = 42, max_vector
     return Codebooks(tuple(tiers), books, chord)
 
 
-_CALIBRATED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+#: model -> the codebooks calibrate() fitted for it, by arguments (held weakly: they go with the model)
+CALIBRATED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 def calibration_ids(model, tokens: int, seed: int = 42) -> torch.Tensor:
@@ -137,7 +138,7 @@ def calibrate(model, tiers, tokens: int = 2048, iters: int = 20, seed: int = 42,
     ``calib_tokens``, ``kmeans_iters``, ``seed`` and ``pairs``; calling it beforehand with the same arguments does the
     calibration once, ahead of the first cache (e.g. outside a timed region)."""
     key = (tuple(tiers), tokens, iters, seed, pairs)
-    per_model = _CALIBRATED.setdefault(model, {})
+    per_model = CALIBRATED.setdefault(model, {})
     if key in per_model:
         return per_model[key]
     ids = calibration_ids(model, tokens, seed).to(model.device)

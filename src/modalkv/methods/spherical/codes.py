@@ -11,8 +11,13 @@ from __future__ import annotations
 
 import torch
 
+from ...decoding import Extra
 from ...storage.spherical import code_bytes, directions, encode_directions, pack_codes, unpack_codes
 
+#: the per-entry values Spherical KV keeps (its method declares them)
+TIER = Extra("tier", "the entry's tier, 1..T (the size of its key's code); follows the payload's layout")
+OMEGA = Extra("omega", "the entry's attention weight: window attention at prefill, then a moving average of the "
+              "attention of the decode steps")
 PRESETS = {"paper": "16:6,16:4,32:3"}  # the authors' b1, b2, b3 (g = 16 / 16 / 32 dims, 6 / 4 / 3 bits)
 
 
@@ -47,9 +52,9 @@ def encode_store(store, books: list, tiers: torch.Tensor) -> None:
     payload.books = books
     order, ok = payload.encode(tiers, store.pos, store.valid, store.n)
     store.reorder(order, ok)
-    if "tier" in store.extras:
-        store.extras["tier"][:, : store.n] = payload.tiers(store.n).float()
+    if TIER.name in store.extras:
+        store.extras[TIER.name][:, : store.n] = payload.tiers(store.n).float()
 
 
-__all__ = ["PRESETS", "code_bytes", "directions", "encode_directions", "encode_store", "pack_codes", "parse_tiers",
+__all__ = ["OMEGA", "PRESETS", "TIER", "code_bytes", "directions", "encode_directions", "encode_store", "pack_codes", "parse_tiers",
            "rope_pairs", "unpack_codes"]

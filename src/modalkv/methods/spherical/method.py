@@ -16,12 +16,12 @@ from typing import ClassVar, Literal
 
 import torch
 
-from ...cache import Selection
+from ...protocol import Selection
 from ...scoring import attention_probs, check_finite, mask_to_sorted, pool1d
 from ...storage.spherical import BIG, SphericalStorage
 from ..base import Method, PrefillContext, check_range, first_real, last_real
 from .codebooks import Codebooks, calibrate, fit_codebooks
-from .codes import code_bytes, encode_store, parse_tiers, rope_pairs
+from .codes import OMEGA, TIER, code_bytes, encode_store, parse_tiers, rope_pairs
 from .rdr import allocate_jointly, greedy_allocate, head_proxies, paper_decode_distortion, paper_prefill_distortion
 
 PAPER_PRESET = {"tiers": "paper", "proxy": "paper", "allocation": "global"}  # SphericalKV(preset="paper")
@@ -77,6 +77,7 @@ class SphericalKV(Method):
     decodes = True
     evicts_while_decoding = True
     lossy: ClassVar[bool] = True
+    extras = (TIER, OMEGA)
 
     def validate(self) -> None:
         cls = type(self).__name__
@@ -96,13 +97,13 @@ class SphericalKV(Method):
         self._books: Codebooks | None = None
         self._prompt_books: dict = {}
         self._prompt_chord: dict = {}
-        self._qbar: dict = {}
+        self._query_group_norms: dict = {}
         self._pending: dict = {}  # allocation="global": per layer, the prefill's problems until the last layer
         self._every: dict = {}  # per layer: decode steps between re-allocations (<= refresh for small budgets)
         cfg = cache.config
         d = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        self._perm = rope_pairs(d) if self.pairs == "rope" else None
-        self._inv = self._perm.argsort() if self._perm is not None else None
+        self._pair_order = rope_pairs(d) if self.pairs == "rope" else None
+        self._pair_order_inverse = self._pair_order.argsort() if self._pair_order is not None else None
         # CHOICE: a group larger than the head is the whole head (tiny test models)
         self.tier_spec = tuple((min(g, d), b) for g, b in parse_tiers(self.tiers))
         for g, bits in self.tier_spec:
@@ -115,10 +116,10 @@ class SphericalKV(Method):
 
     def grouped(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., d] in the order its groups are taken (RoPE pairs side by side with ``pairs="rope"``)."""
-        return x if self._perm is None else x[..., self._perm.to(x.device)]
+        return x if self._pair_order is None else x[..., self._pair_order.to(x.device)]
 
     def ungrouped(self, x: torch.Tensor) -> torch.Tensor:
-        return x if self._inv is None else x[..., self._inv.to(x.device)]
+        return x if self._pair_order_inverse is None else x[..., self._pair_order_inverse.to(x.device)]
 
     def storage(self):
         return SphericalStorage(self)
@@ -138,7 +139,7 @@ class SphericalKV(Method):
                 return {}
             return {"codebooks_sha256": torch.tensor(list(self._books.sha256()), dtype=torch.uint8)}
         i = layer.layer_idx
-        out = {f"qbar{t}": q for t, q in enumerate(self._qbar.get(i, []))}
+        out = {f"qbar{t}": q for t, q in enumerate(self._query_group_norms.get(i, []))}
         if i in self._every:
             out["every"] = torch.tensor(self._every[i])
         for t, (book, chord) in enumerate(zip(self._prompt_books.get(i, []), self._prompt_chord.get(i, []))):
@@ -147,7 +148,8 @@ class SphericalKV(Method):
 
     def select_batch(self, index: torch.Tensor) -> None:
         """The window query norms (the distortion proxy's weights) are per row."""
-        self._qbar = {i: [q.index_select(0, index.to(q.device)) for q in qs] for i, qs in self._qbar.items()}
+        self._query_group_norms = {i: [q.index_select(0, index.to(q.device)) for q in qs]
+                                   for i, qs in self._query_group_norms.items()}
 
     def load_state_dict(self, layer, state: dict[str, torch.Tensor]) -> None:
         if layer is None:
@@ -159,7 +161,7 @@ class SphericalKV(Method):
             return
         i = layer.layer_idx
         T = len(self.tier_spec)
-        self._qbar[i] = [state[f"qbar{t}"] for t in range(T) if f"qbar{t}" in state]
+        self._query_group_norms[i] = [state[f"qbar{t}"] for t in range(T) if f"qbar{t}" in state]
         if "every" in state:
             self._every[i] = int(state["every"])
         if self.codebooks == "prompt":
@@ -223,7 +225,7 @@ class SphericalKV(Method):
         p = pool1d(p, self.kernel, "max") if self.kernel > 1 else p  # SnapKV's smoothing (CHOICE)
         check_finite(p, self.name)
         wq = self.grouped((ctx.query[:, :, rows_idx].float() * ctx.scaling).reshape(B, H, -1, d))
-        self._qbar[ctx.layer.layer_idx] = [
+        self._query_group_norms[ctx.layer.layer_idx] = [
             wq.unflatten(-1, (d // g, g)).norm(dim=-1).pow(2).mean(2).sqrt() for g, _ in self.tier_spec]  # [B, H, G]
         heads = None
         if self.proxy == "paper":  # the authors' head-level reuse and stability proxies
@@ -234,7 +236,7 @@ class SphericalKV(Method):
         idx = mask_to_sorted(torch.arange(n, device=keep.device).expand(B, H, n), keep, n)
         if self.allocation == "global":  # tiers come once every layer is prefilled (after_prefill of the last one)
             self._pending[ctx.layer.layer_idx]["idx"] = idx
-        return Selection(idx[..., : int(keep.sum(-1).max())], extras={"tier": tiers.float(), "omega": p})
+        return Selection(idx[..., : int(keep.sum(-1).max())], extras={TIER.name: tiers.float(), OMEGA.name: p})
 
     def _distortion(self, p, values, keys, qbar, chord, obar, heads=None) -> torch.Tensor:
         """[..., n, T+1] distortion of tier 0..T (proxy (b)); p [..., n], values/keys [..., n, d], qbar [per tier:
@@ -308,8 +310,9 @@ class SphericalKV(Method):
                 sinks, recent = self.n_sink, self.recent
             prot = first_real(real[None], sinks)[0] | last_real(real[None], recent)[0]
             start = torch.where(real, 1, 0).expand(H, n)
-            D = self._distortion(p[b], ctx.values[b], ctx.keys[b], [q[b] for q in self._qbar[ctx.layer.layer_idx]],
-                                 chord, obar[b], None if heads is None else (heads[0][b], heads[1][b]))
+            norms = [q[b] for q in self._query_group_norms[ctx.layer.layer_idx]]
+            D = self._distortion(p[b], ctx.values[b], ctx.keys[b], norms, chord, obar[b],
+                                 None if heads is None else (heads[0][b], heads[1][b]))
             if self.allocation == "global":  # keep every real token until the joint allocation
                 problems.append((D, C, start, prot.expand(H, n), budget))
                 tiers[b] = start
@@ -327,7 +330,7 @@ class SphericalKV(Method):
         books = self._prompt_books.get(layer.layer_idx) if self.codebooks == "prompt" else \
             self._books.books[layer.layer_idx]
         for h, store in enumerate(layer.heads):
-            tiers = store.extras["tier"][:, : store.n].long()
+            tiers = store.extras[TIER.name][:, : store.n].long()
             encode_store(store, [b[h] for b in books], tiers)
 
     # -- decode ---------------------------------------------------------------------------------------------
@@ -335,7 +338,7 @@ class SphericalKV(Method):
         layer, probs = step.layer, [step.probs_of(h) for h in range(len(step.heads))]
         for h, store in enumerate(layer.heads):
             att = probs[h].amax(1)[:, -1].float()  # [B, n] max over the group's query heads, current query
-            om = store.extras["omega"][:, : store.n]
+            om = store.extras[OMEGA.name][:, : store.n]
             om.mul_(self.ema).add_((1 - self.ema) * att)
         tail = layer.heads[0].n - layer.heads[0].payload.tail_start
         if self.allocation == "global":  # every layer holds the same tail: re-allocate them all after the last one
@@ -397,13 +400,13 @@ class SphericalKV(Method):
         meta = store0.meta_bytes_per_entry()
         C = torch.tensor(self._costs(d, dv, elsize, meta), device=store0.pos.device)
         seen_real = layer.prompt_real + (layer.seen - layer.prompt_len)
-        qbar = self._qbar[layer.layer_idx]
+        qbar = self._query_group_norms[layer.layer_idx]
         chord = self._chords(layer.layer_idx)
         newest = layer.seen - 1
         per_head = []
         for h, store in enumerate(layer.heads):
             K, V = store.kv()
-            per_head.append((K, V, store.payload.tiers(store.n), store.extras["omega"][:, : store.n], store.pos[:, : store.n].long(),
+            per_head.append((K, V, store.payload.tiers(store.n), store.extras[OMEGA.name][:, : store.n], store.pos[:, : store.n].long(),
                              store.valid[:, : store.n]))
         width = max(x[0].shape[1] for x in per_head)
         problems = []

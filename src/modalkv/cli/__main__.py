@@ -1,0 +1,5 @@
+"""``python -m modalkv.cli``: the same as the ``modalkv`` command."""
+
+from . import main
+
+main()
