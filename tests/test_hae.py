@@ -294,7 +294,8 @@ def test_ddes_broadcast_applies_the_first_layers_own_decision_at_every_step():
     params = dict(recent=4, n_sink=2, bin_size=3)
     own = KVCache(model, "hae", 0.3, **params)
     bcast = KVCache(model, "hae", 0.3, ddes_broadcast=True, **params)
-    outs = [model(ids, **cache_kwargs(model, c)) for c in (own, bcast)]
+    for c in (own, bcast):
+        model(ids, **cache_kwargs(model, c))
     layers_differ = False
     for step in range(len(feed) + 1):
         sets_own, sets_bcast = kept(own), kept(bcast)
@@ -304,9 +305,10 @@ def test_ddes_broadcast_applies_the_first_layers_own_decision_at_every_step():
             assert heads == [first] * len(heads), f"step {step}"
         layers_differ |= any(heads[0] != first for heads in sets_own.values())
         if step < len(feed):
-            outs = [model(feed[step], **cache_kwargs(model, c)) for c in (own, bcast)]
+            for c in (own, bcast):
+                model(feed[step], **cache_kwargs(model, c))
     assert layers_differ  # without broadcast the later layers decide otherwise: the broadcast changed something
-    assert len(first) < 40 + len(feed) - 3  # the bin was emptied while decoding
+    assert len(first) <= -(-3 * (40 + len(feed)) // 10) + 3  # capacity 0.3 of the tokens seen plus the bin: emptied
 
 
 def test_visual_tokens_are_evicted_first_while_decoding():
