@@ -113,6 +113,7 @@ PROFILED = {
     "h2o 0.25": ("h2o", 0.25, {}),
     "streamingllm 0.25": ("streamingllm", 0.25, {}),
     "hae 0.25": ("hae", 0.25, {}),
+    "hae broadcast 0.25": ("hae", 0.25, {"ddes_broadcast": True}),
     "retentivekv 0.25": ("retentivekv", 0.25, {}),
     "knorm 0.25": ("knorm", 0.25, {}),
     "kivi-4": ("full", 1.0, {"quantize": "kivi-4"}),

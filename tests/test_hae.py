@@ -280,6 +280,37 @@ def test_ddes_broadcast_gives_every_layer_the_same_entries():
         assert "accumulated_attention" not in layer.heads[0].extras and "in_recycle_bin" not in layer.heads[0].extras
 
 
+@torch.no_grad()
+def test_ddes_broadcast_applies_the_first_layers_own_decision_at_every_step():
+    # Layer 0's decisions depend only on the tokens fed (its input is their embedding), so with the same teacher-forced
+    # tokens a broadcasting cache must hold, in every layer and head, exactly the set layer 0 keeps without broadcast
+    model = tiny_llama()
+    for layer in model.model.layers:  # sharper attention than random weights give, so that the layers disagree
+        layer.self_attn.q_proj.weight *= 4
+        layer.self_attn.k_proj.weight *= 4
+    ids = prompt(40)
+    tail = prompt(16, seed=5)
+    feed = [tail[:, i : i + 1] for i in range(tail.shape[1])]
+    params = dict(recent=4, n_sink=2, bin_size=3)
+    own = KVCache(model, "hae", 0.3, **params)
+    bcast = KVCache(model, "hae", 0.3, ddes_broadcast=True, **params)
+    for c in (own, bcast):
+        model(ids, **cache_kwargs(model, c))
+    layers_differ = False
+    for step in range(len(feed) + 1):
+        sets_own, sets_bcast = kept(own), kept(bcast)
+        first = sets_own[0][0]
+        assert sets_own[0] == [first] * len(sets_own[0])  # layer 0 decides on its first head for all its heads
+        for heads in sets_bcast.values():
+            assert heads == [first] * len(heads), f"step {step}"
+        layers_differ |= any(heads[0] != first for heads in sets_own.values())
+        if step < len(feed):
+            for c in (own, bcast):
+                model(feed[step], **cache_kwargs(model, c))
+    assert layers_differ  # without broadcast the later layers decide otherwise: the broadcast changed something
+    assert len(first) <= -(-3 * (40 + len(feed)) // 10) + 3  # capacity 0.3 of the tokens seen plus the bin: emptied
+
+
 def test_visual_tokens_are_evicted_first_while_decoding():
     model = llava3()
     ids, extra = llava_inputs(images=2)
