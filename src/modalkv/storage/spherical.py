@@ -14,7 +14,7 @@ import torch
 from . import kernels
 from .base import Payload, StorageFormat, gather_slots, grown
 
-BIG = 1 << 40
+SORTS_LAST = 1 << 40  # a sort key above every position: entries given it sort after all real ones
 
 
 def code_bytes(groups: int, bits: int) -> int:
@@ -163,7 +163,7 @@ class SphericalPayload(Payload):
             sel = valid & (tiers == t)
             count = sel.sum(-1)
             w = int(count.max()) if count.numel() else 0
-            order = torch.where(sel, sort_key, torch.full_like(sort_key, BIG)).argsort(dim=-1, stable=True)[:, :w]
+            order = torch.where(sel, sort_key, torch.full_like(sort_key, SORTS_LAST)).argsort(dim=-1, stable=True)[:, :w]
             orders.append(order)
             oks.append(torch.arange(w, device=order.device)[None, :] < count[:, None])
             widths.append(w)

@@ -8,7 +8,7 @@ codes, and rate-distortion retention under a byte budget.
 * :mod:`.method` -- :class:`SphericalKV`, the method registered as ``"sphericalkv"``.
 """
 
-from ...storage.spherical import BIG, SphericalStorage
+from ...storage.spherical import SORTS_LAST, SphericalStorage
 from .codebooks import CALIBRATED, Codebooks, calibrate, calibration_ids, fit_codebooks, spherical_kmeans
 from .codes import (PRESETS, code_bytes, directions, encode_directions, encode_store, pack_codes, parse_tiers,
                     rope_pairs, unpack_codes)
@@ -17,7 +17,7 @@ from .rdr import (ETA, LAMBDA_R, LAMBDA_THETA, RADIUS_BITS, allocate_jointly, gr
                   paper_decode_distortion, paper_prefill_distortion)
 
 __all__ = [
-    "BIG", "CALIBRATED", "Codebooks", "DEFAULTS", "ETA", "LAMBDA_R", "LAMBDA_THETA", "PAPER_PRESET", "PRESETS", "RADIUS_BITS",
+    "SORTS_LAST", "CALIBRATED", "Codebooks", "DEFAULTS", "ETA", "LAMBDA_R", "LAMBDA_THETA", "PAPER_PRESET", "PRESETS", "RADIUS_BITS",
     "SphericalKV", "SphericalStorage", "allocate_jointly", "calibrate", "calibration_ids", "code_bytes", "directions",
     "encode_directions", "encode_store", "fit_codebooks", "greedy_allocate", "head_proxies", "pack_codes",
     "paper_decode_distortion", "paper_prefill_distortion", "parse_tiers", "rope_pairs", "spherical_kmeans",

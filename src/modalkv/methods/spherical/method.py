@@ -18,7 +18,7 @@ import torch
 
 from ...protocol import Selection
 from ...scoring import attention_probs, check_finite, mask_to_sorted, pool1d
-from ...storage.spherical import BIG, SphericalStorage
+from ...storage.spherical import SORTS_LAST, SphericalStorage
 from ..base import Method, PrefillContext, check_range, first_real, last_real
 from .codebooks import Codebooks, calibrate, fit_codebooks
 from .codes import OMEGA, TIER, code_bytes, encode_store, parse_tiers, rope_pairs
@@ -422,7 +422,7 @@ class SphericalKV(Method):
                 obar = (om[b, :, None] * V[b].float()).sum(0) / om[b].sum().clamp(min=1e-12)
                 D[h, :m] = self._distortion(om[b], V[b], K[b], [q[b, h] for q in qbar], [c[h] for c in chord], obar)
                 start[h, :m] = torch.where(valid[b], torch.where(tier[b] == 0, 1, tier[b]), 0)
-                rank_first = pos[b].masked_fill(~valid[b], BIG).argsort().argsort()
+                rank_first = pos[b].masked_fill(~valid[b], SORTS_LAST).argsort().argsort()
                 prot[h, :m] = valid[b] & ((pos[b] > newest - recent) | (rank_first < sinks))
             problems.append((D, C, start, prot, budget))
         return problems
