@@ -175,7 +175,7 @@ def run_sweep(args) -> None:
     df["bandwidth_GBps"] = bw / 1e9
     df.to_csv(out.with_suffix(".csv"), index=False)
     write_markdown(df, out, bw, args, torch.__version__)
-    print(f"wrote {out} and {out.with_suffix('.csv')}")
+    print(f"wrote {out} and {out.with_suffix('.csv')}; plot {plot_kv_bound(out.with_suffix('.csv'))}")
 
 
 def write_markdown(df, out: Path, bw: float, args, torch_version: str) -> None:
@@ -288,7 +288,41 @@ def kv_bound(args) -> None:
               "thread count (" + ", ".join(f"B={B} T={T}: {v:.1f} ms" for (B, T), v in base.items()) + ")."]
     out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
-    print(f"wrote {out} and {out.with_suffix('.csv')}")
+    print(f"wrote {out} and {out.with_suffix('.csv')}; plot {plot_kv_bound(out.with_suffix('.csv'))}")
+
+
+def plot_kv_bound(csv_path: Path) -> Path:
+    """ms/token against the KV bytes each cache holds, one panel per (batch, threads), with the floor line: the same
+    model's 32-token step plus the bytes read at the measured bandwidth. Written beside the CSV as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import pandas as pd
+
+    df = pd.read_csv(csv_path)
+    panels = sorted({(int(b), int(t)) for b, t in zip(df.batch, df.threads)})
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.8), squeeze=False)
+    for ax, (B, T) in zip(axes[0], panels):
+        rows = df[(df.batch == B) & (df.threads == T)]
+        mib = rows.kv_kept_bytes / 2**20
+        ax.scatter(mib, rows.decode_ms, color="tab:blue")
+        for m, x, y in zip(rows.method, mib, rows.decode_ms):
+            ax.annotate(m, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        if "base_ms_32_tokens" in rows:
+            per_mib = (rows.floor_ms / mib).median()  # ms per MiB read at the measured bandwidth
+            xs = pd.Series([0.0, float(mib.max()) * 1.05])
+            base = float(rows.base_ms_32_tokens.median())
+            ax.plot(xs, base + xs * per_mib, color="gray", linestyle="--", label="floor: 32-token step + KV bytes / bandwidth")
+            ax.legend(fontsize=7, loc="lower right")
+        ax.set_title(f"batch {B}, {T} thread(s)", fontsize=9)
+        ax.set_xlabel("KV bytes held (MiB)")
+        ax.set_ylabel("decode ms/token")
+        ax.set_ylim(bottom=0)
+    fig.tight_layout()
+    out = Path(csv_path).with_suffix(".png")
+    fig.savefig(out, dpi=120)
+    return out
 
 
 def step_ms(model, cache, first, pos: int, threads: int, args) -> float:
@@ -352,7 +386,11 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--new-tokens", type=int, default=24)
     p.add_argument("--out", default=str(ROOT / "docs/results/memory_speed.md"))
+    p.add_argument("--plot-from", help="only draw the --kv-bound plot from this CSV")
     args = p.parse_args()
+    if args.plot_from:
+        print(plot_kv_bound(Path(args.plot_from)))
+        return
     if args.kv_bound:
         kv_bound(args)
         return
