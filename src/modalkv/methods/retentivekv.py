@@ -421,15 +421,29 @@ class RetentiveKV(Method):
                 self._absorb(states, i, w, k, v, heads=g.index, decay=dec)
 
     # -- attention readout ------------------------------------------------------------------------------------
+    @property
+    def _gated(self) -> bool:
+        return self._scan if self.gated is None else self.gated  # the scan memory's gate is query-conditioned
+
     def readout(self, layer, h, query, logits, values):
         states = self._states[layer.rank]
         q = query.float()
         if self.state_readout == "linear":
             return mem.linear_readout(states, h, q, logits, values, self.gate_w, self.gate_b, self.mix == "convex")
-        gated = self._scan if self.gated is None else self.gated  # the scan memory's gate is query-conditioned
-        if not gated and "C" not in states:
+        if not self._gated and "C" not in states:
             return self._readout_first_order(layer, h, q, logits, values, states)
-        return mem.moment_readout(states, h, q, logits, values, gated, self.gate_w, self.gate_b)
+        return mem.moment_readout(states, h, q, logits, values, self._gated, self.gate_w, self.gate_b)
+
+    def readout_layer(self, layer, query, logits, values):
+        """Every KV head's readout in one set of tensor ops (:func:`~.retentive_memory.moment_readout_layer`,
+        :func:`~.retentive_memory.first_order_readout_layer`); the linear readout keeps the head-by-head loop."""
+        if self.state_readout == "linear":
+            return super().readout_layer(layer, query, logits, values)
+        states = self._states[layer.rank]
+        q = query.float()
+        if not self._gated and "C" not in states:
+            return mem.first_order_readout_layer(mem.first_order_terms(states), q, logits, values)
+        return mem.moment_readout_layer(states, q, logits, values, self._gated, self.gate_w, self.gate_b)
 
     def _readout_first_order(self, layer, h, q, logits, values, states):
         """The first-order softmax readout (:func:`~.retentive_memory.first_order_readout`); its per-state terms are
