@@ -50,6 +50,40 @@ def test_packed_step_equals_the_head_by_head_step(method, budget, ragged, monkey
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize("readout", [{"state_readout": "scan"}, {"state_readout": "moments"},
+                                     {"state_readout": "moments", "second_order": True}, {"state_readout": "linear"}])
+def test_packed_readout_equals_the_head_by_head_readout(readout, batch, monkeypatch):
+    """RetentiveKV's layer-wide readout (states absorbing evicted tokens, tau=0) gives the head-by-head logits, for
+    one row and for a left-padded batch of two (the linear readout: the default loop over heads)."""
+    model = tiny_llama()
+    kw = {"tau": 0.0, "states_in_budget": False, "window": 4, "n_sink": 2, **readout}
+
+    @torch.no_grad()
+    def decode(cache):
+        ids = prompt(40, batch=batch)
+        mask = torch.ones_like(ids)
+        if batch > 1:
+            mask[1, :3] = 0  # a left-padded row
+        return run_steps(model, ids, mask, cache, 6, feed=[torch.full((batch,), 3 + t) for t in range(6)])[0]
+
+    calls = []
+    real = attn.attend_packed
+    monkeypatch.setattr(attn, "attend_packed", lambda *a: calls.append(1) or real(*a))
+    cache = KVCache(model, "retentivekv", 0.3, **kw)
+    packed = decode(cache)
+    assert len(calls) == 3 * 6  # every decode step of every layer took the batched path
+    states = cache.method._states
+    absorbed = [states[r]["z" if "z" in states[r] else "m"] for r in states]
+    assert all(float(t.sum()) > 0 for t in absorbed)  # the states absorbed evicted tokens
+    monkeypatch.setattr(attn, "_packable", lambda layer, q: False)  # head by head
+    calls.clear()
+    per_head = decode(KVCache(model, "retentivekv", 0.3, **kw))
+    assert not calls
+    for a, b in zip(packed, per_head):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
 def test_visible_keys_reads_the_last_query_row():
     assert attn.visible_keys(None, 2, 3, "cpu").tolist() == [[True] * 3] * 2
     allowed = torch.ones(2, 1, 4, 4, dtype=torch.bool).tril()

@@ -155,7 +155,7 @@ def _block_mask(mask, q: int) -> torch.Tensor | None:
 
 def _packable(layer, q: int) -> bool:
     """Can this step take the batched path (one set of ops for all heads)?"""
-    if not layer.packed or layer.cache.method.has_readout or not layer.packed_intact():
+    if not layer.packed or not layer.packed_intact():
         return False
     heads = layer.heads
     if any(hidden_entries(layer.cache.method, st) is not None for st in heads):
@@ -215,8 +215,11 @@ def attend_packed(layer, query: torch.Tensor, mask, scaling: float) -> torch.Ten
         allowed = torch.ones(B, q, n, dtype=torch.bool, device=logits.device)
         allowed[:, :, n - q :] = block
         logits = logits.view(B, H, G, q, n).masked_fill(~allowed[:, None, None], float("-inf")).view(B, H, G * q, n)
-    probs = torch.softmax(logits, dim=-1, dtype=torch.float32).to(V.dtype)
-    out = torch.matmul(probs, V)  # [B, H, G*q, dv]
+    if method.has_readout:  # the method adds its own terms to the attention (e.g. RetentiveKV's states)
+        out, probs = method.readout_layer(layer, qs, logits, V)
+    else:
+        probs = torch.softmax(logits, dim=-1, dtype=torch.float32).to(V.dtype)
+        out = torch.matmul(probs, V)  # [B, H, G*q, dv]
     out = out.view(B, H, G, q, -1).permute(0, 3, 1, 2, 4).reshape(B, q, Hq, -1)
     _after_step(layer, probs.view(B, H, G, q, n) if want_probs else None, q)
     return out

@@ -147,6 +147,14 @@ class Method:
         stored entries (invalid ones -inf), values [B, n, dv] -> (output [B, r, dv], probs [B, r, n])."""
         raise NotImplementedError
 
+    def readout_layer(self, layer, query: torch.Tensor, logits: torch.Tensor, values: torch.Tensor):
+        """Decode attention of every KV head of a packed layer at once when ``has_readout``: query [B, H, r, d]
+        (scaled), logits [B, H, r, n] (invalid entries -inf), values [B, H, n, dv] -> (output [B, H, r, dv], probs
+        [B, H, r, n]). Default: :meth:`readout` head by head; a method overrides it to attend in a fixed number of
+        tensor ops whatever the number of heads."""
+        pairs = [self.readout(layer, h, query[:, h], logits[:, h], values[:, h]) for h in range(query.shape[1])]
+        return torch.stack([o for o, _ in pairs], 1), torch.stack([p for _, p in pairs], 1)
+
     def state_bytes(self, layer) -> int:
         """Bytes of per-sequence method state of ``layer`` outside the head stores (counted as kept memory)."""
         return 0

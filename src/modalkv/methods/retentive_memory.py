@@ -259,26 +259,36 @@ def linear_readout(states: dict, h: int, q: torch.Tensor, logits: torch.Tensor, 
 
 def moment_readout(states: dict, h: int, q: torch.Tensor, logits: torch.Tensor, values: torch.Tensor, gated: bool,
                    gate_w: float, gate_b: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """The softmax readout of head ``h``'s moment states (second order when the states hold ``"C"``): each state one
-    pseudo-entry inside the softmax, weighted by the gate ``sigmoid(gate_w H_t + gate_b)`` when ``gated``.
-    Shapes as :func:`linear_readout`; the probs are renormalised over the cached entries (for scoring)."""
-    scale = states["scale"][:, h]  # [B, S]
-    m = states["m"][:, h]  # [B, S]
-    kbar = states["s"][:, h] / m.clamp(min=_TINY)[..., None]
-    z = torch.einsum("brd,bsd->brs", q, kbar)
-    u = states["u"][:, h]
-    num = u[:, None] + torch.einsum("brd,bsde->brse", q, states["M"][:, h]) - z[..., None] * u[:, None]
-    den = m[:, None].expand_as(z)
+    """The softmax readout of head ``h``'s moment states: :func:`moment_readout_layer` for that one head. Shapes as
+    :func:`linear_readout`; the probs are renormalised over the cached entries (for scoring)."""
+    one = {name: t[:, h : h + 1] for name, t in states.items() if not name.startswith("_")}
+    out, probs = moment_readout_layer(one, q[:, None], logits[:, None], values[:, None], gated, gate_w, gate_b)
+    return out[:, 0], probs[:, 0]
+
+
+def moment_readout_layer(states: dict, q: torch.Tensor, logits: torch.Tensor, values: torch.Tensor, gated: bool,
+                         gate_w: float, gate_b: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The softmax readout of the moment states of every KV head at once (second order when the states hold
+    ``"C"``): each state one pseudo-entry inside the softmax, weighted by the gate ``sigmoid(gate_w H_t + gate_b)``
+    when ``gated``. q [B, H, r, d] float, logits [B, H, r, n], values [B, H, n, dv] -> (output [B, H, r, dv], probs
+    over the entries [B, H, r, n], renormalised over the cached entries for scoring)."""
+    scale = states["scale"]  # [B, H, S]
+    m = states["m"]  # [B, H, S]
+    kbar = states["s"] / m.clamp(min=_TINY)[..., None]  # [B, H, S, d]
+    z = torch.matmul(q, kbar.transpose(-1, -2))  # [B, H, r, S]
+    u = states["u"][:, :, None]  # [B, H, 1, S, dv]
+    num = u + torch.einsum("bhrd,bhsde->bhrse", q, states["M"]) - z[..., None] * u
+    den = m[:, :, None].expand_as(z)
     if "C" in states:
-        qcq = torch.einsum("brd,bsde,bre->brs", q, states["C"][:, h], q)
-        den = den + 0.5 * (qcq - m[:, None] * z * z).clamp(min=0)
-    weight = den * scale[:, None]
+        qcq = torch.einsum("bhrd,bhsde,bhre->bhrs", q, states["C"], q)
+        den = den + 0.5 * (qcq - m[:, :, None] * z * z).clamp(min=0)
+    weight = den * scale[:, :, None]
     if gated:
         local_probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
         gamma = torch.sigmoid(gate_w * row_entropy(local_probs, torch.isfinite(logits)) + gate_b)
         weight = weight * gamma[..., None]
     state_logits = torch.where(weight > 0, z + torch.log(weight.clamp(min=_TINY)), torch.full_like(z, float("-inf")))
-    value = num / den.clamp(min=_TINY)[..., None]  # [B, r, S, dv]
+    value = num / den.clamp(min=_TINY)[..., None]  # [B, H, r, S, dv]
     all_logits = torch.cat([logits.float(), state_logits], -1)
     p = torch.softmax(all_logits, dim=-1)
     n = logits.shape[-1]
@@ -303,11 +313,20 @@ def first_order_terms(states: dict) -> dict[str, torch.Tensor]:
 
 def first_order_readout(terms: dict, h: int, q: torch.Tensor, logits: torch.Tensor,
                         values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first-order softmax readout of head ``h`` from :func:`first_order_terms`: one pseudo-entry per state with
-    logit ``q.k_bar + log(m scale)`` and the query-affine value ``u/m + q^T (M - k_bar u^T) / m``. Shapes as
+    """The first-order softmax readout of head ``h``: :func:`first_order_readout_layer` for that one head. Shapes as
     :func:`linear_readout`."""
-    z = torch.matmul(q, terms["kbar"][:, h].transpose(1, 2)) + terms["logm"][:, h, None, :]  # [B, r, S]
-    value = terms["b"][:, h, None] + torch.einsum("brd,bsde->brse", q, terms["A"][:, h])  # [B, r, S, dv]
+    one = {name: t[:, h : h + 1] for name, t in terms.items() if isinstance(t, torch.Tensor)}
+    out, probs = first_order_readout_layer(one, q[:, None], logits[:, None], values[:, None])
+    return out[:, 0], probs[:, 0]
+
+
+def first_order_readout_layer(terms: dict, q: torch.Tensor, logits: torch.Tensor,
+                              values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first-order softmax readout of every KV head at once from :func:`first_order_terms`: one pseudo-entry per
+    state with logit ``q.k_bar + log(m scale)`` and the query-affine value ``u/m + q^T (M - k_bar u^T) / m``. Shapes
+    as :func:`moment_readout_layer`."""
+    z = torch.matmul(q, terms["kbar"].transpose(-1, -2)) + terms["logm"][:, :, None, :]  # [B, H, r, S]
+    value = terms["b"][:, :, None] + torch.einsum("bhrd,bhsde->bhrse", q, terms["A"])  # [B, H, r, S, dv]
     n = logits.shape[-1]
     p = torch.softmax(torch.cat([logits.float(), z], -1), dim=-1)
     out = torch.matmul(p[..., :n].to(values.dtype), values).float() + (p[..., n:, None] * value).sum(-2)

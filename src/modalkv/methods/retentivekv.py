@@ -259,27 +259,32 @@ class RetentiveKV(Method):
             t = t.clamp(max=budget.decode)
         return t * self._byte_accounting["payload"]
 
-    def _over_byte_budget(self, layer, h: int):
-        """:meth:`CompressedLayer.over_budget` with the states inside the budget: entries head ``h`` holds beyond what
-        fits beside the states in this step's byte budget (an int for one sequence without holes, else [B])."""
-        if self._byte_accounting is None:
-            return layer.over_budget(h)
-        store = layer.heads[h]
+    def _byte_target(self, layer) -> torch.Tensor:
+        """[B] entries one (row, head) of ``layer`` may hold beside the states in this step's byte budget (the same
+        for every head; each head's prefill selection is its floor, see :meth:`_over_byte_budget`)."""
         budget = layer.cache.budget
         seen = layer.prompt_real + (layer.seen - layer.prompt_len)
         tokens = seen.clamp(max=budget.value) if not budget.is_ratio else seen
         accounting = self._byte_accounting
-        target = mem.entries_within(self._bytes_budget(budget, seen, tokens), accounting["state"], accounting["entry"])
-        target = torch.maximum(target, layer.prefill_kept[h].to(target.device))
+        return mem.entries_within(self._bytes_budget(budget, seen, tokens), accounting["state"], accounting["entry"])
+
+    def _over_byte_budget(self, layer, h: int, byte_target: torch.Tensor):
+        """:meth:`CompressedLayer.over_budget` with the states inside the budget: entries head ``h`` holds beyond what
+        fits beside the states in this step's byte budget (``byte_target``, :meth:`_byte_target`): an int for one
+        sequence without holes, else [B]."""
+        store = layer.heads[h]
+        target = torch.maximum(byte_target, layer.prefill_kept[h].to(byte_target.device))
         if store.batch == 1 and store.all_valid:
             return store.n - int(target[0])
         return (store.valid[:, : store.n].sum(-1) - target.to(store.valid.device)).clamp(min=0)
 
     def _group_over(self, g):
-        """:meth:`~modalkv.decoding.Group.over` with the states inside the budget (:meth:`_over_byte_budget` per head)."""
+        """:meth:`~modalkv.decoding.Group.over` with the states inside the budget (:meth:`_over_byte_budget` per head,
+        the byte target computed once per layer and step)."""
         if self._byte_accounting is None:
             return g.over()
-        over = [self._over_byte_budget(g.layer, h) for h in g.heads]
+        byte_target = self._byte_target(g.layer)
+        over = [self._over_byte_budget(g.layer, h, byte_target) for h in g.heads]
         if all(isinstance(o, int) for o in over):
             if all(o == over[0] for o in over):
                 return max(0, over[0])
@@ -421,15 +426,29 @@ class RetentiveKV(Method):
                 self._absorb(states, i, w, k, v, heads=g.index, decay=dec)
 
     # -- attention readout ------------------------------------------------------------------------------------
+    @property
+    def _gated(self) -> bool:
+        return self._scan if self.gated is None else self.gated  # the scan memory's gate is query-conditioned
+
     def readout(self, layer, h, query, logits, values):
         states = self._states[layer.rank]
         q = query.float()
         if self.state_readout == "linear":
             return mem.linear_readout(states, h, q, logits, values, self.gate_w, self.gate_b, self.mix == "convex")
-        gated = self._scan if self.gated is None else self.gated  # the scan memory's gate is query-conditioned
-        if not gated and "C" not in states:
+        if not self._gated and "C" not in states:
             return self._readout_first_order(layer, h, q, logits, values, states)
-        return mem.moment_readout(states, h, q, logits, values, gated, self.gate_w, self.gate_b)
+        return mem.moment_readout(states, h, q, logits, values, self._gated, self.gate_w, self.gate_b)
+
+    def readout_layer(self, layer, query, logits, values):
+        """Every KV head's readout in one set of tensor ops (:func:`~.retentive_memory.moment_readout_layer`,
+        :func:`~.retentive_memory.first_order_readout_layer`); the linear readout keeps the head-by-head loop."""
+        if self.state_readout == "linear":
+            return super().readout_layer(layer, query, logits, values)
+        states = self._states[layer.rank]
+        q = query.float()
+        if not self._gated and "C" not in states:
+            return mem.first_order_readout_layer(mem.first_order_terms(states), q, logits, values)
+        return mem.moment_readout_layer(states, q, logits, values, self._gated, self.gate_w, self.gate_b)
 
     def _readout_first_order(self, layer, h, q, logits, values, states):
         """The first-order softmax readout (:func:`~.retentive_memory.first_order_readout`); its per-state terms are
