@@ -346,11 +346,15 @@ def main() -> None:
         "streamingllm 0.25": (lambda: KVCache(model, "streamingllm", 0.25), False),
         "kivi-4": (lambda: KVCache(model, "full", quantize="kivi-4"), False),
         "kivi-4 unfused per-head": (lambda: KVCache(model, "full", quantize="kivi-4"), True),
+        "retentivekv 0.2": (lambda: KVCache(model, "retentivekv", 0.2), False),
         "sphericalkv 0.2": (lambda: KVCache(model, "sphericalkv", 0.2, calib_tokens=args.calib_tokens), False),
         "sphericalkv 0.2 unfused": (lambda: KVCache(model, "sphericalkv", 0.2, calib_tokens=args.calib_tokens),
                                     True),
     }
     if args.configs:
+        unknown = [name for name in args.configs if name not in configs]
+        if unknown:
+            p.error(f"unknown --configs {unknown}; known: {', '.join(repr(c) for c in configs)}")
         configs = {name: configs[name] for name in ["DynamicCache", "modalkv full", *args.configs]}
     bandwidth = read_bandwidth()
     base_ms = statistics.median(decode_ms(model, short, lambda: DynamicCache(config=model.config), args.steps)[0]
