@@ -103,24 +103,10 @@ def worker(args) -> dict:
     gc.collect()
     rss_after_prefill = psutil.Process().memory_info().rss
     mem = cache_bytes(cache)
-    torch.set_num_threads(args.threads)
     # decode: hand-written greedy loop on the prefilled cache
-    from modalkv.cache import cache_kwargs
-
-    kw = cache_kwargs(model, cache)
-    nxt = torch.tensor([[res.tokens[0][0] if res.tokens[0] else 0]] * args.batch)
-    pos = args.length
-    medians = []
+    first = torch.tensor([[res.tokens[0][0] if res.tokens[0] else 0]] * args.batch)
     with torch.no_grad():
-        for _ in range(args.repeats):
-            steps = []
-            for _ in range(args.new_tokens):
-                t0 = time.perf_counter()
-                out = model(input_ids=nxt, position_ids=torch.full((args.batch, 1), pos), **kw)
-                nxt = out.logits[:, -1:].argmax(-1)
-                steps.append((time.perf_counter() - t0) * 1e3)
-                pos += 1
-            medians.append(statistics.median(steps[1:]))
+        medians = step_medians(model, cache, first, args.length, args.threads, args)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     stored = cache_bytes(cache)
     return {
@@ -246,8 +232,8 @@ def kv_bound(args) -> None:
                 base[B, T] = step_ms(model, cache, first.expand(B, 1), 32, T, args)
         for m in methods:
             for B in sorted(args.batches):
-                # every row the same prompt; the cache is built at batch B (not replicated afterwards: methods keep
-                # per-row state beside the stores that a batch replication would not copy)
+                # every row the same prompt; the cache is built at batch B from the captured rows (each method's
+                # compression of a row costs what it would in a real batch)
                 torch.set_num_threads(args.prefill_threads)
                 t0 = time.perf_counter()
                 rows = captured_rows(captured, B)
@@ -326,8 +312,13 @@ def plot_kv_bound(csv_path: Path) -> Path:
 
 
 def step_ms(model, cache, first, pos: int, threads: int, args) -> float:
-    """Median decode step time (ms) of ``cache`` at ``threads`` threads: ``--repeats`` runs of ``--new-tokens``
-    greedy steps from ``first`` at position ``pos``, each run's median (first step excluded), median of the runs."""
+    """Median decode step time (ms) of ``cache`` at ``threads`` threads: the median of :func:`step_medians`."""
+    return statistics.median(step_medians(model, cache, first, pos, threads, args))
+
+
+def step_medians(model, cache, first, pos: int, threads: int, args) -> list[float]:
+    """Decode step times (ms) of ``cache`` at ``threads`` threads: ``--repeats`` runs of ``--new-tokens`` greedy
+    steps from ``first`` at position ``pos``, each run's median step (first step excluded)."""
     import torch
 
     from modalkv.cache import cache_kwargs
@@ -345,7 +336,7 @@ def step_ms(model, cache, first, pos: int, threads: int, args) -> float:
             steps.append((time.perf_counter() - t0) * 1e3)
             pos += 1
         medians.append(statistics.median(steps[1:]))
-    return statistics.median(medians)
+    return medians
 
 
 def captured_rows(captured, batch: int):
