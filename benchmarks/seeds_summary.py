@@ -3,6 +3,7 @@ prefill time vs the full cache of the same prompt.
 
     PYTHONPATH=src .venv/bin/python benchmarks/seeds_summary.py            # issue 5: seeds_hae_madakv.md
     PYTHONPATH=src .venv/bin/python benchmarks/seeds_summary.py --issue 6  # issue 6: seeds_retentive_spherical.md
+    PYTHONPATH=src .venv/bin/python benchmarks/seeds_summary.py --issue 17 # issue 17: seeds_current_defaults.md
 """
 
 from __future__ import annotations
@@ -21,6 +22,9 @@ ISSUES = {
     6: (["full", "retentivekv", "retentivekv(state_readout=none)", "sphericalkv", "sphericalkv(tiers=paper)",
          "snapkv", "adakv", "kivi-4", "hae", "madakv"],
         ["bench_seeds2_vlm.csv", "bench_seeds2_text.csv", "bench_seeds2_gemma3.csv"], []),
+    17: (["full", "retentivekv", "retentivekv(state_readout=none)", "sphericalkv", "sphericalkv(tiers=paper)",
+          "snapkv", "adakv", "kivi-4", "hae", "madakv"],
+         ["bench_seeds5_vlm.csv", "bench_seeds5_text.csv"], []),
 }
 
 
@@ -97,29 +101,37 @@ def main() -> None:
         if not path.exists():
             print(f"(missing {path})", file=sys.stderr)
             continue
-        df = load(path)
-        print(f"## {name}\n")
-        tasks = [t for t in df.task.unique() if t != "fidelity"]
-        for t in tasks:
-            n = df[(df.task == t) & (df.method == "full")].shape[0]
-            print(f"### score, {t} ({n} prompts)\n\n{table(df, 'score', [t])}\n")
-        if len(tasks) > 1:
-            print(f"### score, mean over {', '.join(tasks)}\n\n{table(df, 'score', tasks, '{:.3f}')}\n")
-        if "fidelity" in set(df.task):
-            print(f"### fidelity: KL(full || method) over 48 teacher-forced tokens\n\n{table(df, 'kl', ['fidelity'], '{:.4f}')}\n")
-        print(f"### KV kept / full (bytes, end of generation)\n\n{table(df, 'kv_ratio_vs_full')}\n")
-        if "kv_state_bytes" in df and df.kv_state_bytes.fillna(0).any():
-            d = df[df.kv_state_bytes.fillna(0) > 0]
-            print("### state / shared bytes (MiB; state is inside KV kept, shared is one copy per model)\n")
-            for m, dm in d.groupby("method"):
-                print(f"- {m}: state {dm.kv_state_bytes.median() / 2**20:.2f} MiB")
-            for m, dm in df[df.kv_shared_bytes.fillna(0) > 0].groupby("method"):
-                print(f"- {m}: shared {dm.kv_shared_bytes.median() / 2**20:.2f} MiB")
-            print()
-        print(f"### decode / prefill speed-up vs the full cache of the same prompt (median)\n\n{speed(df)}")
-        if "length" in df and df.length.nunique() > 1:
-            for L in sorted(df.length.unique()):
-                print(f"#### at {L} tokens\n\n{speed(df[df.length == L])}")
+        whole = load(path)
+        # a sweep whose lengths hold different method sets (issue 17's 8k half) gets its tables per length
+        split = whole.groupby("length").method.apply(frozenset).nunique() > 1
+        for L, df in (whole.groupby("length") if split else [(None, whole)]):
+            summarise(name if L is None else f"{name}, {L} tokens", df)
+
+
+def summarise(name: str, df: pd.DataFrame) -> None:
+    """Tables of one sweep (or one length of it): scores, fidelity, bytes, states, speed."""
+    print(f"## {name}\n")
+    tasks = [t for t in df.task.unique() if t != "fidelity"]
+    for t in tasks:
+        n = df[(df.task == t) & (df.method == "full")].shape[0]
+        print(f"### score, {t} ({n} prompts)\n\n{table(df, 'score', [t])}\n")
+    if len(tasks) > 1:
+        print(f"### score, mean over {', '.join(tasks)}\n\n{table(df, 'score', tasks, '{:.3f}')}\n")
+    if "fidelity" in set(df.task):
+        print(f"### fidelity: KL(full || method) over 48 teacher-forced tokens\n\n{table(df, 'kl', ['fidelity'], '{:.4f}')}\n")
+    print(f"### KV kept / full (bytes, end of generation)\n\n{table(df, 'kv_ratio_vs_full')}\n")
+    if "kv_state_bytes" in df and df.kv_state_bytes.fillna(0).any():
+        d = df[df.kv_state_bytes.fillna(0) > 0]
+        print("### state / shared bytes (MiB; state is inside KV kept, shared is one copy per model)\n")
+        for m, dm in d.groupby("method"):
+            print(f"- {m}: state {dm.kv_state_bytes.median() / 2**20:.2f} MiB")
+        for m, dm in df[df.kv_shared_bytes.fillna(0) > 0].groupby("method"):
+            print(f"- {m}: shared {dm.kv_shared_bytes.median() / 2**20:.2f} MiB")
+        print()
+    print(f"### decode / prefill speed-up vs the full cache of the same prompt (median)\n\n{speed(df)}")
+    if "length" in df and df.length.nunique() > 1:
+        for L in sorted(df.length.unique()):
+            print(f"#### at {L} tokens\n\n{speed(df[df.length == L])}")
 
 
 if __name__ == "__main__":
