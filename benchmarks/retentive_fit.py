@@ -3,6 +3,7 @@ a check that its calibration text shares no Wikipedia summary with the held-out 
 ``benchmarks/sweep_retentive_fit.toml``.
 
     PYTHONPATH=src OMP_NUM_THREADS=1 python benchmarks/retentive_fit.py [--seeds 2 3] [--out docs/results/retentive_fit_trace.csv]
+    PYTHONPATH=src OMP_NUM_THREADS=1 python benchmarks/retentive_fit.py --model modalkv-vlm --out docs/results/retentive_fit_trace_vlm.csv
 
 Writes one row per evaluated candidate (parameter changed, value, objective) and prints the report. The objective is
 the mean KL(full || RetentiveKV) over the calibration continuations (see ``modalkv.methods.retentive_fit``); the
@@ -57,23 +58,25 @@ def held_out_overlap(tok, titles: set[str], seeds, length: int = 2048, continuat
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--seeds", type=int, nargs="+", default=[2, 3])
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[2, 3], help="held-out text seeds to check (SmolLM2 only)")
     ap.add_argument("--out", default="docs/results/retentive_fit_trace.csv")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    model, tok = load_model("smollm2-135m")
+    model, tok = load_model(args.model)
     settings = rf.FIT_SETTINGS
-    titles = calibration_titles(model, tok, settings["prompts"] * (settings["tokens"] + settings["steps"]))
-    print(f"calibration text: {len(titles)} summaries")
-    for (task, seed), hit in held_out_overlap(tok, titles, args.seeds).items():
-        print(f"  held-out {task} seed {seed}: {len(hit)} shared summaries {hit}")
+    if args.model == "smollm2-135m":
+        titles = calibration_titles(model, tok, settings["prompts"] * (settings["tokens"] + settings["steps"]))
+        print(f"calibration text: {len(titles)} summaries")
+        for (task, seed), hit in held_out_overlap(tok, titles, args.seeds).items():
+            print(f"  held-out {task} seed {seed}: {len(hit)} shared summaries {hit}")
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    report = rf.fit_gates(model, RetentiveKV().fit_base(), **settings)
+    report = rf.fit_gates(model, RetentiveKV(), **settings)
     unchanged = all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     t0 = time.perf_counter()
     objective = rf._Objective(model, rf.calibration_prompts(model, settings["prompts"], settings["tokens"],
                                                             settings["steps"]),
-                              settings["budget"], RetentiveKV(state_readout="none").fit_base())
+                              settings["budget"], RetentiveKV(state_readout="none"))
     plain = objective(rf.HAND)
     print(f"fit: {report.seconds:.1f} s, {report.forwards} forward passes, {report.candidates} candidates, "
           f"{report.prompts} prompts x {report.prompt_tokens} tokens + {report.steps} continuation tokens, "
@@ -90,6 +93,8 @@ def main() -> None:
         w.writerow(["plain_eviction", "", f"{plain:.6f}"])
         w.writerow(["fit_seconds", f"{report.seconds:.1f}", ""])
         w.writerow(["fit_forwards", report.forwards, ""])
+        for name in rf.GATE_FIELDS:
+            w.writerow([f"fitted_{name}", getattr(report.params, name), ""])
     print(f"wrote {args.out}")
 
 

@@ -17,7 +17,7 @@ GRID = {"gate_centre": (0.0, 0.5), "h_min": (0.5, 0.9), "gate_w": (0.0, 8.0), "g
 
 
 def _base():
-    return RetentiveKV(**SMALL).fit_base()
+    return RetentiveKV(**SMALL)
 
 
 @pytest.fixture
@@ -64,7 +64,7 @@ def test_gates_fit_uses_the_fitted_values_and_a_saved_cache_carries_them(model, 
     monkeypatch.setattr(rf, "GRID", GRID)
     ids = prompt(40)
     cache = KVCache(model, "retentivekv", 0.4, gates="fit", **SMALL)
-    want = rf.fit_gates(model, RetentiveKV(**SMALL).fit_base(), **SETTINGS).params
+    want = rf.fit_gates(model, RetentiveKV(**SMALL), **SETTINGS).params
     assert cache.method.gate_params == want != RetentiveKV().gate_params
     assert cache.method.fit_report.params == want
     # the fitted gates change the decode against the hand values (same selection, same budget)
@@ -91,11 +91,11 @@ def test_bench_label_and_bad_input():
     with pytest.raises(ValueError, match="build it in a KVCache"):
         RetentiveKV(gates="fit").setup(None)
     with pytest.raises(ValueError, match="unknown gate parameters in grid: bogus"):
-        rf.fit_gates(tiny_llama(), grid={"bogus": (1.0,)})
-    with pytest.raises(ValueError, match="must not set the fitted parameters"):
+        rf.fit_gates(tiny_llama(), RetentiveKV(), grid={"bogus": (1.0,)})
+    with pytest.raises(TypeError, match="method must be a RetentiveKV instance, got dict"):
         rf.fit_gates(tiny_llama(), {"h_min": 0.5})
     with pytest.raises(ValueError, match="budget must be in"):
-        rf.fit_gates(tiny_llama(), budget=1.0)
+        rf.fit_gates(tiny_llama(), RetentiveKV(), budget=1.0)
 
 
 def test_the_hand_gates_are_the_fields():

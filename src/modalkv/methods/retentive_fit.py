@@ -14,7 +14,7 @@ The fit (CHOICE: objective, data and optimiser are ours, see ``docs/methods/rete
   continuation, RetentiveKV compressing the prompt at ``budget`` with the states inside the budget;
 * optimiser: coordinate search over a small grid per parameter (:data:`GRID`), starting from the hand values
   (:data:`HAND`), ``rounds`` passes; a move is taken only when it lowers the objective (ties keep the current value,
-  so the result is deterministic). Each prompt is prefilled once (:func:`~modalkv.replay.capture_prefill`); a
+  so the result is deterministic). Each prompt is prefilled once (its layers' prefill tensors kept, as :mod:`modalkv.replay` does); a
   candidate re-runs only the compression and the ``steps`` decode steps.
 
 The result is remembered per model (weakly) and per fit settings and the method's other parameters, as Spherical KV's
@@ -23,6 +23,7 @@ codebooks are: a second cache with the same configuration does no work.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import time
 import weakref
@@ -30,7 +31,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..cache import cache_kwargs
+from ..cache import KVCache, cache_kwargs
+from ..layer import CompressedLayer
+from ..protocol import Selection
+from .full import Full
 
 GATE_FIELDS = ("h_min", "beta", "gate_centre", "query_centre", "gate_w", "gate_b")
 
@@ -121,17 +125,53 @@ def calibration_prompts(model, prompts: int, tokens: int, steps: int) -> list[tu
             for i in range(prompts)]
 
 
+class _Capture(Full):
+    """Keeps nothing and records each managed layer's prefill tensors, so that every candidate compresses the same
+    prefill (what :mod:`modalkv.replay` does for the benchmarks; a method module may not import it)."""
+
+    name = "capture"
+
+    def prefill(self, ctx):
+        self.captured[ctx.layer.layer_idx] = (ctx.query, ctx.keys, ctx.values, ctx.real, ctx.scaling)
+        B, H = ctx.keys.shape[:2]
+        return Selection(torch.empty(B, H, 0, dtype=torch.long, device=ctx.keys.device))
+
+
+class _Prefill:
+    """One text prompt's forward, kept to build the cache of any method and budget from it."""
+
+    def __init__(self, model, ids: torch.Tensor):
+        cache = KVCache(model, _Capture())
+        cache.method.captured = {}
+        with torch.no_grad():
+            model(input_ids=ids, **cache_kwargs(model, cache))
+        self.layers = cache.method.captured
+        self.others = {i: layer for i, layer in enumerate(cache.layers) if not isinstance(layer, CompressedLayer)}
+        self.seen = max(layer.seen for layer in cache.managed_layers)
+
+    def build_cache(self, model, method, budget: float = 1.0) -> KVCache:
+        cache = KVCache(model, method, budget)
+        for i, layer in enumerate(cache.layers):
+            if isinstance(layer, CompressedLayer):
+                query, keys, values, real, scaling = self.layers[i]
+                layer.lazy_initialization(keys, values)
+                layer.seen = self.seen
+                layer.compress_prefill(query, keys, values, real, scaling)
+            else:
+                cache.layers[i] = copy.deepcopy(self.others[i])
+        return cache
+
+
 class _Objective:
     """Mean KL(full || RetentiveKV with given gates) over the calibration continuations; one prefill per prompt."""
 
-    def __init__(self, model, data, budget: float, base: dict):
-        from ..replay import capture_prefill
-
-        self.model, self.budget, self.base = model, budget, base
+    def __init__(self, model, data, budget: float, method):
+        self.model, self.budget = model, budget
+        self.cls, self.base = type(method), method.fit_base()
         self.forwards = 0
         self.caps, self.conts, self.refs = [], [], []
         for ids, cont in data:
-            cap = capture_prefill(model, ids)
+            cap = _Prefill(model, ids)
             self.forwards += 1
             self.caps.append(cap)
             self.conts.append(cont)
@@ -149,26 +189,24 @@ class _Objective:
         return torch.stack(out)
 
     def __call__(self, params: GateParams) -> float:
-        from .retentivekv import RetentiveKV
-
         kls = []
         for cap, cont, ref in zip(self.caps, self.conts, self.refs):
-            method = RetentiveKV(**self.base, gates="hand", **dataclasses.asdict(params))
+            method = self.cls(**self.base, gates="hand", **dataclasses.asdict(params))
             cache = cap.build_cache(self.model, method, self.budget)
             logp = self._decode(cache, cap.seen, cont)
             kls.append((ref.exp() * (ref - logp)).sum(-1))
         return float(torch.cat(kls).mean())
 
 
-def fit_gates(model, base: dict | None = None, *, prompts: int = 2, tokens: int = 1024, steps: int = 16,
+def fit_gates(model, method, *, prompts: int = 2, tokens: int = 1024, steps: int = 16,
               budget: float = 0.2, rounds: int = 1, start: GateParams = HAND, grid: dict | None = None) -> FitReport:
     """Fit RetentiveKV's gate parameters (:class:`GateParams`) on ``model``'s calibration text; the model is not
-    changed. ``base``: RetentiveKV's other parameters (not ``gates`` nor the gate fields). Remembered per model and
-    arguments (:data:`FITTED`); see the module docstring for the objective and the search."""
-    base = dict(base or {})
-    bad = sorted(set(base) & {"gates", *GATE_FIELDS})
-    if bad:
-        raise ValueError(f"fit_gates: base must not set the fitted parameters or gates, got {', '.join(bad)}")
+    changed. ``method``: a :class:`~.retentivekv.RetentiveKV` whose other parameters (all but ``gates`` and the gate
+    fields) the gates are fitted for. Remembered per model and arguments (:data:`FITTED`); see the module docstring for
+    the objective and the search."""
+    if not callable(getattr(method, "fit_base", None)):
+        raise TypeError(f"fit_gates: method must be a RetentiveKV instance, got {type(method).__name__}")
+    base = method.fit_base()
     if base.get("state_readout") == "none":
         raise ValueError("fit_gates: state_readout='none' has no memory, so no gate to fit")
     if not 0 < budget < 1:
@@ -181,13 +219,13 @@ def fit_gates(model, base: dict | None = None, *, prompts: int = 2, tokens: int 
     if unknown:
         raise ValueError(f"fit_gates: unknown gate parameters in grid: {', '.join(unknown)} (known: {GATE_FIELDS})")
     key = (prompts, tokens, steps, float(budget), rounds, start, tuple((k, tuple(v)) for k, v in grid.items()),
-           _base_key(base))
+           type(method).__name__, _base_key(base))
     per_model = FITTED.setdefault(model, {})
     if key in per_model:
         return per_model[key]
     t0 = time.perf_counter()
     with torch.no_grad():
-        objective = _Objective(model, calibration_prompts(model, prompts, tokens, steps), budget, base)
+        objective = _Objective(model, calibration_prompts(model, prompts, tokens, steps), budget, method)
         seen: dict[GateParams, float] = {}
         trace = []
 

@@ -156,7 +156,7 @@ class RetentiveKV(Method):
             model = cache.model_ref() if cache is not None else None
             if model is None:
                 raise ValueError("RetentiveKV(gates='fit') fits its gates on the cache's model: build it in a KVCache")
-            self.fit_report = fit_gates(model, self.fit_base(), **retentive_fit.FIT_SETTINGS)
+            self.fit_report = fit_gates(model, self, **retentive_fit.FIT_SETTINGS)
             self._gate_params = self.fit_report.params
 
     @property
