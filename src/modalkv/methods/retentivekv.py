@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Literal
 
@@ -9,6 +10,8 @@ import torch
 
 from . import retentive_memory as mem
 from .base import Method, PrefillContext, check_range, first_real, last_real
+from . import retentive_fit
+from .retentive_fit import GATE_FIELDS, GateParams, fit_gates
 from ..decoding import DecodeStep, Extra
 from ..modality import TEXT
 from ..protocol import Selection
@@ -57,9 +60,17 @@ class RetentiveKV(Method):
         the per-step decay of all states.
     states : "dual" | "single"
         Separate visual and recall states, or one unified state (the paper's ablation).
+    query_centre : float
+        Centre of the per-step decay of every state by the current query, ``h_min + (1 - h_min) sigmoid(beta (H_t -
+        query_centre))`` (CHOICE: 0.5).
     gated : bool | None
         The query-conditioned readout gate ``sigmoid(gate_w H_t + gate_b)`` (CHOICE: (8, -4)); None: on for
         ``scan``, off for ``moments``.
+    gates : "hand" | "fit"
+        Where the gate constants (``h_min``, ``beta``, ``gate_centre``, ``query_centre``, ``gate_w``, ``gate_b``) come
+        from: ``"hand"`` (default) the fields; ``"fit"`` :func:`~.retentive_fit.fit_gates` on the model's own
+        calibration text (backbone frozen, KL to the full cache; remembered per model and process; the fields are
+        then ignored). A saved cache carries the fitted values.
     mix : "add" | "convex"
         How the linear readout joins local attention.
     absorb_by_attention : bool
@@ -92,6 +103,8 @@ class RetentiveKV(Method):
     gated: bool | None = None
     gate_w: float = 8.0
     gate_b: float = -4.0
+    query_centre: float = 0.5
+    gates: str = "hand"  # "hand" | "fit" (checked in validate: a ValueError naming the choices)
     mix: Literal["add", "convex"] = "add"
     absorb_by_attention: bool = False
     second_order: bool = False
@@ -123,6 +136,11 @@ class RetentiveKV(Method):
         check_range(cls, "gamma_v", self.gamma_v, 0.0, 1.0, low_open=True)
         check_range(cls, "h_min", self.h_min, 0.0, 1.0)
         check_range(cls, "beta", self.beta, 0.0)
+        if self.gates not in ("hand", "fit"):
+            raise ValueError(f"{cls}.gates must be 'hand' (the fields h_min, beta, gate_centre, query_centre, gate_w, "
+                             f"gate_b) or 'fit' (fitted on the model's calibration text), got {self.gates!r}")
+        if self.gates == "fit" and self.state_readout == "none":
+            raise ValueError(f"{cls}: gates='fit' needs a memory; state_readout='none' has no gate to fit")
 
     def setup(self, cache) -> None:
         super().setup(cache)
@@ -132,6 +150,25 @@ class RetentiveKV(Method):
         self._groups: list[str] | None = None  # the states kept, in order: "h", "v" (visual scan), "v", "t", "all"
         self._memory = True  # False when the states do not fit in the byte budget (plain eviction)
         self._byte_accounting: dict | None = None  # byte accounting of the entries and states (states_in_budget)
+        self.fit_report = None  # gates="fit": the retentive_fit.FitReport the gate values come from
+        self._gate_params = GateParams.of(self)
+        if self.gates == "fit":
+            model = cache.model_ref() if cache is not None else None
+            if model is None:
+                raise ValueError("RetentiveKV(gates='fit') fits its gates on the cache's model: build it in a KVCache")
+            self.fit_report = fit_gates(model, self, **retentive_fit.FIT_SETTINGS)
+            self._gate_params = self.fit_report.params
+
+    @property
+    def gate_params(self) -> GateParams:
+        """The gate constants in use: the fields (``gates="hand"``) or the fitted values (``gates="fit"``)."""
+        gp = self.__dict__.get("_gate_params")
+        return gp if gp is not None else GateParams.of(self)
+
+    def fit_base(self) -> dict:
+        """This method's parameters other than the gates: the configuration the gates are fitted for."""
+        skip = {"gates", *GATE_FIELDS}
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init and f.name not in skip}
 
     # -- state storage ----------------------------------------------------------------------------------------
     @property
@@ -172,6 +209,8 @@ class RetentiveKV(Method):
             if self._groups is not None:
                 out["groups"] = torch.tensor([ord(g[0]) for g in self._groups], dtype=torch.int32)
                 out["memory"] = torch.tensor(self._memory)
+            if self.gates == "fit":  # the fitted numbers travel with a saved cache
+                out["gates"] = self.gate_params.as_tensor()
             accounting = self._byte_accounting
             if accounting is not None:
                 out["acct"] = torch.tensor([accounting["payload"], accounting["entry"], accounting["state"]],
@@ -198,6 +237,8 @@ class RetentiveKV(Method):
                 names = {"h": "h", "v": "v", "t": "t", "a": "all"}
                 self._groups = [names[chr(int(c))] for c in state["groups"]]
                 self._memory = bool(state["memory"])
+            if "gates" in state:
+                self._gate_params = GateParams.from_tensor(state["gates"])
             if "acct" in state:
                 payload, entry, state_bytes = (float(x) for x in state["acct"])
                 self._byte_accounting = {"payload": payload, "entry": entry, "state": state_bytes}
@@ -311,8 +352,9 @@ class RetentiveKV(Method):
         evicted = ctx.real[:, None, :] & ~kept[..., :n]
         h_hat = mem.token_entropy(alpha, visual) + mem.token_entropy(alpha, text)
         extras = {ACC.name: alpha}
+        gp = self.gate_params
         if self._scan:
-            gate = mem.decay_gate(h_hat, self.h_min, self.beta, self.gate_centre)
+            gate = mem.decay_gate(h_hat, gp.h_min, gp.beta, gp.gate_centre)
             zero = torch.zeros_like(R)
             extras[SPATIAL.name], extras[SPATIAL_V.name] = self._spatial_scan(ctx, R, gate) if bool(visual.any()) else (zero, zero)
         else:
@@ -328,9 +370,9 @@ class RetentiveKV(Method):
                 vis_ev = vis_ev & (R >= self.tau)
             txt_ev = evicted & text & (R >= self.tau)
             if self._scan:
-                a = mem.input_gate(h_hat, self.beta, self.gate_centre)
+                a = mem.input_gate(h_hat, gp.beta, gp.gate_centre)
                 # the recall state scans the absorbed text tokens in order; each one's decay gate acts on what came before
-                w_txt, _ = mem.scan1d(a, mem.decay_gate(h_hat, self.h_min, self.beta, self.gate_centre), txt_ev)
+                w_txt, _ = mem.scan1d(a, mem.decay_gate(h_hat, gp.h_min, gp.beta, gp.gate_centre), txt_ev)
                 by_group = {"h": a * extras[SPATIAL.name] * vis_ev, "v": a * extras[SPATIAL_V.name] * vis_ev, "t": w_txt}
             else:
                 w_vis, w_txt = extras[SPATIAL.name] * vis_ev, txt_ev.float()
@@ -359,7 +401,8 @@ class RetentiveKV(Method):
             visual = (g.mod != TEXT) & valid
             if states is not None and self.decay:  # the decay of this step, from the attention before any eviction
                 among = torch.where(visual.sum(-1, keepdim=True) > 1, visual, valid)
-                h_t = self.h_min + (1 - self.h_min) * torch.sigmoid(self.beta * (mem.row_entropy(last, among) - 0.5))
+                gp = self.gate_params
+                h_t = gp.h_min + (1 - gp.h_min) * torch.sigmoid(gp.beta * (mem.row_entropy(last, among) - gp.query_centre))
             over = self._group_over(g)
             if not (isinstance(over, int) and over <= 0):
                 # the window and the sinks shrink to fit a target smaller than them (as at prefill)
@@ -397,7 +440,8 @@ class RetentiveKV(Method):
         txt = ~is_vis & use & (r_v >= self.tau)
         if self._scan:
             h_hat = (mem.token_entropy(att, visual) + mem.token_entropy(att, text)).gather(-1, victims)
-            a, dec = mem.input_gate(h_hat, self.beta, self.gate_centre), mem.decay_gate(h_hat, self.h_min, self.beta, self.gate_centre)
+            gp = self.gate_params
+            a, dec = mem.input_gate(h_hat, gp.beta, gp.gate_centre), mem.decay_gate(h_hat, gp.h_min, gp.beta, gp.gate_centre)
             sw, sv = spatial[SPATIAL.name].gather(-1, victims), spatial[SPATIAL_V.name].gather(-1, victims)
             inputs = {"h": (a * sw, vis), "v": (a * sv, vis), "t": (a, txt),
                       "all": (torch.where(vis, a * sw, a), vis | txt)}
@@ -433,11 +477,12 @@ class RetentiveKV(Method):
     def readout(self, layer, h, query, logits, values):
         states = self._states[layer.rank]
         q = query.float()
+        gp = self.gate_params
         if self.state_readout == "linear":
-            return mem.linear_readout(states, h, q, logits, values, self.gate_w, self.gate_b, self.mix == "convex")
+            return mem.linear_readout(states, h, q, logits, values, gp.gate_w, gp.gate_b, self.mix == "convex")
         if not self._gated and "C" not in states:
             return self._readout_first_order(layer, h, q, logits, values, states)
-        return mem.moment_readout(states, h, q, logits, values, self._gated, self.gate_w, self.gate_b)
+        return mem.moment_readout(states, h, q, logits, values, self._gated, gp.gate_w, gp.gate_b)
 
     def readout_layer(self, layer, query, logits, values):
         """Every KV head's readout in one set of tensor ops (:func:`~.retentive_memory.moment_readout_layer`,
@@ -446,9 +491,10 @@ class RetentiveKV(Method):
             return super().readout_layer(layer, query, logits, values)
         states = self._states[layer.rank]
         q = query.float()
+        gp = self.gate_params
         if not self._gated and "C" not in states:
             return mem.first_order_readout_layer(mem.first_order_terms(states), q, logits, values)
-        return mem.moment_readout_layer(states, q, logits, values, self._gated, self.gate_w, self.gate_b)
+        return mem.moment_readout_layer(states, q, logits, values, self._gated, gp.gate_w, gp.gate_b)
 
     def _readout_first_order(self, layer, h, q, logits, values, states):
         """The first-order softmax readout (:func:`~.retentive_memory.first_order_readout`); its per-state terms are
