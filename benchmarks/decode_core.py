@@ -149,7 +149,7 @@ def profile_table(args) -> None:
             rows.append(dict(run=args.run, config=name, kv_heads=kv_heads, ops_per_layer_step=ops,
                              context=args.profile_context, batch=args.batch, steps=args.profile_steps))
             if args.verbose:
-                busiest = sorted(top.items(), key=lambda kv: -kv[1])[:12]
+                busiest = sorted(top.items(), key=lambda kv: -kv[1])[:(40 if args.verbose > 1 else 12)]
                 print(f"{name} @ {kv_heads} KV heads: {ops:.0f} ops/layer/step; " +
                       ", ".join(f"{k[6:]} {v / args.layers / args.profile_steps:.1f}" for k, v in busiest), flush=True)
         del model
@@ -302,7 +302,7 @@ def main() -> None:
                    help="only count aten ops per decode step and layer at 2 and 8 KV heads (no timing)")
     p.add_argument("--profile-context", type=int, default=512)
     p.add_argument("--profile-steps", type=int, default=8)
-    p.add_argument("--verbose", action="store_true", help="with --profile: the most frequent ops of each row")
+    p.add_argument("--verbose", action="count", default=0, help="with --profile: the most frequent ops of each row (twice: 40 of them)")
     p.add_argument("--kernels", action="store_true", help="only time the reads alone on fixed tensors (see kernel_times)")
     p.add_argument("--calls", type=int, default=40)
     p.add_argument("--step-profile", action="store_true",
