@@ -363,8 +363,12 @@ def attend_spherical(layer, query: torch.Tensor, mask, scaling: float) -> torch.
         allowed[:, :, n - q :] = block
         logits = logits.view(B, H, G, q, n).masked_fill(~allowed[:, None, None], float("-inf")).view(B, H, r, n)
     probs = torch.softmax(logits, dim=-1).contiguous()
-    out = probs.new_empty(B, H, r, payloads[0].dv)
-    spherical_mix(lib, payloads, probs, out, sizes)
+    coded = layer.coded if layer.coded is not None and layer.coded_intact() else None
+    if coded is not None:  # the values of every head in one layer buffer: one batched matmul (padding has p = 0)
+        out = torch.matmul(probs, coded.values[:, :, :n])
+    else:
+        out = probs.new_empty(B, H, r, payloads[0].dv)
+        spherical_mix(lib, payloads, probs, out, sizes)
     out = out.to(query.dtype).view(B, H, G, q, -1).permute(0, 3, 1, 2, 4).reshape(B, q, Hq, -1)
     _after_step(layer, probs.to(query.dtype).unflatten(2, (G, q)) if want_probs else None, q)
     return out

@@ -15,7 +15,7 @@ import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
 from . import attention, pruning
-from .decoding import INF, DecodeStep, Extra, _layer_extra, adopted_extras
+from .decoding import INF, DecodeStep, Extra, adopted_extras, layer_extra
 from .modality import TEXT
 from .protocol import PrefillContext
 from .store import HeadStore
@@ -194,7 +194,7 @@ class CompressedLayer(DynamicLayer):
         """Hold every method extra the heads share as one layer buffer (zeroed once per buffer on append)."""
         for name in self.heads[0].extras:
             if all(name in store.extras for store in self.heads):
-                _layer_extra(self, name)
+                layer_extra(self, name)
 
     def get_seq_length(self) -> int:
         return self.seen
