@@ -371,10 +371,11 @@ class KIVILayer:
         for name in ("rk", "rv", "kc", "vc", "ks"):
             buf = getattr(self, name)
             base, step = buf.data_ptr(), buf.stride(1) * buf.element_size()
+            size = buf.shape[2] if name in ("rk", "rv") else self._slots(name, self.nq)
             for h, pl in enumerate(self.payloads):
                 t = getattr(pl, name)
-                if t.data_ptr() != base + h * step or t.shape[1] != (buf.shape[2] if name in ("rk", "rv")
-                                                                     else self._slots(name, self.nq)):
+                # (an empty view reports address 0: nothing quantized yet)
+                if t.shape[1] != size or (size and t.data_ptr() != base + h * step):
                     return False
         return all(pl.nq == self.nq for pl in self.payloads)
 
