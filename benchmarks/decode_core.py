@@ -149,7 +149,7 @@ def profile_table(args) -> None:
             rows.append(dict(run=args.run, config=name, kv_heads=kv_heads, ops_per_layer_step=ops,
                              context=args.profile_context, batch=args.batch, steps=args.profile_steps))
             if args.verbose:
-                busiest = sorted(top.items(), key=lambda kv: -kv[1])[:12]
+                busiest = sorted(top.items(), key=lambda kv: -kv[1])[:(40 if args.verbose > 1 else 12)]
                 print(f"{name} @ {kv_heads} KV heads: {ops:.0f} ops/layer/step; " +
                       ", ".join(f"{k[6:]} {v / args.layers / args.profile_steps:.1f}" for k, v in busiest), flush=True)
         del model
@@ -232,6 +232,133 @@ def kernel_times(args) -> None:
 
 
 @torch.no_grad()
+def kv_bound_rounds(args) -> None:
+    """SmolLM2 in the KV-bound regime: modalkv's full cache, each of ``--configs`` (default kivi-4) and the full cache
+    at a 32-token context, built from one captured ``--context``-token prompt at batch ``--batch`` and decoded in
+    ``--repeats`` interleaved rounds of ``--steps`` steps in this process (each round's median step after the first),
+    so that load on a shared machine hits every cache alike; per round the full cache's step over each config's.
+    Rows appended to ``--steps-out``."""
+    import pandas as pd
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from memory_speed import build_prompt, captured_rows
+
+    from modalkv.cache import cache_kwargs
+    from modalkv.models import load_model
+    from modalkv.replay import capture_prefill
+    from modalkv.storage import storage_names
+
+    torch.set_num_threads(2)  # the prompt forward
+    model, tok = load_model("smollm2-135m")
+    ids = build_prompt(tok, args.context)
+    captured, short = capture_prefill(model, ids), capture_prefill(model, ids[:, :32])
+    B = args.batch
+    first = captured.logits[:, -1:].argmax(-1).expand(B, 1)
+
+    def make(name):
+        rows = captured_rows(captured, B)
+        method, _, budget = name.partition(" ")
+        if method in storage_names():
+            return rows.build_cache(model, "full", 1.0, quantize=method)
+        return rows.build_cache(model, method, float(budget or 1.0))
+
+    caches = {"full, 32-token context": [captured_rows(short, B).build_cache(model, "full", 1.0), 32, first]}
+    for name in ["full", *(args.configs or ["kivi-4"])]:
+        caches[name] = [make(name), args.context, first]
+    torch.set_num_threads(args.threads)
+    rows = []
+    for rnd in range(args.repeats):
+        for name, c in caches.items():
+            cache, pos, nxt = c
+            kw, times = cache_kwargs(model, cache), []
+            for i in range(args.steps):
+                t0 = time.perf_counter()
+                out = model(input_ids=nxt, position_ids=torch.full((B, 1), pos + i), **kw)
+                nxt = out.logits[:, -1:].argmax(-1)
+                times.append((time.perf_counter() - t0) * 1e3)
+            c[1], c[2] = pos + args.steps, nxt
+            rows.append(dict(run=args.run, config=name, round=rnd, ms_per_token=statistics.median(times[1:]),
+                             context=32 if name.startswith("full, 32") else args.context, batch=B,
+                             threads=args.threads))
+    df = pd.DataFrame(rows)
+    table = df.pivot(index="round", columns="config", values="ms_per_token")
+    for name in caches:
+        if name not in ("full", "full, 32-token context"):
+            ratio = table["full"] / table[name]
+            print(f"full / {name}: median of rounds {ratio.median():.2f} (rounds {', '.join(f'{x:.2f}' for x in ratio)})")
+    print(table.median().round(1).to_string())
+    out = Path(args.steps_out)
+    df.to_csv(out, mode="a", header=not out.exists(), index=False)
+    print(f"appended to {out}", file=sys.stderr)
+
+
+def kernels_smollm2(args) -> None:
+    """The reads of one SmolLM2 decode step's layer at batch ``--batch`` (3 KV heads, 3 query rows per KV head,
+    head_dim 64, ``--context`` entries): dense matmuls, the KIVI-4 kernels (and, with ``--old-kernels FILE.c``, the
+    same kernels built from that source, loaded beside them), Spherical KV's values through the dense-values kernel
+    and through a batched matmul (over half the entries). Each read: the minimum of 10 calls; ``--repeats`` interleaved
+    rounds; the median of the rounds' minima appended to ``--kernels-out``."""
+    import ctypes
+    import os
+    import subprocess
+    import tempfile
+
+    import pandas as pd
+
+    from modalkv.storage import KIVI, kernels
+    from modalkv.storage.kivi import kivi_logits, kivi_mix
+    from modalkv.storage.spherical import spherical_mix
+
+    libs = {"": kernels.library()}
+    if libs[""] is None:
+        raise SystemExit("the fused kernels could not be built")
+    if args.old_kernels:
+        so = Path(tempfile.mkdtemp()) / "old_kernels.so"
+        subprocess.run(["gcc", *kernels._flags("default"), args.old_kernels, "-o", str(so)], check=True)
+        old = ctypes.CDLL(str(so))
+        for fn in (old.kivi_logits, old.kivi_mix):
+            fn.argtypes = [ctypes.c_int, ctypes.c_void_p] + [ctypes.c_int] * 6
+        libs = {", before": old, ", after": libs[""]}
+    B, H, n, d, r = args.batch, 3, args.context, 64, 3
+    g = torch.Generator().manual_seed(0)
+    fmt = KIVI(bits=4, group_size=32, residual=128)
+    payloads = [fmt.new(torch.randn(B, n, d, generator=g), torch.randn(B, n, d, generator=g), 64) for _ in range(H)]
+    nq = payloads[0].nq
+    K, V = torch.randn(B, H, nq, d, generator=g), torch.randn(B, H, nq, d, generator=g)
+    q = torch.randn(B, H, r, d, generator=g).contiguous()
+    logits, out = torch.empty(B, H, r, n), torch.empty(B, H, r, d)
+    probs = torch.softmax(torch.randn(B, H, r, n, generator=g), -1).contiguous()
+    m = n // 2
+    pm = probs[..., :m].contiguous()
+    sph = [type("P", (), {"values": V[:, h], "dv": d})() for h in range(H)]
+    fns = {"dense logits (matmul)": lambda: torch.matmul(q, K.transpose(-1, -2)),
+           "dense probs x values (matmul)": lambda: torch.matmul(probs[..., :nq], V)}
+    for tag, lib in libs.items():
+        fns[f"kivi-4 logits (kernel{tag})"] = lambda lib=lib: kivi_logits(lib, payloads, q, logits)
+        fns[f"kivi-4 probs x values (kernel{tag})"] = lambda lib=lib: kivi_mix(lib, payloads, probs, out)
+    fns[f"sphericalkv values of {m} entries (dense-values kernel)"] = \
+        lambda: spherical_mix(libs[list(libs)[-1]], sph, pm, out, [m] * H)
+    fns[f"sphericalkv values of {m} entries (batched matmul)"] = lambda: torch.matmul(pm, V[:, :, :m])
+    minima = {name: [] for name in fns}
+    for _ in range(args.repeats):
+        for name, f in fns.items():
+            best = float("inf")
+            for _ in range(10):
+                t0 = time.perf_counter()
+                f()
+                best = min(best, time.perf_counter() - t0)
+            minima[name].append(best * 1e3)
+    run = f"{args.run} smollm2 shape B={B} H=3 r=3 d=64, load {os.getloadavg()[0]:.1f}".strip()
+    rows = [dict(run=run, read=name, min_ms=statistics.median(v), kv_heads=H, context=n, calls=f"{args.repeats}x10")
+            for name, v in minima.items()]
+    for row, v in zip(rows, minima.values()):
+        print(f"| {row['read']} | {row['min_ms']:.2f} | {min(v):.2f}–{max(v):.2f} |")
+    out_path = Path(args.kernels_out)
+    pd.DataFrame(rows).to_csv(out_path, mode="a", header=not out_path.exists(), index=False)
+    print(f"appended to {out_path}", file=sys.stderr)
+
+
+@torch.no_grad()
 def step_profile(args) -> None:
     """Where a decode step's attention time goes: the full cache, KIVI-4 and Spherical KV at 0.2 at the attention
     shape, the layer-level attention calls and the kernel calls inside them timed by wrapping the functions, per step
@@ -302,7 +429,7 @@ def main() -> None:
                    help="only count aten ops per decode step and layer at 2 and 8 KV heads (no timing)")
     p.add_argument("--profile-context", type=int, default=512)
     p.add_argument("--profile-steps", type=int, default=8)
-    p.add_argument("--verbose", action="store_true", help="with --profile: the most frequent ops of each row")
+    p.add_argument("--verbose", action="count", default=0, help="with --profile: the most frequent ops of each row (twice: 40 of them)")
     p.add_argument("--kernels", action="store_true", help="only time the reads alone on fixed tensors (see kernel_times)")
     p.add_argument("--calls", type=int, default=40)
     p.add_argument("--step-profile", action="store_true",
@@ -312,6 +439,12 @@ def main() -> None:
     p.add_argument("--ops-out", default=str(ROOT / "docs/results/decode_core_ops.csv"))
     p.add_argument("--configs", nargs="+", help="run only these configurations (besides DynamicCache and full)")
     p.add_argument("--calib-tokens", type=int, default=512, help="Spherical KV codebook calibration tokens")
+    p.add_argument("--kv-bound-rounds", action="store_true",
+                   help="only SmolLM2 at --context x --batch: full vs --configs in interleaved rounds (kv_bound_rounds)")
+    p.add_argument("--steps-out", default=str(ROOT / "docs/results/decode_core_pack_steps.csv"))
+    p.add_argument("--kernels-smollm2", action="store_true",
+                   help="only the reads at SmolLM2's decode shape (kernels_smollm2); --old-kernels: an old _kernels.c")
+    p.add_argument("--old-kernels", help="with --kernels-smollm2: time the KIVI kernels built from this source too")
     p.add_argument("--run", default="", help="a label for this run in the CSV")
     p.add_argument("--out", default=str(ROOT / "docs/results/decode_core.csv"))
     args = p.parse_args()
@@ -331,6 +464,12 @@ def main() -> None:
         return
     if args.step_profile:
         step_profile(args)
+        return
+    if args.kv_bound_rounds:
+        kv_bound_rounds(args)
+        return
+    if args.kernels_smollm2:
+        kernels_smollm2(args)
         return
     model = build(args, args.kv_heads)
     g = torch.Generator().manual_seed(0)

@@ -187,12 +187,12 @@ def kernel_build(request, monkeypatch):
 
 @pytest.mark.parametrize("bits", [2, 4, 8])
 @pytest.mark.parametrize("d, group, n, rows", [(96, 3, 70, 5), (96, 32, 700, 3), (96, 96, 600, 8), (64, 8, 91, 1),
-                                               (24, 4, 50, 2)])
+                                               (24, 4, 50, 2), (64, 100, 336, 3)])
 def test_kivi_kernels_equal_the_torch_reads(kernel_build, bits, d, group, n, rows):
     """Both builds against the dequantized reads: odd key groups (a token pair split at the group's end), value
     groups that do and do not hold whole 8-byte blocks of codes, more quantized tokens than one chunk of the values
     kernel, row counts that are not a multiple of the kernels' row tiles, head dims that are not a multiple of the
-    vector blocks (24)."""
+    vector blocks (24), a last chunk of the values kernel that is not a multiple of 8 tokens (300 quantized)."""
     g = torch.Generator().manual_seed(bits * 1000 + n)
     keys, values = torch.randn(2, n, d, generator=g), torch.randn(2, n, d, generator=g)
     pos = torch.arange(n, dtype=torch.int32).expand(2, n)

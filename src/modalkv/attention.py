@@ -266,11 +266,18 @@ def attend_coded(layer, query: torch.Tensor, mask, scaling: float) -> torch.Tens
     logits = qs.new_empty(B, H, G * q, n)
     if nq:
         kivi_logits(lib, payloads, qs, logits)
+    coded = layer.coded if layer.coded is not None and layer.coded_intact() else None  # the heads' layer buffers
     if n > nq:
-        rk = torch.stack([pl.rk[:, : n - nq] for pl in payloads], 1).float()  # [B, H, n - nq, d]
+        if coded is not None:
+            rk = coded.rk[:, :, : n - nq].float()
+        else:
+            rk = torch.stack([pl.rk[:, : n - nq] for pl in payloads], 1).float()  # [B, H, n - nq, d]
         logits[..., nq:] = torch.matmul(qs, rk.transpose(-1, -2))
     if not all(st.all_valid for st in heads):
-        visible = torch.stack([st.valid[:, :n] for st in heads], 1)
+        if coded is not None:
+            visible = layer.buffers["valid"][:, :, :n]
+        else:
+            visible = torch.stack([st.valid[:, :n] for st in heads], 1)
         logits.masked_fill_(~visible[:, :, None, :], float("-inf"))
     if block is not None:
         allowed = torch.ones(B, q, n, dtype=torch.bool, device=logits.device)
@@ -283,7 +290,10 @@ def attend_coded(layer, query: torch.Tensor, mask, scaling: float) -> torch.Tens
     else:
         out.zero_()
     if n > nq:
-        rv = torch.stack([pl.rv[:, : n - nq] for pl in payloads], 1).float()
+        if coded is not None:
+            rv = coded.rv[:, :, : n - nq].float()
+        else:
+            rv = torch.stack([pl.rv[:, : n - nq] for pl in payloads], 1).float()
         out += torch.matmul(probs[..., nq:], rv)
     out = out.to(query.dtype).view(B, H, G, q, -1).permute(0, 3, 1, 2, 4).reshape(B, q, Hq, -1)
     _after_step(layer, probs.to(query.dtype).unflatten(2, (G, q)) if want_probs else None, q)
@@ -353,8 +363,12 @@ def attend_spherical(layer, query: torch.Tensor, mask, scaling: float) -> torch.
         allowed[:, :, n - q :] = block
         logits = logits.view(B, H, G, q, n).masked_fill(~allowed[:, None, None], float("-inf")).view(B, H, r, n)
     probs = torch.softmax(logits, dim=-1).contiguous()
-    out = probs.new_empty(B, H, r, payloads[0].dv)
-    spherical_mix(lib, payloads, probs, out, sizes)
+    coded = layer.coded if layer.coded is not None and layer.coded_intact() else None
+    if coded is not None:  # the values of every head in one layer buffer: one batched matmul (padding has p = 0)
+        out = torch.matmul(probs, coded.values[:, :, :n])
+    else:
+        out = probs.new_empty(B, H, r, payloads[0].dv)
+        spherical_mix(lib, payloads, probs, out, sizes)
     out = out.to(query.dtype).view(B, H, G, q, -1).permute(0, 3, 1, 2, 4).reshape(B, q, Hq, -1)
     _after_step(layer, probs.to(query.dtype).unflatten(2, (G, q)) if want_probs else None, q)
     return out

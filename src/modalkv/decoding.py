@@ -165,7 +165,7 @@ class Group:
             if name not in store.extras:
                 store.add_extra(name)
         if self.packed:
-            return _layer_extra(self.layer, name)[:, :, : self.n]
+            return layer_extra(self.layer, name)[:, :, : self.n]
         if len(self.stores) > 1:
             raise ValueError("a writable extra needs a packed layer or a single head")
         return self.stores[0].extras[name][:, None, : self.n]
@@ -350,7 +350,7 @@ def _still_views(layer, name, buf) -> bool:
                for h, store in enumerate(heads))
 
 
-def _layer_extra(layer, name: str) -> torch.Tensor:
+def layer_extra(layer, name: str) -> torch.Tensor:
     """The extra ``name`` of every head of a packed layer as one buffer [B, H, cap] (each head's extra a view of it),
     so that scoring and removal are one tensor op for all heads. Rebuilt after the layer re-allocated its buffers."""
     bufs = layer.__dict__.setdefault("extra_buffers", {})

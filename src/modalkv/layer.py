@@ -15,7 +15,7 @@ import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
 from . import attention, pruning
-from .decoding import INF, DecodeStep, Extra, adopted_extras
+from .decoding import INF, DecodeStep, Extra, adopted_extras, layer_extra
 from .modality import TEXT
 from .protocol import PrefillContext
 from .store import HeadStore
@@ -34,6 +34,7 @@ class CompressedLayer(DynamicLayer):
 
     storage = None  # the layer's StorageFormat (modalkv.storage); None: dense entries
     packed = False  # the heads' slot arrays are views into self.buffers (see pack())
+    coded = None  # a KIVILayer when the heads' coded payloads and metadata are packed (see pack_coded())
 
     def __init__(self, cache: Cache, layer_idx: int, rank: int):
         super().__init__()
@@ -90,6 +91,8 @@ class CompressedLayer(DynamicLayer):
         else:
             if self.packed and self.packed_intact():
                 self._append_packed(key_states, value_states)
+            elif self._coded_ready(q):
+                self._append_coded(key_states, value_states)
             else:
                 B = key_states.shape[0]
                 pos = torch.arange(self.seen, self.seen + q, device=key_states.device, dtype=torch.int32).expand(B, q)
@@ -118,11 +121,17 @@ class CompressedLayer(DynamicLayer):
             return
         b["keys"][:, :, n : n + q] = keys
         b["values"][:, :, n : n + q] = values
-        b["pos"][:, :, n : n + q] = torch.arange(self.seen, self.seen + q, device=keys.device, dtype=torch.int32)
+        self._append_meta(n, q, B, keys.device)
+
+    def _append_meta(self, n: int, q: int, B: int, device) -> None:
+        """Write the metadata of q new entries at slots [n, n + q) of every head (one write per layer buffer) and
+        count them."""
+        heads, b = self.heads, self.buffers
+        b["pos"][:, :, n : n + q] = torch.arange(self.seen, self.seen + q, device=device, dtype=torch.int32)
         if self.cache._modality is None:
             b["mod"][:, :, n : n + q] = TEXT
         else:
-            b["mod"][:, :, n : n + q] = self.cache.modality_slice(self.seen, q, B, keys.device)[:, None]
+            b["mod"][:, :, n : n + q] = self.cache.modality_slice(self.seen, q, B, device)[:, None]
         b["valid"][:, :, n : n + q] = True
         adopted = adopted_extras(self)  # extras held as one layer buffer: one write for every head
         for buf in adopted.values():
@@ -132,6 +141,60 @@ class CompressedLayer(DynamicLayer):
                 if name not in adopted:
                     t[:, n : n + q] = 0.0
             store.n = n + q
+
+    def _coded_ready(self, q: int) -> bool:
+        """Can this layer append q tokens with the coded layer-level append (:meth:`_append_coded`)? A Spherical KV
+        layer whose packing a re-allocation ended packs again here (its heads' layouts are rewritten in place, so
+        this is rare)."""
+        if self.coded is not None and self.coded_intact():
+            return q == 1 or not self.coded.ragged
+        if q == 1 and self.heads and getattr(self.heads[0].payload, "repacks", False):
+            self.pack_coded()
+            return self.coded is not None
+        return False
+
+    def _append_coded(self, keys, values) -> None:
+        """Append q entries to every head of a layer whose coded payloads are packed (:meth:`pack_coded`): the
+        payloads' layer-level append and one metadata write per layer buffer (each head at its own slot when the
+        heads hold different numbers of entries: Spherical KV, one token)."""
+        B, _, q, _ = keys.shape
+        sizes = [store.n for store in self.heads]
+        cap = self.buffers["pos"].shape[2]
+        if max(sizes) + q > cap:
+            self._rebuffer(max(max(sizes) + q, cap + max(HeadStore.growth, cap // 8)), HeadStore.meta_arrays)
+            self._adopt_extras()
+        if self.coded.ragged:
+            self.coded.append(keys, values, sizes)
+            self._append_meta_ragged(sizes, B, keys.device)
+        else:
+            self.coded.append(keys, values, sizes[0])
+            self._append_meta(sizes[0], q, B, keys.device)
+
+    def _append_meta_ragged(self, sizes: list[int], B: int, device) -> None:
+        """Write the metadata of one new entry at slot ``sizes[h]`` of every head h (one indexed write per layer
+        buffer) and count it."""
+        b, heads = self.buffers, self.coded.heads
+        slot = torch.tensor(sizes, device=device)
+        b["pos"][:, heads, slot] = self.seen
+        if self.cache._modality is None:
+            b["mod"][:, heads, slot] = TEXT
+        else:
+            b["mod"][:, heads, slot] = self.cache.modality_slice(self.seen, 1, B, device)
+        b["valid"][:, heads, slot] = True
+        adopted = adopted_extras(self)
+        for buf in adopted.values():
+            buf[:, heads, slot] = 0.0
+        for store in self.heads:
+            for name, t in store.extras.items():
+                if name not in adopted:
+                    t[:, store.n] = 0.0
+            store.n += 1
+
+    def _adopt_extras(self) -> None:
+        """Hold every method extra the heads share as one layer buffer (zeroed once per buffer on append)."""
+        for name in self.heads[0].extras:
+            if all(name in store.extras for store in self.heads):
+                layer_extra(self, name)
 
     def get_seq_length(self) -> int:
         return self.seen
@@ -153,6 +216,7 @@ class CompressedLayer(DynamicLayer):
         self.returned_key = None
         self._row_targets = None
         self.packed = False
+        self.coded = None
         self.buffers = {}
 
     def crop(self, tokens_to_remove: int) -> None:
@@ -208,18 +272,57 @@ class CompressedLayer(DynamicLayer):
         gives up stays released, and attends head by head.
         """
         heads = self.heads
-        if not heads or not all(store.payload.packable for store in heads):
+        self.coded = None
+        if heads and not all(store.payload.packable for store in heads):
+            self.pack_coded()
+            return
+        if not heads:
             return
         sizes = [store.n for store in heads]
         if (max(sizes) * len(sizes) - sum(sizes)) * 16 > max(sum(sizes), 1):
             return
         self._rebuffer(max(store.pos.shape[1] for store in heads))
 
-    def _rebuffer(self, cap: int) -> None:
-        """(Re)allocate the layer buffers with ``cap`` slots per head and point every head store at its slice."""
+    def pack_coded(self) -> None:
+        """Pack a coded layer: the metadata into layer buffers ``[B, H, cap]`` (as :meth:`pack`; method extras too),
+        the payloads' per-step parts into their layer buffers, so that appending a token is one write per buffer
+        whatever the number of heads. KIVI (:class:`~modalkv.storage.kivi.KIVILayer`: residuals and codes) when the
+        heads hold the same number of entries and quantized slots; Spherical KV
+        (:class:`~modalkv.storage.spherical.SphericalLayer`: values and dense tails) whatever their sizes."""
+        from .storage.kivi import KIVILayer, KIVIPayload
+        from .storage.spherical import SphericalLayer, SphericalPayload
+
+        heads = self.heads
+        first = heads[0].payload
+        self.coded = None
+        if all(type(st.payload) is KIVIPayload and st.payload.format == first.format and st.n == heads[0].n
+               and st.payload.nq == first.nq for st in heads):
+            self._rebuffer(max(store.pos.shape[1] for store in heads), HeadStore.meta_arrays)
+            self.coded = KIVILayer([st.payload for st in heads], heads[0].n)
+        elif all(type(st.payload) is SphericalPayload for st in heads):
+            self._rebuffer(max(store.pos.shape[1] for store in heads), HeadStore.meta_arrays)
+            self._adopt_extras()
+            self.coded = SphericalLayer([st.payload for st in heads])
+
+    def coded_intact(self) -> bool:
+        """Are the heads of a coded-packed layer still views of its buffers, holding the same number of entries?"""
+        heads = self.heads
+        ragged = self.coded.ragged
+        for store, ptr in zip(heads, self._view_ptrs):
+            if store.valid.data_ptr() != ptr or (store.n != heads[0].n and not ragged):
+                self.coded = None
+                return False
+        if not self.coded.intact():
+            self.coded = None
+            return False
+        return True
+
+    def _rebuffer(self, cap: int, names=HeadStore.slot_arrays) -> None:
+        """(Re)allocate the layer buffers of ``names`` with ``cap`` slots per head and point every head store at its
+        slice (all per-slot arrays: a packed dense layer; the metadata only: a coded layer)."""
         heads = self.heads
         self.buffers = {}
-        for name in HeadStore.slot_arrays:
+        for name in names:
             first = getattr(heads[0], name)
             buf = first.new_zeros(first.shape[0], len(heads), cap, *first.shape[2:])
             for h, store in enumerate(heads):
@@ -229,14 +332,22 @@ class CompressedLayer(DynamicLayer):
                 with torch.enable_grad():
                     setattr(store, name, buf[:, h])
             self.buffers[name] = buf
+        if names != HeadStore.slot_arrays:  # metadata only (a coded layer): not the dense packed step
+            self._view_ptrs = [store.valid.data_ptr() for store in heads]
+            self._fit_extras(cap)
+            return
         self._view_ptrs = [(store.keys.data_ptr(), store.values.data_ptr(), store.valid.data_ptr()) for store in heads]
+        self._fit_extras(cap)
+        self.packed = True
+
+    def _fit_extras(self, cap: int) -> None:
+        heads = self.heads
         for store in heads:  # method extras stay per head, at the same capacity
             for name, t in list(store.extras.items()):
                 if t.shape[1] != cap:
                     grown = t.new_zeros(t.shape[0], cap)
                     grown[:, : store.n] = t[:, : store.n]
                     store.extras[name] = grown
-        self.packed = True
 
     def packed_intact(self) -> bool:
         """Are the head stores still views of the layer buffers (no store re-allocated its own tensors)?"""
@@ -251,7 +362,7 @@ class CompressedLayer(DynamicLayer):
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         for store in self.heads or []:
             store.select_batch(indices.to(store.pos.device))
-        if self.packed:  # the stores now hold their own tensors: pack them again
+        if self.packed or self.coded is not None:  # the stores now hold their own tensors: pack them again
             self.packed = False
             self.pack()
         if self.heads:

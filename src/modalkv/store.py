@@ -32,6 +32,7 @@ class HeadStore:
 
     growth = 64  # minimum number of slots added when the store is full
     slot_arrays = ("keys", "values", "pos", "mod", "valid")  # dense per-slot tensors a layer may pack (see pack())
+    meta_arrays = ("pos", "mod", "valid")  # the metadata a layer of coded payloads packs (see pack_coded())
 
     def __init__(self, keys, values, pos, mod, valid, extras: dict[str, torch.Tensor], reserve: int, storage=None):
         B, k, _ = keys.shape

@@ -142,6 +142,46 @@ static void kivi_logits_rows(const uint8_t *codes, int line, int t0, int t1, con
 }
 #endif
 
+#ifdef SIMD
+/* KIVI keys with d a multiple of 8 * per: per group, the fp16 scales and zeros are converted 8 at a time, the bias
+ * q . z is a vector dot product in channel order, and the scaled query (q * s) in phase order is the query rows put
+ * in phase order once per task times the scales gathered into phase order (no scalar loop over channels). */
+static void kivi_logits_simd(const uint8_t *codes, const half *scale, const half *zero, const float *q, float *out,
+                             int nq, int d, int G, int bits, int r, int ld_out, float *scratch) {
+    int per = 8 / bits, line = d * bits / 8;
+    float *qp = scratch + r * d, *bias = qp + r * d, *sf = bias + r, *zf = sf + d, *q0 = scratch;
+    int *idx = malloc(sizeof(int) * (size_t)d);
+    for (int b = 0; b < d; b += 8 * per)  /* phase position -> channel */
+        for (int m = 0; m < per; m++)
+            for (int l = 0; l < 8; l++) idx[b + m * 8 + l] = b + l * per + m;
+    for (int i = 0; i < r; i++) to_phase_order(q + (size_t)i * d, q0 + (size_t)i * d, d, per);
+    for (int g = 0; g < nq / G; g++) {
+        for (int j = 0; j < d; j += 8) {
+            _mm256_storeu_ps(sf + j, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(scale + (size_t)g * d + j))));
+            _mm256_storeu_ps(zf + j, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(zero + (size_t)g * d + j))));
+        }
+        for (int i = 0; i < r; i++) {
+            __m256 acc = _mm256_setzero_ps();
+            for (int j = 0; j < d; j += 8)
+                acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + (size_t)i * d + j), _mm256_loadu_ps(zf + j), acc);
+            __m128 h = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+            h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+            h = _mm_add_ss(h, _mm_movehdup_ps(h));
+            bias[i] = _mm_cvtss_f32(h);
+        }
+        for (int j = 0; j < d; j += 8) {
+            __m256 sp = _mm256_i32gather_ps(sf, _mm256_loadu_si256((const __m256i *)(idx + j)), 4);
+            for (int i = 0; i < r; i++)
+                _mm256_storeu_ps(qp + (size_t)i * d + j, _mm256_mul_ps(_mm256_loadu_ps(q0 + (size_t)i * d + j), sp));
+        }
+        for (int i0 = 0; i0 < r; i0 += 4)
+            kivi_logits_rows(codes, line, g * G, (g + 1) * G, qp + (size_t)i0 * d, bias + i0,
+                             out + (size_t)i0 * ld_out, ld_out, d, bits, min_int(4, r - i0));
+    }
+    free(idx);
+}
+#endif
+
 /* KIVI keys, per channel over groups of G tokens: out[i, t] = sum_j q[i, j] (s[t/G, j] c[t, j] + z[t/G, j]),
  * computed as (q * s) . c + q . z per group. task words: codes (uint8 [nq, d*bits/8]), scale, zero (fp16 [nq/G, d]),
  * query (f32 [r, d]), out (f32, rows of ld_out), nq. */
@@ -155,9 +195,13 @@ void kivi_logits(int ntask, const int64_t *tasks, int d, int G, int bits, int r,
         float *out = (float *)w[4];
         int nq = (int)w[5], line = d * bits / 8;
         float *qs = malloc(sizeof(float) * (size_t)(2 * r * d + r + 3 * d));
-        float *qp = qs + r * d, *bias = qp + r * d, *c = bias + r, *sf = c + d, *zf = sf + d;
+        float *bias = qs + 2 * r * d, *c = bias + r, *sf = c + d, *zf = sf + d;
 #ifdef SIMD
-        int per = 8 / bits, simd = d % (8 * per) == 0;
+        if (d % (64 / bits) == 0) {  /* whole 8-byte blocks of codes per line: the vector path */
+            kivi_logits_simd(codes, scale, zero, q, out, nq, d, G, bits, r, ld_out, qs);
+            free(qs);
+            continue;
+        }
 #endif
         for (int g = 0; g < nq / G; g++) {
             for (int j = 0; j < d; j++) {  /* the group's fp16 scales and zeros as floats, once per group */
@@ -172,15 +216,6 @@ void kivi_logits(int ntask, const int64_t *tasks, int d, int G, int bits, int r,
                 }
                 bias[i] = b;
             }
-#ifdef SIMD
-            if (simd) {
-                for (int i = 0; i < r; i++) to_phase_order(qs + i * d, qp + i * d, d, per);
-                for (int i0 = 0; i0 < r; i0 += 4)
-                    kivi_logits_rows(codes, line, g * G, (g + 1) * G, qp + (size_t)i0 * d, bias + i0,
-                                     out + (size_t)i0 * ld_out, ld_out, d, bits, min_int(4, r - i0));
-                continue;
-            }
-#endif
             for (int t = g * G; t < (g + 1) * G; t++) {
                 unpack_line(codes + (size_t)t * line, d, bits, c);
                 for (int i = 0; i < r; i++) {
@@ -196,8 +231,11 @@ void kivi_logits(int ntask, const int64_t *tasks, int d, int G, int bits, int r,
 }
 
 #ifdef SIMD
+#define MIX_CHUNK 256 /* tokens whose p * s products are formed at once (a few KB, stays in L1) */
+
 /* KIVI values, tokens [t0, t1), nr <= 4 rows (nr * per <= 8 accumulators): acc (phase order, rows of dv) +=
- * sum_t ps[t, i, g] c[t] with ps[t, i, g] = p[i, t] s[t, g] (rows of stride r * ng per token). */
+ * sum_t ps[i, g, t] c[t] with ps[i, g, t] = p[i, t] s[t, g] (a plane of MIX_CHUNK tokens per (row, group); rows
+ * pstride = ng * MIX_CHUNK floats apart). */
 INLINE void kivi_mix_body(const uint8_t *codes, int line, int t0, int t1, const float *ps, int pstride, int ng,
                           float *acc_out, int dv, int vg, int bits, int nr) {
     const int per = 8 / bits;
@@ -210,12 +248,13 @@ INLINE void kivi_mix_body(const uint8_t *codes, int line, int t0, int t1, const 
             for (int m = 0; m < per; m++) acc[i][m] = _mm256_loadu_ps(acc_out + (size_t)i * dv + b + 8 * m);
         for (int t = t0; t < t1; t++) {
             __m256i x = load8(codes + (size_t)t * line + b / per);
-            const float *pt = ps + (size_t)(t - t0) * pstride + g;
+            const float *pt = ps + (size_t)g * MIX_CHUNK + (t - t0);
 #pragma GCC unroll 4
             for (int m = 0; m < per; m++) {
                 __m256 f = phase(x, m, bits);
 #pragma GCC unroll 4
-                for (int i = 0; i < nr; i++) acc[i][m] = _mm256_fmadd_ps(_mm256_broadcast_ss(pt + i * ng), f, acc[i][m]);
+                for (int i = 0; i < nr; i++)
+                    acc[i][m] = _mm256_fmadd_ps(_mm256_broadcast_ss(pt + (size_t)i * pstride), f, acc[i][m]);
             }
         }
 #pragma GCC unroll 4
@@ -235,8 +274,6 @@ static void kivi_mix_rows(const uint8_t *codes, int line, int t0, int t1, const 
 #undef CASE
 }
 
-#define MIX_CHUNK 256 /* tokens whose p * s products are formed at once (a few KB, stays in L1) */
-
 static void kivi_mix_simd(const uint8_t *codes, const half *scale, const half *zero, const float *p, float *out,
                           int nq, int dv, int vg, int bits, int r, int ld_p) {
     int line = dv * bits / 8, ng = dv / vg, per = 8 / bits, rows = bits == 2 ? 2 : 4;
@@ -253,17 +290,30 @@ static void kivi_mix_simd(const uint8_t *codes, const half *scale, const half *z
             sf[j] = h2f(scale[(size_t)t0 * ng + j]);
             zf[j] = h2f(zero[(size_t)t0 * ng + j]);
         }
-        for (int t = 0; t < tc; t++)  /* ps[t, i, g] = p[i, t] s[t, g]; zsum[i, g] += p[i, t] z[t, g] */
-            for (int i = 0; i < r; i++) {
-                float pt = p[(size_t)i * ld_p + t0 + t];
-                for (int g = 0; g < ng; g++) {
-                    ps[(size_t)t * r * ng + i * ng + g] = pt * sf[t * ng + g];
-                    zsum[i * ng + g] += pt * zf[t * ng + g];
+        const __m256i stride = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(ng));
+        for (int i = 0; i < r; i++)  /* ps[i, g, t] = p[i, t] s[t, g]; zsum[i, g] += p[i, t] z[t, g]: 8 tokens at once */
+            for (int g = 0; g < ng; g++) {
+                const float *pi = p + (size_t)i * ld_p + t0;
+                float *dst = ps + (size_t)(i * ng + g) * MIX_CHUNK;
+                __m256 zacc = _mm256_setzero_ps();
+                int t = 0;
+                for (; t + 8 <= tc; t += 8) {
+                    __m256 p8 = _mm256_loadu_ps(pi + t);
+                    _mm256_storeu_ps(dst + t, _mm256_mul_ps(p8, _mm256_i32gather_ps(sf + t * ng + g, stride, 4)));
+                    zacc = _mm256_fmadd_ps(p8, _mm256_i32gather_ps(zf + t * ng + g, stride, 4), zacc);
                 }
+                __m128 h = _mm_add_ps(_mm256_castps256_ps128(zacc), _mm256_extractf128_ps(zacc, 1));
+                h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+                float zs = _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
+                for (; t < tc; t++) {
+                    dst[t] = pi[t] * sf[t * ng + g];
+                    zs += pi[t] * zf[t * ng + g];
+                }
+                zsum[i * ng + g] += zs;
             }
         for (int i0 = 0; i0 < r; i0 += rows)
-            kivi_mix_rows(codes, line, t0, t0 + tc, ps + i0 * ng, r * ng, ng, acc + (size_t)i0 * dv,
-                          dv, vg, bits, min_int(rows, r - i0));
+            kivi_mix_rows(codes, line, t0, t0 + tc, ps + (size_t)i0 * ng * MIX_CHUNK, ng * MIX_CHUNK, ng,
+                          acc + (size_t)i0 * dv, dv, vg, bits, min_int(rows, r - i0));
     }
     for (int i = 0; i < r; i++) {
         from_phase_order(acc + (size_t)i * dv, tmp + (size_t)i * dv, dv, per);

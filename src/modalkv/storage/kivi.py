@@ -307,3 +307,119 @@ def kivi_mix(lib, payloads: list[KIVIPayload], probs: torch.Tensor, out: torch.T
                          kernels.row(probs, b, h), kernels.row(out, b, h), pl.nq))
     table = kernels.tasks(rows)
     lib.kivi_mix(len(rows), table.data_ptr(), payloads[0].dv, payloads[0].vgroup, fmt.bits, r, ld, kernels.threads())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# a layer's heads in layer buffers: one write per buffer when a token is appended
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class KIVILayer:
+    """The residuals and codes of every KV head of one KIVI layer held in layer buffers ``[B, H, cap, ...]``; each
+    head's :class:`KIVIPayload` holds views of its slices (``rk = self.rk[:, h]``, ``kc = self.kc[:, h, :nq]``), so
+    the head-by-head reads and writes keep working, while :meth:`append` writes a new token to every head at once
+    and quantizes a finished group of every head in one set of tensor ops (the same codes as head by head: the
+    quantisation is per head and group either way).
+
+    Built by :meth:`pack` when the heads hold the same number of entries and quantized slots; any head-by-head change
+    that re-allocates a head's tensors (eviction inside the codes, batch selection, a per-head quantisation) ends the
+    packing (:meth:`intact` is False) and the layer goes back to appending head by head.
+    """
+
+    CODES = ("kc", "ks", "kz", "vc", "vs", "vz")
+    ragged = False  # every head holds the same number of entries
+    GROUPED = ("ks", "kz")  # one entry per key group, the others one per quantized token
+
+    def __init__(self, payloads: list[KIVIPayload], n: int):
+        first = payloads[0]
+        self.payloads = payloads
+        self.format = first.format
+        self.d, self.dv, self.vgroup = first.d, first.dv, first.vgroup
+        self.nq = first.nq
+        B, H, G = first.batch, len(payloads), self.format.group_size
+        r = n - self.nq
+        rcap = max(r + G + 8, max(pl.rk.shape[1] for pl in payloads))
+        self.rk = first.rk.new_zeros(B, H, rcap, self.d)
+        self.rv = first.rv.new_zeros(B, H, rcap, self.dv)
+        for h, pl in enumerate(payloads):
+            self.rk[:, h, :r] = pl.rk[:, :r]
+            self.rv[:, h, :r] = pl.rv[:, :r]
+        self.qcap = self.nq + 4 * G  # quantized slots (a multiple of G): room for four more groups
+        for name in self.CODES:
+            t = getattr(first, name)
+            buf = t.new_zeros(B, H, self._slots(name, self.qcap), *t.shape[2:])
+            for h, pl in enumerate(payloads):
+                buf[:, h, : self._slots(name, self.nq)] = getattr(pl, name)
+            setattr(self, name, buf)
+        self._views()
+
+    def _slots(self, name: str, nq: int) -> int:
+        return nq // self.format.group_size if name in self.GROUPED else nq
+
+    def _views(self) -> None:
+        """Point every head's payload at its slices of the layer buffers."""
+        with torch.enable_grad():  # as the dense layer buffers: in-place writes allowed with or without no_grad
+            for h, pl in enumerate(self.payloads):
+                pl.rk, pl.rv = self.rk[:, h], self.rv[:, h]
+                for name in self.CODES:
+                    setattr(pl, name, getattr(self, name)[:, h, : self._slots(name, self.nq)])
+                pl.nq = self.nq
+
+    def intact(self) -> bool:
+        """Are the heads' payloads still views of these buffers, with the layer's quantized slot count? (Pointer
+        arithmetic only: no tensor op per head.)"""
+        for name in ("rk", "rv", "kc", "vc", "ks"):
+            buf = getattr(self, name)
+            base, step = buf.data_ptr(), buf.stride(1) * buf.element_size()
+            size = buf.shape[2] if name in ("rk", "rv") else self._slots(name, self.nq)
+            for h, pl in enumerate(self.payloads):
+                t = getattr(pl, name)
+                # (an empty view reports address 0: nothing quantized yet)
+                if t.shape[1] != size or (size and t.data_ptr() != base + h * step):
+                    return False
+        return all(pl.nq == self.nq for pl in self.payloads)
+
+    def append(self, keys: torch.Tensor, values: torch.Tensor, at: int) -> None:
+        """Append q entries to every head at slot ``at`` (keys [B, H, q, d], values [B, H, q, dv]); the oldest whole
+        groups of the residual are quantized as :meth:`KIVIPayload.append` does."""
+        q = keys.shape[2]
+        G, R = self.format.group_size, self.format.residual
+        r = at - self.nq
+        if r + q > self.rk.shape[2]:
+            cap = max(r + q, self.rk.shape[2] + G)
+            self.rk = torch.cat([self.rk[:, :, :r], self.rk.new_zeros(*self.rk.shape[:2], cap - r, self.d)], 2)
+            self.rv = torch.cat([self.rv[:, :, :r], self.rv.new_zeros(*self.rv.shape[:2], cap - r, self.dv)], 2)
+            self._views()
+        self.rk[:, :, r : r + q] = keys
+        self.rv[:, :, r : r + q] = values
+        r += q
+        if r >= R + G:
+            m = (r - R) // G * G
+            self._quantize(m)
+            self.rk[:, :, : r - m] = self.rk[:, :, m:r].clone()
+            self.rv[:, :, : r - m] = self.rv[:, :, m:r].clone()
+            self._views()
+
+    def _quantize(self, m: int) -> None:
+        """Quantize the residual's first ``m`` slots (whole groups) of every head into the code buffers."""
+        B, H = self.rk.shape[:2]
+        G, bits = self.format.group_size, self.format.bits
+        kcodes, ks, kz = quantize(self.rk[:, :, :m].reshape(B, H, m // G, G, self.d), bits, dim=3)
+        vcodes, vs, vz = quantize(self.rv[:, :, :m].reshape(B, H, m, self.dv // self.vgroup, self.vgroup), bits,
+                                  dim=4)
+        new = {"kc": pack_bits(kcodes.reshape(B, H, m, self.d), bits), "ks": ks.reshape(B, H, m // G, self.d),
+               "kz": kz.reshape(B, H, m // G, self.d), "vc": pack_bits(vcodes.reshape(B, H, m, self.dv), bits),
+               "vs": vs.reshape(B, H, m, -1), "vz": vz.reshape(B, H, m, -1)}
+        if self.nq + m > self.qcap:
+            cap = self.nq + m + max(4 * G, self.qcap // 8 // G * G)
+            for name in self.CODES:
+                buf = getattr(self, name)
+                old = self._slots(name, self.nq)
+                grown_buf = buf.new_zeros(B, H, self._slots(name, cap), *buf.shape[3:])
+                grown_buf[:, :, :old] = buf[:, :, :old]
+                setattr(self, name, grown_buf)
+            self.qcap = cap
+        for name, t in new.items():
+            at = self._slots(name, self.nq)
+            getattr(self, name)[:, :, at : at + t.shape[2]] = t
+        self.nq += m

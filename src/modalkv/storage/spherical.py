@@ -97,6 +97,7 @@ class SphericalPayload(Payload):
     """
 
     fused = True
+    repacks = True  # a layer whose packing ended packs again on the next one-token append (see SphericalLayer)
 
     def __init__(self, fmt: SphericalStorage, keys, values, reserve: int):
         self.format = fmt
@@ -182,7 +183,8 @@ class SphericalPayload(Payload):
             start += w
         self.tail_start = sum(w for t, w in zip(groups, widths) if t)
         tail = m - self.tail_start
-        self.tail_keys = keys.new_empty(self.batch, tail + self.reserve, self.d)
+        if not tail <= self.tail_keys.shape[1] <= tail + self.reserve + 64:  # in place, as the values
+            self.tail_keys = keys.new_empty(self.batch, tail + self.reserve, self.d)
         self.tail_keys[:, :tail] = new_keys[:, self.tail_start :]
         return order, ok
 
@@ -362,3 +364,67 @@ def spherical_mix(lib, payloads: list[SphericalPayload], probs: torch.Tensor, ou
             for h, (pl, n) in enumerate(zip(payloads, sizes)) for b in range(B)]
     table = kernels.tasks(rows)
     lib.dense_mix(len(rows), table.data_ptr(), payloads[0].dv, r, probs.stride(2), kernels.threads())
+
+
+class SphericalLayer:
+    """The dense values and dense-tail keys of every KV head of one Spherical KV layer held in layer buffers
+    ``[B, H, cap, ...]``; each head's :class:`SphericalPayload` holds a view of its slice with its own capacity, so
+    the head-by-head code (re-allocations lay entries out in place) keeps working, while :meth:`append` writes a new
+    token to every head at once, each at its own slot (heads hold different numbers of entries): one indexed write per
+    buffer whatever the number of heads. Coded sections stay per head (they are rewritten only by re-allocations).
+    A head whose tensors were re-allocated (a layout that needed another size, batch selection) ends the packing
+    (:meth:`intact` is False) until the layer packs again.
+    """
+
+    ragged = True  # heads may hold different numbers of entries
+
+    def __init__(self, payloads: list[SphericalPayload]):
+        first = payloads[0]
+        self.payloads = payloads
+        B, H = first.batch, len(payloads)
+        self.heads = torch.arange(H, device=first.values.device)
+        self.values = first.values.new_zeros(B, H, max(pl.values.shape[1] for pl in payloads), first.dv)
+        self.tail = first.tail_keys.new_zeros(B, H, max(pl.tail_keys.shape[1] for pl in payloads), first.d)
+        for h, pl in enumerate(payloads):
+            self.values[:, h, : pl.values.shape[1]] = pl.values
+            self.tail[:, h, : pl.tail_keys.shape[1]] = pl.tail_keys
+            self._view(h, pl.values.shape[1], pl.tail_keys.shape[1])
+
+    def _view(self, h: int, vcap: int, tcap: int) -> None:
+        pl = self.payloads[h]
+        with torch.enable_grad():  # as the dense layer buffers: in-place writes allowed with or without no_grad
+            pl.values, pl.tail_keys = self.values[:, h, :vcap], self.tail[:, h, :tcap]
+
+    def intact(self) -> bool:
+        """Are the heads' values and tail keys still views of these buffers? (Pointer arithmetic only.)"""
+        for name, buf in (("values", self.values), ("tail_keys", self.tail)):
+            base, step = buf.data_ptr(), buf.stride(1) * buf.element_size()
+            if any(getattr(pl, name).data_ptr() != base + h * step for h, pl in enumerate(self.payloads)):
+                return False
+        return True
+
+    def _grow(self, name: str, cap: int) -> None:
+        buf = getattr(self, name)
+        new = buf.new_zeros(buf.shape[0], buf.shape[1], cap, buf.shape[3])
+        new[:, :, : buf.shape[2]] = buf
+        setattr(self, name, new)
+        for h, pl in enumerate(self.payloads):
+            self._view(h, pl.values.shape[1], pl.tail_keys.shape[1])
+
+    def append(self, keys: torch.Tensor, values: torch.Tensor, sizes: list[int]) -> None:
+        """Append one entry to every head h at its slot ``sizes[h]`` (keys [B, H, 1, d], values [B, H, 1, dv]);
+        a head without room grows by 64 slots (as :meth:`SphericalPayload.append`)."""
+        tails = [n - pl.tail_start for n, pl in zip(sizes, self.payloads)]
+        for h, (pl, n, r) in enumerate(zip(self.payloads, sizes, tails)):
+            vcap, tcap = pl.values.shape[1], pl.tail_keys.shape[1]
+            if n + 1 > vcap or r + 1 > tcap:
+                vcap = max(vcap, n + 1 + max(64, pl.reserve))
+                tcap = max(tcap, r + 1 + 64)
+                if vcap > self.values.shape[2]:
+                    self._grow("values", vcap)
+                if tcap > self.tail.shape[2]:
+                    self._grow("tail", tcap)
+                self._view(h, vcap, tcap)
+        dev = self.values.device
+        self.values[:, self.heads, torch.tensor(sizes, device=dev)] = values[:, :, 0]
+        self.tail[:, self.heads, torch.tensor(tails, device=dev)] = keys[:, :, 0]

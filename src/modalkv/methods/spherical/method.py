@@ -16,6 +16,7 @@ from typing import ClassVar, Literal
 
 import torch
 
+from ...decoding import adopted_extras
 from ...protocol import Selection
 from ...scoring import attention_probs, check_finite, mask_to_sorted, pool1d
 from ...storage.spherical import SORTS_LAST, SphericalStorage
@@ -335,11 +336,18 @@ class SphericalKV(Method):
 
     # -- decode ---------------------------------------------------------------------------------------------
     def decode(self, step) -> None:
-        layer, probs = step.layer, [step.probs_of(h) for h in range(len(step.heads))]
-        for h, store in enumerate(layer.heads):
-            att = probs[h].amax(1)[:, -1].float()  # [B, n] max over the group's query heads, current query
-            om = store.extras[OMEGA.name][:, : store.n]
-            om.mul_(self.ema).add_((1 - self.ema) * att)
+        layer = step.layer
+        omega = adopted_extras(layer).get(OMEGA.name) if isinstance(step.probs, torch.Tensor) else None
+        if omega is not None:  # every head's omega is a view of one layer buffer: one update for all heads
+            # [B, H, n] max over the group's query heads, current query; heads holding fewer entries than the
+            # largest get 0 (masked) in their unused slots, which are zeroed again when an entry is appended there
+            att = step.probs.amax(2)[:, :, -1].float()
+            omega[:, :, : att.shape[-1]].mul_(self.ema).add_((1 - self.ema) * att)
+        else:
+            for h, store in enumerate(layer.heads):
+                att = step.probs_of(h).amax(1)[:, -1].float()  # [B, n] max over the query heads, current query
+                om = store.extras[OMEGA.name][:, : store.n]
+                om.mul_(self.ema).add_((1 - self.ema) * att)
         tail = layer.heads[0].n - layer.heads[0].payload.tail_start
         if self.allocation == "global":  # every layer holds the same tail: re-allocate them all after the last one
             if layer.rank == self.cache.num_managed - 1 and tail >= min(self._every.values(), default=self.refresh):
