@@ -241,6 +241,20 @@ class KVCache(Cache):
             self.layout = self.layout.select_rows(index)
         self.method.select_batch(index)
 
+    # -- replaying a captured prefill ----------------------------------------------------------------------
+    def load_prefill(self, layers: dict, other_layers: dict, seen: int) -> None:
+        """Fill this new cache as its own prefill would have: each managed layer compresses the (query, keys,
+        values, real, scaling) captured for it; every other layer (e.g. a sliding window) is a copy of the captured
+        one. Used to compress one captured prompt forward with many methods and budgets."""
+        for i, layer in enumerate(self.layers):
+            if isinstance(layer, CompressedLayer):
+                query, keys, values, real, scaling = layers[i]
+                layer.lazy_initialization(keys, values)
+                layer.seen = seen
+                layer.compress_prefill(query, keys, values, real, scaling)
+            else:
+                self.layers[i] = copy.deepcopy(other_layers[i])
+
     # -- modality -------------------------------------------------------------------------------------------
     def set_modality(self, mm_token_type_ids) -> None:
         """Give the cache the per-token modality ids of the prompt (``mm_token_type_ids``: [B, n]), or a

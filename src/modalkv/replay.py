@@ -9,7 +9,6 @@ Benchmarks use it to compare many methods and budgets on one long prompt for the
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
 
 import torch
@@ -55,14 +54,7 @@ class CapturedPrefill:
             )
         cache._modality = self.modality
         cache.layout = self.layout
-        for i, layer in enumerate(cache.layers):
-            if isinstance(layer, CompressedLayer):
-                query, keys, values, real, scaling = self.layers[i]
-                layer.lazy_initialization(keys, values)
-                layer.seen = self.seen
-                layer.compress_prefill(query, keys, values, real, scaling)
-            else:
-                cache.layers[i] = copy.deepcopy(self.other_layers[i])
+        cache.load_prefill(self.layers, self.other_layers, self.seen)
         return cache
 
 

@@ -23,7 +23,6 @@ codebooks are: a second cache with the same configuration does no work.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import time
 import weakref
@@ -151,14 +150,7 @@ class _Prefill:
 
     def build_cache(self, model, method, budget: float = 1.0) -> KVCache:
         cache = KVCache(model, method, budget)
-        for i, layer in enumerate(cache.layers):
-            if isinstance(layer, CompressedLayer):
-                query, keys, values, real, scaling = self.layers[i]
-                layer.lazy_initialization(keys, values)
-                layer.seen = self.seen
-                layer.compress_prefill(query, keys, values, real, scaling)
-            else:
-                cache.layers[i] = copy.deepcopy(self.others[i])
+        cache.load_prefill(self.layers, self.others, self.seen)
         return cache
 
 
