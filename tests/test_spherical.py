@@ -399,3 +399,16 @@ def test_paper_preset_sets_the_papers_regime():
     assert (plain.tiers, plain.proxy, plain.allocation) == ("2:6,2:4,4:6", "rms", "global")
     with pytest.raises(TypeError, match="preset"):
         KVCache(model, "sphericalkv", 0.3, preset="fast")
+
+
+def test_prompt_beyond_the_calibrated_positions_is_warned():
+    """Keys are coded after RoPE, so positions past the calibration text's rotate channel pairs to directions the
+    codebooks never saw: a prompt longer than calib_tokens gets a warning naming the setting, once per cache."""
+    with pytest.warns(UserWarning, match=r"calib_tokens=64.*position 120") as record:
+        _prefilled(0.5, n=120, calib_tokens=64)
+    assert len([w for w in record if "calib_tokens" in str(w.message)]) == 1  # not once per layer
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _prefilled(0.5, n=120, calib_tokens=128)  # within the calibrated positions: silent
