@@ -412,3 +412,33 @@ def test_prompt_beyond_the_calibrated_positions_is_warned():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         _prefilled(0.5, n=120, calib_tokens=128)  # within the calibrated positions: silent
+
+
+def test_calib_span_spreads_the_calibration_over_the_positions():
+    """calib_span > calib_tokens runs the calibration text in chunks whose positions spread over [0, calib_span):
+    the keys the codebooks are fitted on then carry the RoPE rotations of the whole span (here 4 chunks of 64 tokens
+    at 0, 256, 512, 768); a prompt within the span does not warn."""
+    import warnings
+
+    from modalkv.methods.spherical.codebooks import calibrate
+
+    model = tiny_llama()
+    seen = []
+    forward = model.forward
+
+    def recording(*args, **kw):
+        seen.append(kw["position_ids"][0].tolist())
+        return forward(*args, **kw)
+
+    model.forward = recording
+    with torch.no_grad():
+        books = calibrate(model, ((2, 6),), tokens=256, iters=2, span=1024)
+    assert [p[0] for p in seen] == [0, 256, 512, 768] and all(len(p) == 64 for p in seen)
+    assert all(p == list(range(p[0], p[0] + 64)) for p in seen)
+    with torch.no_grad():
+        plain = calibrate(model, ((2, 6),), tokens=256, iters=2)
+    assert seen[-1] == list(range(256))  # span 0: one sequence at positions 0..tokens-1, as before
+    assert not torch.equal(books.books[0][0], plain.books[0][0])  # different keys, different codebooks
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _prefilled(0.5, n=120, calib_tokens=64, calib_span=128)

@@ -132,19 +132,35 @@ def calibration_ids(model, tokens: int, seed: int = 42) -> torch.Tensor:
 
 
 @torch.no_grad()
-def calibrate(model, tiers, tokens: int = 2048, iters: int = 20, seed: int = 42, pairs: str = "contiguous") -> Codebooks:
+def calibrate(model, tiers, tokens: int = 2048, iters: int = 20, seed: int = 42, pairs: str = "contiguous",
+              span: int = 0) -> Codebooks:
     """Codebooks fitted on the model's own post-RoPE keys over :func:`calibration_ids`, remembered per model and
     arguments. A :class:`~modalkv.methods.spherical.SphericalKV` cache calls it in ``setup`` with its ``tier_spec``,
-    ``calib_tokens``, ``kmeans_iters``, ``seed`` and ``pairs``; calling it beforehand with the same arguments does the
-    calibration once, ahead of the first cache (e.g. outside a timed region)."""
-    key = (tuple(tiers), tokens, iters, seed, pairs)
+    ``calib_tokens``, ``kmeans_iters``, ``seed``, ``pairs`` and ``calib_span``; calling it beforehand with the same
+    arguments does the calibration once, ahead of the first cache (e.g. outside a timed region).
+
+    ``span`` > ``tokens``: the calibration text is cut into ``ceil(span / tokens)`` chunks, each run as its own
+    sequence at positions spread evenly over ``[0, span)``, so the keys' RoPE rotations cover the positions up to
+    ``span`` at the cost of ``tokens`` tokens (CHOICE, ours; 0: one sequence at positions ``[0, tokens)``)."""
+    key = (tuple(tiers), tokens, iters, seed, pairs, span)
     per_model = CALIBRATED.setdefault(model, {})
     if key in per_model:
         return per_model[key]
     ids = calibration_ids(model, tokens, seed).to(model.device)
-    cache = DynamicCache(config=model.config.get_text_config(decoder=True))
-    model(input_ids=ids, **cache_kwargs(model, cache))
-    keys = {i: layer.keys[0].float() for i, layer in enumerate(cache.layers) if type(layer) is DynamicLayer}
+    n = ids.shape[1]
+    chunks = max(1, -(-span // n)) if span > n else 1
+    size = -(-n // chunks)
+    keys: dict[int, list[torch.Tensor]] = {}
+    for c in range(chunks):
+        part = ids[:, c * size:(c + 1) * size]
+        start = c * span // chunks if chunks > 1 else 0
+        position_ids = torch.arange(start, start + part.shape[1], device=ids.device)[None]
+        cache = DynamicCache(config=model.config.get_text_config(decoder=True))
+        model(input_ids=part, position_ids=position_ids, **cache_kwargs(model, cache))
+        for i, layer in enumerate(cache.layers):
+            if type(layer) is DynamicLayer:
+                keys.setdefault(i, []).append(layer.keys[0].float())
+    keys = {i: torch.cat(k, dim=1) for i, k in keys.items()}  # [H, tokens, d] per layer
     books = fit_codebooks(keys, tiers, iters, seed, pairs=pairs)
     per_model[key] = books
     return books

@@ -43,6 +43,8 @@ class SphericalKV(Method):
     Parameters
     ----------
     tiers, mode, codebooks, pairs, calib_tokens, kmeans_iters, seed : codes and codebooks.
+    calib_span : int — 0, or the positions the calibration covers by running its text in chunks spread over them
+        (CHOICE, ours: see :func:`.codebooks.calibrate`; a prompt past max(calib_tokens, calib_span) warns).
     price, proxy, window, kernel, n_sink, recent : the allocator.
     page_size, refresh, ema, reference : storage pages, decode re-allocation, dense-reconstruction oracle.
     allocation : "global" | "layer"; proxy : "rms" | "bound" | "paper" (the authors' distortion proxy).
@@ -58,6 +60,7 @@ class SphericalKV(Method):
     codebooks: Literal["calibrate", "prompt"] = "calibrate"
     pairs: Literal["contiguous", "rope"] = "contiguous"
     calib_tokens: int = 2048
+    calib_span: int = 0
     kmeans_iters: int = 20
     seed: int = 42
     price: Literal["kv", "keys"] = "kv"
@@ -90,7 +93,7 @@ class SphericalKV(Method):
         self.tier_spec = parse_tiers(self.tiers)
         for field in ("window", "kernel", "page_size", "refresh", "calib_tokens"):
             check_range(cls, field, getattr(self, field), 1)
-        for field in ("n_sink", "recent", "kmeans_iters"):
+        for field in ("n_sink", "recent", "kmeans_iters", "calib_span"):
             check_range(cls, field, getattr(self, field), 0)
         check_range(cls, "ema", self.ema, 0.0, 1.0)
 
@@ -115,7 +118,8 @@ class SphericalKV(Method):
                                  f"(need head_dim % group == 0)")
         if self.codebooks == "calibrate":
             model = cache.model_ref()
-            self._books = calibrate(model, self.tier_spec, self.calib_tokens, self.kmeans_iters, self.seed, self.pairs)
+            self._books = calibrate(model, self.tier_spec, self.calib_tokens, self.kmeans_iters, self.seed, self.pairs,
+                                    self.calib_span)
 
     def grouped(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., d] in the order its groups are taken (RoPE pairs side by side with ``pairs="rope"``)."""
@@ -214,14 +218,16 @@ class SphericalKV(Method):
     # -- prefill --------------------------------------------------------------------------------------------
     def prefill(self, ctx: PrefillContext) -> Selection:
         B, H, n, d = ctx.keys.shape
-        if self.codebooks == "calibrate" and ctx.layer.seen > self.calib_tokens and not self._warned_positions:
+        reach = max(self.calib_tokens, self.calib_span)
+        if self.codebooks == "calibrate" and ctx.layer.seen > reach and not self._warned_positions:
             self._warned_positions = True
             warnings.warn(
-                f"SphericalKV: the codebooks were calibrated on keys at positions below calib_tokens="
-                f"{self.calib_tokens}, but this prompt reaches position {ctx.layer.seen}; the keys are coded after "
+                f"SphericalKV: the codebooks were calibrated on keys at positions below {reach} (calib_tokens="
+                f"{self.calib_tokens}, calib_span={self.calib_span}), but this prompt reaches position "
+                f"{ctx.layer.seen}; the keys are coded after "
                 "RoPE, so later positions rotate slowly turning channel pairs to directions the codebooks never saw "
                 "and the coded keys lose accuracy (SmolLM2 at 8k tokens, budget 0.2: KL to the full cache 0.35 with "
-                "calib_tokens=2048, 0.003 with 8192). Set calib_tokens to at least the longest context.",
+                "calib_tokens=2048, 0.003 with 8192). Set calib_tokens or calib_span to at least the longest context.",
                 stacklevel=2)
         if self.codebooks == "prompt":
             keys = {ctx.layer.layer_idx: ctx.keys[0][:, ctx.real[0]]}
